@@ -1,0 +1,170 @@
+"""``swapnbd serve``: the userspace NBD server in the foreground.
+
+Counterpart: ``nbdkit -f memory SIZE`` / ``nbd-server -C FILE -d`` /
+``qemu-nbd -t``.  Logs structured JSON events (structlog) to stderr, prints
+one line with the URL(s) it listens on to stdout, and stops cleanly on
+SIGINT / SIGTERM (graceful shutdown: in-flight requests finish, new ones get
+``ESHUTDOWN``).
+
+    swapnbd serve [--host H] [--port P]
+                  [--export NAME=SIZE[:file=PATH][:ro][:desc=TEXT]]...
+                  [--size SIZE] [--max-request-mib N]
+
+SIZE: an integer number of bytes with an optional K/M/G/T suffix (powers of
+1024), e.g. ``4096``, ``512M``, ``1G``.  ``--size`` alone serves one memory
+export named ``""`` (the default export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import urllib.parse
+
+import structlog
+import trio
+
+from .server import DEFAULT_MAX_INFLIGHT, ExportSpec, NBDServer
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+_MULT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"1G"`` → 1073741824.  Raises ValueError naming the bad value."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"invalid size {text!r} (expected e.g. 4096, 512M, 1G)")
+    value = int(m.group(1)) * _MULT[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"size must be positive, not {text!r}")
+    if value >= 1 << 63:
+        raise ValueError(f"size {text!r} is too large")
+    return value
+
+
+def parse_export(text: str) -> ExportSpec:
+    """``NAME=SIZE[:file=PATH][:ro][:desc=TEXT]`` → ExportSpec."""
+    if "=" not in text:
+        raise ValueError(f"invalid --export {text!r} (expected NAME=SIZE[:file=PATH][:ro])")
+    name, rest = text.split("=", 1)
+    fields = rest.split(":")
+    size = parse_size(fields[0])
+    backend, path, ro, desc = "memory", None, False, ""
+    for f in fields[1:]:
+        if f == "ro":
+            ro = True
+        elif f.startswith("file="):
+            backend, path = "file", f[5:]
+            if not path:
+                raise ValueError(f"--export {text!r}: empty file path")
+        elif f.startswith("desc="):
+            desc = f[5:]
+        else:
+            raise ValueError(f"--export {text!r}: unknown option {f!r} (known: file=PATH, ro, desc=TEXT)")
+    return ExportSpec(name=name, size=size, backend=backend, path=path, read_only=ro, description=desc)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=10809, help="TCP port (default 10809; 0 = any free port)")
+    parser.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE[:file=PATH][:ro]",
+        help="an export (repeatable); SIZE like 4096, 512M, 1G",
+    )
+    parser.add_argument("--size", default=None, help="size of the single default export named '' (e.g. 1G)")
+    parser.add_argument("--max-request-mib", type=int, default=32, help="largest READ/WRITE accepted, MiB (default 32)")
+    parser.add_argument(
+        "--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT, help="requests in flight per client (default 64)"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _configure_logging(level: str) -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _build_exports(args) -> list[ExportSpec]:
+    exports = [parse_export(e) for e in args.export]
+    if args.size is not None:
+        if any(e.name == "" for e in exports):
+            raise ValueError("--size defines the default export '', which --export already defines")
+        exports.insert(0, ExportSpec(name="", size=parse_size(args.size)))
+    if not exports:
+        raise ValueError("nothing to serve: give --size SIZE or at least one --export NAME=SIZE")
+    names = [e.name for e in exports]
+    dups = {n for n in names if names.count(n) > 1}
+    if dups:
+        raise ValueError(f"duplicate export name(s): {sorted(dups)}")
+    return exports
+
+
+async def _serve(server: NBDServer, host: str, port: int) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve, host, port)
+            h = f"[{host}]" if ":" in host else host
+            urls = " ".join(f"nbd://{h}:{bound}/{urllib.parse.quote(s.name)}" for s in server.specs)
+            print(f"swapnbd serve: listening on {urls}", flush=True)
+            async for signum in signals:
+                structlog.get_logger("net.nbd.serve").info("nbd_serve_signal", signal=signal.Signals(signum).name)
+                server.request_shutdown()
+                break
+
+
+def serve_main(args) -> int:
+    """Entry point for ``swapnbd serve`` (``args`` from :func:`add_serve_arguments`)."""
+    try:
+        exports = _build_exports(args)
+        if not 1 <= args.max_request_mib <= 4095:
+            raise ValueError(f"--max-request-mib must be between 1 and 4095, not {args.max_request_mib}")
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be between 0 and 65535, not {args.port}")
+        for e in exports:
+            if e.backend == "file" and e.read_only:
+                import os
+
+                if not os.path.exists(e.path):  # type: ignore[arg-type]
+                    raise ValueError(f"export {e.name!r}: read-only file {e.path!r} does not exist")
+        server = NBDServer(
+            exports, max_request=args.max_request_mib * 1024 * 1024, max_inflight_per_client=args.max_inflight
+        )
+    except ValueError as exc:
+        print(f"swapnbd serve: error: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(getattr(args, "log_level", "info"))
+    try:
+        trio.run(_serve, server, args.host, args.port)
+    except OSError as exc:
+        print(f"swapnbd serve: error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="swapnbd serve", description="Serve NBD exports in the foreground.")
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    return serve_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

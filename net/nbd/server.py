@@ -1,0 +1,766 @@
+"""Userspace NBD server (trio): several named exports, memory and file backends.
+
+Counterpart: nbdkit (``memory`` plugin) and nbd-server / qemu-nbd (a raw file),
+speaking the protocol of NetworkBlockDevice/nbd ``doc/proto.md``.  The wire
+format and negotiation live in :mod:`net.nbd.protocol`; this module is the
+I/O shell and the block semantics.
+
+Behaviour (see docs/NBD.md for the full table):
+
+* fixed newstyle handshake only; ``LIST``, ``INFO``, ``GO``,
+  ``EXPORT_NAME``, ``ABORT``, ``STRUCTURED_REPLY``; everything else
+  ``ERR_UNSUP`` (``STARTTLS``: ``ERR_POLICY``);
+* READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (``NO_HOLE``), CACHE, DISC and
+  the FUA flag; errors as nbdkit does them (``EINVAL`` bad range,
+  ``ENOSPC`` write past the end, ``EPERM`` read-only, ``EINVAL`` for unknown
+  commands/flags and for READ/WRITE over the maximum request size, the
+  WRITE's payload being drained first);
+* the memory backend is sparse (a dict of 4 KiB chunks, shared by all
+  connections to the export); the file backend is a sparse file, with a real
+  ``fsync`` on FLUSH and ``fdatasync`` after a FUA write;
+* per connection, requests whose work is pure memory are executed inline by
+  the reader (no task spawn), and their replies are batched into one
+  ``send_all`` per received buffer; requests that block (file FLUSH, FUA,
+  large file I/O, trim/zero on files) run in worker threads as separate
+  tasks, at most ``max_inflight_per_client`` at once, and their replies may
+  overtake earlier ones (out of order, matched by cookie);
+* graceful shutdown (:meth:`NBDServer.request_shutdown`): stop accepting,
+  let in-flight requests finish, answer new requests with ``ESHUTDOWN`` and
+  new options with ``ERR_SHUTDOWN``, close remaining connections after a
+  grace period;
+* robustness: handshake timeout, timeout on a half-received request, cap on
+  option size and count, bad request magic closes the connection; any
+  unexpected exception in one connection closes that connection only.
+
+Simplified: no TLS, no meta contexts / BLOCK_STATUS, no extended headers, no
+per-export access control.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+import attrs
+import structlog
+import trio
+
+from . import protocol as P
+from .protocol import (
+    NBD_CMD_CACHE,
+    NBD_CMD_DISC,
+    NBD_CMD_FLAG_DF,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_EINVAL,
+    NBD_EIO,
+    NBD_ENOSPC,
+    NBD_EPERM,
+    NBD_ESHUTDOWN,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NEED_DATA,
+)
+
+log = structlog.get_logger("net.nbd.server")
+
+MiB = 1024 * 1024
+DEFAULT_MAX_REQUEST = 32 * MiB
+DEFAULT_MAX_INFLIGHT = 64
+CHUNK = 4096
+_ZERO_CHUNK = bytes(CHUNK)
+_simple_pack = struct.Struct(">IIQ").pack
+
+
+# --------------------------------------------------------------------------
+# Export specification
+# --------------------------------------------------------------------------
+
+
+def _check_backend(inst, attribute, value):
+    if value not in ("memory", "file"):
+        raise ValueError(f"backend must be 'memory' or 'file', not {value!r}")
+
+
+def _check_size(inst, attribute, value):
+    if not isinstance(value, int) or value < 0 or value >= 1 << 63:
+        raise ValueError(f"export size must be an integer in [0, 2**63), not {value!r}")
+
+
+@attrs.frozen
+class ExportSpec:
+    """One export: a name, a size in bytes, and where its bytes live."""
+
+    name: str
+    size: int = attrs.field(validator=_check_size)
+    backend: str = attrs.field(default="memory", validator=_check_backend)
+    path: str | None = None
+    read_only: bool = False
+    description: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.name.encode()) > P.NBD_MAX_STRING:
+            raise ValueError("export name longer than 4096 bytes")
+        if "\0" in self.name:
+            raise ValueError("export name contains NUL")
+        if self.backend == "file" and not self.path:
+            raise ValueError(f"export {self.name!r}: the file backend needs a path")
+        if self.backend == "memory" and self.path:
+            raise ValueError(f"export {self.name!r}: a path was given for the memory backend")
+
+
+# --------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------
+
+
+class MemoryBackend:
+    """Sparse memory: 4 KiB chunks in a dict; absent chunks read as zeroes."""
+
+    needs_thread = False
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.chunks: dict[int, bytes | bytearray] = {}
+
+    def read_into(self, out: bytearray, offset: int, length: int) -> None:
+        chunks = self.chunks
+        idx, off = divmod(offset, CHUNK)
+        if off == 0 and length == CHUNK:
+            out += chunks.get(idx, _ZERO_CHUNK)
+            return
+        end = offset + length
+        while offset < end:
+            idx, off = divmod(offset, CHUNK)
+            n = min(CHUNK - off, end - offset)
+            c = chunks.get(idx)
+            if c is None:
+                out += _ZERO_CHUNK[:n] if n != CHUNK else _ZERO_CHUNK
+            elif n == CHUNK:
+                out += c
+            else:
+                out += memoryview(c)[off : off + n]
+            offset += n
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        if length == 0:
+            return False
+        first = offset // CHUNK
+        last = (offset + length - 1) // CHUNK
+        chunks = self.chunks
+        if last - first > 256:
+            return False  # not worth scanning
+        return not any(i in chunks for i in range(first, last + 1))
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        chunks = self.chunks
+        length = len(data)
+        idx, off = divmod(offset, CHUNK)
+        if off == 0 and length == CHUNK:
+            chunks[idx] = data
+            return
+        mv = memoryview(data)
+        pos = 0
+        while pos < length:
+            idx, off = divmod(offset + pos, CHUNK)
+            n = min(CHUNK - off, length - pos)
+            if n == CHUNK:
+                chunks[idx] = bytes(mv[pos : pos + n])
+            else:
+                c = chunks.get(idx)
+                if c is None:
+                    c = bytearray(CHUNK)
+                elif not isinstance(c, bytearray):
+                    c = bytearray(c)
+                c[off : off + n] = mv[pos : pos + n]
+                chunks[idx] = c
+            pos += n
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        chunks = self.chunks
+        end = offset + length
+        first = offset // CHUNK
+        last = (end - 1) // CHUNK if length else first - 1
+        if last - first + 1 > len(chunks):
+            # Sparse: iterate over existing chunks instead of the range.
+            idxs = [i for i in chunks if first <= i <= last]
+        else:
+            idxs = [i for i in range(first, last + 1) if i in chunks]
+        for i in idxs:
+            cstart = i * CHUNK
+            lo = max(offset, cstart) - cstart
+            hi = min(end, cstart + CHUNK) - cstart
+            if lo == 0 and hi == CHUNK:
+                del chunks[i]
+            else:
+                c = chunks[i]
+                if not isinstance(c, bytearray):
+                    c = bytearray(c)
+                c[lo:hi] = bytes(hi - lo)
+                chunks[i] = c
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._zero_range(offset, length)
+
+    def zero(self, offset: int, length: int, no_hole: bool = False, fua: bool = False) -> None:
+        # NO_HOLE only matters for allocation; reading back is zeroes either way.
+        self._zero_range(offset, length)
+
+    def flush(self) -> None:
+        pass
+
+    def inline_ok(self, cmd: int, flags: int, length: int) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        rc = _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        return rc == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class FileBackend:
+    """A sparse file.  FLUSH → fsync; FUA → fdatasync after the write.
+    TRIM and WRITE_ZEROES punch holes (zeroes are written if that fails or
+    NO_HOLE is set)."""
+
+    needs_thread = True
+    INLINE_MAX = 256 * 1024
+
+    def __init__(self, path: str, size: int, read_only: bool = False) -> None:
+        self.size = size
+        self.path = path
+        flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
+        self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if not read_only and os.fstat(self.fd).st_size < size:
+            os.ftruncate(self.fd, size)
+
+    def read_into(self, out: bytearray, offset: int, length: int) -> None:
+        data = os.pread(self.fd, length, offset)
+        out += data
+        while len(data) < length:
+            more = os.pread(self.fd, length - len(data), offset + len(data)) if data else b""
+            if not more:
+                out += bytes(length - len(data))  # beyond EOF reads as zeroes
+                return
+            out += more
+            data += more
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        return False
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        mv = memoryview(data)
+        while mv:
+            n = os.pwrite(self.fd, mv, offset)
+            mv = mv[n:]
+            offset += n
+        if fua:
+            os.fdatasync(self.fd)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        block = bytes(min(length, MiB))
+        while length:
+            n = min(length, len(block))
+            self.write(offset, block[:n])
+            offset += n
+            length -= n
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        if length and not _punch_hole(self.fd, offset, length):
+            self._write_zeroes(offset, length)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def zero(self, offset: int, length: int, no_hole: bool = False, fua: bool = False) -> None:
+        if length and (no_hole or not _punch_hole(self.fd, offset, length)):
+            self._write_zeroes(offset, length)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def inline_ok(self, cmd: int, flags: int, length: int) -> bool:
+        return (cmd == NBD_CMD_READ or cmd == NBD_CMD_WRITE) and not flags & NBD_CMD_FLAG_FUA and length <= self.INLINE_MAX
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _open_backend(spec: ExportSpec):
+    if spec.backend == "memory":
+        return MemoryBackend(spec.size)
+    assert spec.path is not None
+    return FileBackend(spec.path, spec.size, read_only=spec.read_only)
+
+
+# --------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------
+
+_RW_FLAGS = (
+    P.NBD_FLAG_HAS_FLAGS
+    | P.NBD_FLAG_SEND_FLUSH
+    | P.NBD_FLAG_SEND_FUA
+    | P.NBD_FLAG_SEND_TRIM
+    | P.NBD_FLAG_SEND_WRITE_ZEROES
+    | P.NBD_FLAG_SEND_DF
+    | P.NBD_FLAG_CAN_MULTI_CONN
+    | P.NBD_FLAG_SEND_CACHE
+)
+_RO_FLAGS = (
+    P.NBD_FLAG_HAS_FLAGS
+    | P.NBD_FLAG_READ_ONLY
+    | P.NBD_FLAG_SEND_FLUSH
+    | P.NBD_FLAG_SEND_DF
+    | P.NBD_FLAG_CAN_MULTI_CONN
+    | P.NBD_FLAG_SEND_CACHE
+)
+
+# Allowed command flags per command (unknown or inapplicable → EINVAL).
+_ALLOWED_FLAGS = {
+    NBD_CMD_READ: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF,
+    NBD_CMD_WRITE: NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLUSH: NBD_CMD_FLAG_FUA,
+    NBD_CMD_TRIM: NBD_CMD_FLAG_FUA,
+    NBD_CMD_WRITE_ZEROES: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_CACHE: NBD_CMD_FLAG_FUA,
+}
+
+
+class _Export:
+    __slots__ = ("spec", "backend", "server_export", "size", "read_only")
+
+    def __init__(self, spec: ExportSpec, backend, max_request: int) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.size = spec.size
+        self.read_only = spec.read_only
+        self.server_export = P.ServerExport(
+            name=spec.name,
+            size=spec.size,
+            flags=_RO_FLAGS if spec.read_only else _RW_FLAGS,
+            description=spec.description,
+            min_block=1,
+            preferred_block=4096,
+            max_block=max_request,
+        )
+
+
+class _ConnClosed(Exception):
+    pass
+
+
+class NBDServer:
+    """The server.  ``await server.serve(host, port, task_status=...)`` runs
+    until :meth:`request_shutdown` (graceful) or cancellation (abrupt)."""
+
+    def __init__(
+        self,
+        exports: list[ExportSpec],
+        *,
+        max_request: int = DEFAULT_MAX_REQUEST,
+        max_inflight_per_client: int = DEFAULT_MAX_INFLIGHT,
+        max_clients: int = 1024,
+        handshake_timeout: float = 10.0,
+        request_timeout: float = 30.0,
+        shutdown_grace: float = 2.0,
+        receive_size: int = 256 * 1024,
+    ) -> None:
+        if not exports:
+            raise ValueError("at least one export is needed")
+        names = [e.name for e in exports]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate export names in {names}")
+        if not 512 <= max_request <= 0xFFFFFFFF:
+            raise ValueError("max_request must be between 512 bytes and 4 GiB - 1")
+        if max_inflight_per_client < 1:
+            raise ValueError("max_inflight_per_client must be at least 1")
+        self.specs = list(exports)
+        self.max_request = max_request
+        self.max_inflight_per_client = max_inflight_per_client
+        self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
+        self.request_timeout = request_timeout
+        self.shutdown_grace = shutdown_grace
+        self.receive_size = receive_size
+        self.port: int | None = None
+        self.shutting_down = False
+        self._exports: dict[str, _Export] = {}
+        self._shutdown_event = trio.Event()
+        self._connections = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._next_conn_id = 0
+        self.stats = {"connections": 0, "requests": 0, "errors": 0, "protocol_errors": 0}
+
+    # -- lifecycle
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (call from the server's trio thread)."""
+        self._shutdown_event.set()
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        for spec in self.specs:
+            self._exports[spec.name] = _Export(spec, _open_backend(spec), self.max_request)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            self.port = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as nursery:
+                accept_scope = trio.CancelScope()
+                nursery.start_soon(self._accept_loop, listeners, nursery, accept_scope)
+                log.info(
+                    "nbd_server_listening",
+                    host=host,
+                    port=self.port,
+                    exports=[{"name": s.name, "size": s.size, "backend": s.backend, "ro": s.read_only} for s in self.specs],
+                )
+                task_status.started(self.port)
+                await self._shutdown_event.wait()
+                log.info("nbd_server_shutdown_begin", connections=self._connections)
+                self.shutting_down = True
+                accept_scope.cancel()
+                with trio.move_on_after(self.shutdown_grace):
+                    await self._idle.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            for exp in self._exports.values():
+                exp.backend.close()
+            log.info("nbd_server_stopped", port=self.port, **self.stats)
+
+    async def _accept_loop(self, listeners, nursery, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                async with trio.open_nursery() as inner:
+                    for ln in listeners:
+                        inner.start_soon(self._accept_one_listener, ln, nursery)
+            finally:
+                for ln in listeners:
+                    with trio.CancelScope(shield=True):
+                        await ln.aclose()
+
+    async def _accept_one_listener(self, listener, nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                # EMFILE and friends: back off instead of spinning.
+                log.warning("nbd_accept_error", error=str(exc))
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._handle_connection, stream)
+
+    # -- one connection
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        self._next_conn_id += 1
+        cid = self._next_conn_id
+        self._connections += 1
+        self.stats["connections"] += 1
+        self._idle = trio.Event() if self._connections == 1 else self._idle
+        peer = None
+        try:
+            sock = getattr(stream, "socket", None)
+            if sock is not None:
+                try:
+                    peer = "%s:%s" % sock.getpeername()[:2]
+                except OSError:
+                    peer = None
+            await self.handle_stream(stream, cid=cid, peer=peer)
+        finally:
+            self._connections -= 1
+            if self._connections == 0:
+                self._idle.set()
+
+    async def handle_stream(self, stream: trio.abc.Stream, *, cid: int = 0, peer: str | None = None) -> None:
+        """Serve one client on ``stream`` (any trio Stream), then close it."""
+        clog = log.bind(conn=cid, peer=peer)
+        reason = "eof"
+        try:
+            async with stream:
+                if self._connections > self.max_clients:
+                    reason = "too_many_clients"
+                    return
+                done = await self._handshake(stream, clog)
+                if done is None:
+                    reason = "handshake_ended"
+                    return
+                ev, leftover = done
+                exp = self._exports[ev.info.name]
+                clog.info(
+                    "nbd_client_connected", export=ev.info.name, structured=ev.structured_replies, flags=hex(ev.info.flags)
+                )
+                reason = await self._transmission(stream, exp, ev.structured_replies, leftover, clog)
+        except P.ProtocolError as exc:
+            self.stats["protocol_errors"] += 1
+            reason = f"protocol_error: {exc}"
+        except trio.TooSlowError:
+            reason = "timeout"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _ConnClosed):
+            reason = "connection_lost"
+        except Exception as exc:  # never let one client take the server down
+            clog.exception("nbd_connection_crashed")
+            reason = f"internal_error: {exc!r}"
+        finally:
+            clog.info("nbd_client_closed", reason=reason)
+
+    async def _handshake(self, stream, clog):
+        hs = P.ServerHandshake({name: e.server_export for name, e in self._exports.items()})
+        with trio.fail_after(self.handshake_timeout):
+            await stream.send_all(hs.greeting())
+            while True:
+                hs.shutting_down = self.shutting_down
+                ev = hs.next_event()
+                out = hs.data_to_send()
+                if out:
+                    await stream.send_all(out)
+                if ev is NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return None
+                    hs.receive_data(data)
+                    continue
+                if isinstance(ev, P.HandshakeAborted):
+                    return None
+                return ev, hs.trailing_data()
+
+    async def _transmission(self, stream, exp: _Export, structured: bool, leftover: bytes, clog) -> str:
+        parser = P.RequestParser(self.max_request)
+        parser.receive_data(leftover)
+        send_lock = trio.StrictFIFOLock()
+        sem = trio.Semaphore(self.max_inflight_per_client)
+        backend = exp.backend
+        size = exp.size
+        read_only = exp.read_only
+        max_request = self.max_request
+        receive_size = self.receive_size
+        inline_ok = backend.inline_ok
+        read_into = backend.read_into
+        bwrite = backend.write
+        stats = self.stats
+        out = bytearray()
+        nreq = 0
+        reason = "eof"
+
+        async def flush_out() -> None:
+            nonlocal out
+            if out:
+                data = out
+                out = bytearray()
+                async with send_lock:
+                    await stream.send_all(data)
+
+        async def worker(req: P.Request) -> None:
+            try:
+                buf = bytearray()
+                await trio.to_thread.run_sync(self._execute, buf, req, exp, structured)
+                async with send_lock:
+                    await stream.send_all(buf)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                sem.release()
+
+        async with trio.open_nursery() as nursery:
+            try:
+                while True:
+                    disc = False
+                    while True:
+                        req = parser.next_event()
+                        if req is NEED_DATA:
+                            break
+                        nreq += 1
+                        cmd = req.cmd
+                        if cmd == NBD_CMD_DISC:
+                            disc = True
+                            break
+                        if self.shutting_down:
+                            self._reply_error(out, req, NBD_ESHUTDOWN, structured)
+                            continue
+                        flags = req.flags
+                        # Hot path: plain READ / WRITE in range, inline backend.
+                        if flags == 0 and req.length and req.offset + req.length <= size and req.length <= max_request:
+                            if cmd == NBD_CMD_READ and not structured and inline_ok(cmd, 0, req.length):
+                                mark = len(out)
+                                out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
+                                try:
+                                    read_into(out, req.offset, req.length)
+                                except OSError:
+                                    # Header already queued: undo it and send an error.
+                                    del out[mark:]
+                                    self._reply_error(out, req, NBD_EIO, structured)
+                                continue
+                            if cmd == NBD_CMD_WRITE and not read_only and not req.oversized and inline_ok(cmd, 0, req.length):
+                                try:
+                                    bwrite(req.offset, req.payload)
+                                    err = 0
+                                except OSError:
+                                    err = NBD_EIO
+                                out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, err, req.cookie)
+                                continue
+                        if inline_ok(cmd, flags, req.length) or self._is_trivial_error(req, exp):
+                            self._execute(out, req, exp, structured)
+                            continue
+                        # Blocking work: run in a thread, bounded per client.
+                        try:
+                            sem.acquire_nowait()
+                        except trio.WouldBlock:
+                            await flush_out()
+                            await sem.acquire()
+                        nursery.start_soon(worker, req)
+                    await flush_out()
+                    if disc:
+                        reason = "disc"
+                        break
+                    if parser.partial:
+                        with trio.fail_after(self.request_timeout):
+                            data = await stream.receive_some(receive_size)
+                    else:
+                        data = await stream.receive_some(receive_size)
+                    if not data:
+                        reason = "eof_partial_request" if parser.partial else "eof"
+                        break
+                    parser.receive_data(data)
+            except P.ProtocolError as exc:
+                self.stats["protocol_errors"] += 1
+                reason = f"protocol_error: {exc}"
+            except trio.TooSlowError:
+                reason = "timeout_partial_request"
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                reason = "connection_lost"
+            finally:
+                stats["requests"] += nreq
+        return reason
+
+    # -- request execution (also runs in worker threads: no trio calls here)
+    def _is_trivial_error(self, req: P.Request, exp: _Export) -> bool:
+        return self._validate(req, exp, False) != 0
+
+    def _validate(self, req: P.Request, exp: _Export, structured: bool) -> int:
+        cmd = req.cmd
+        allowed = _ALLOWED_FLAGS.get(cmd)
+        if allowed is None:
+            return NBD_EINVAL  # unknown command, or BLOCK_STATUS without contexts
+        if req.flags & ~allowed:
+            return NBD_EINVAL
+        if req.flags & NBD_CMD_FLAG_DF and not structured:
+            return NBD_EINVAL
+        offset, length = req.offset, req.length
+        if cmd == NBD_CMD_WRITE:
+            if exp.read_only:
+                return NBD_EPERM
+            if req.oversized or length > self.max_request:
+                return NBD_EINVAL
+            if offset + length > exp.size:
+                return NBD_ENOSPC
+            return 0
+        if cmd == NBD_CMD_READ:
+            if length > self.max_request:
+                return NBD_EINVAL
+            if offset + length > exp.size:
+                return NBD_EINVAL
+            return 0
+        if cmd in (NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES):
+            if exp.read_only:
+                return NBD_EPERM
+            if offset + length > exp.size:
+                return NBD_ENOSPC if cmd == NBD_CMD_WRITE_ZEROES else NBD_EINVAL
+            return 0
+        if cmd == NBD_CMD_CACHE:
+            return NBD_EINVAL if offset + length > exp.size else 0
+        return 0  # FLUSH
+
+    def _reply_error(self, out: bytearray, req: P.Request, error: int, structured: bool) -> None:
+        self.stats["errors"] += 1
+        if structured and req.cmd == NBD_CMD_READ:
+            out += P.encode_structured_error(req.cookie, error, P.ERROR_NAMES.get(error, ""))
+        else:
+            out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, error, req.cookie)
+
+    def _execute(self, out: bytearray, req: P.Request, exp: _Export, structured: bool) -> None:
+        """Validate and perform one request; append its reply to ``out``."""
+        err = self._validate(req, exp, structured)
+        if err:
+            self._reply_error(out, req, err, structured)
+            return
+        cmd = req.cmd
+        backend = exp.backend
+        fua = bool(req.flags & NBD_CMD_FLAG_FUA)
+        try:
+            if cmd == NBD_CMD_READ:
+                if structured:
+                    if req.length and backend.is_hole(req.offset, req.length):
+                        out += P.encode_offset_hole(req.cookie, req.offset, req.length)
+                    elif req.length:
+                        mark = len(out)
+                        out += P.encode_offset_data_header(req.cookie, req.offset, req.length)
+                        try:
+                            backend.read_into(out, req.offset, req.length)
+                        except OSError:
+                            del out[mark:]
+                            raise
+                    else:
+                        out += P.encode_structured_chunk(req.cookie, P.NBD_REPLY_TYPE_NONE)
+                else:
+                    mark = len(out)
+                    out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
+                    try:
+                        backend.read_into(out, req.offset, req.length)
+                    except OSError:
+                        del out[mark:]
+                        raise
+                return
+            if cmd == NBD_CMD_WRITE:
+                backend.write(req.offset, req.payload, fua)
+            elif cmd == NBD_CMD_FLUSH:
+                backend.flush()
+            elif cmd == NBD_CMD_TRIM:
+                backend.trim(req.offset, req.length, fua)
+            elif cmd == NBD_CMD_WRITE_ZEROES:
+                backend.zero(req.offset, req.length, bool(req.flags & NBD_CMD_FLAG_NO_HOLE), fua)
+            # CACHE: nothing to do.
+        except OSError as exc:
+            log.warning("nbd_backend_error", cmd=P.CMD_NAMES.get(cmd, cmd), error=str(exc))
+            self._reply_error(out, req, NBD_ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else NBD_EIO, structured)
+            return
+        out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
+
+
+async def serve_nbd(
+    exports: list[ExportSpec],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    max_request: int = DEFAULT_MAX_REQUEST,
+    max_inflight_per_client: int = DEFAULT_MAX_INFLIGHT,
+    task_status=trio.TASK_STATUS_IGNORED,
+    **kwargs,
+) -> None:
+    """Run an NBD server until cancelled; ``task_status.started(port)`` once
+    listening.  Extra keyword arguments go to :class:`NBDServer` (timeouts,
+    ``max_clients``, ``shutdown_grace``).  For a graceful shutdown, build an
+    :class:`NBDServer` and call ``request_shutdown()``."""
+    server = NBDServer(exports, max_request=max_request, max_inflight_per_client=max_inflight_per_client, **kwargs)
+    await server.serve(host, port, task_status=task_status)
