@@ -1,0 +1,180 @@
+"""Argument parsing and entry points for ``swapnbd analyze | compare | plot``.
+
+What it does: ``add_*_arguments(parser)`` declares each sub-command's options on
+an argparse parser (the ``swapnbd`` CLI in emulator/cli.py builds the
+sub-parsers and calls these), and ``*_main(args) -> int`` runs it and returns the
+exit status: 0 ok, 2 bad input (missing, empty, non-JSON file, other schema
+version, bad option) with a one-line message on stderr and no traceback.
+``python -m emulator.analysis.cli analyze LOG`` works without the main CLI.
+
+MMTests counterpart: ``compare-kernels.sh`` (compare) and ``graph-*.sh``
+(plot); analyze is the single-column case. Simplified: no HTML report, no
+per-benchmark result block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from .reader import LogError
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+def _console(min_width: int = 100) -> Console:
+    """A Console on the *current* sys.stdout (so tests capturing it see output);
+    wide enough for the tables when stdout is not a terminal."""
+    out = sys.stdout
+    if out.isatty():
+        return Console(file=out, highlight=False)
+    return Console(file=out, highlight=False, width=max(min_width, 100), color_system=None,
+                   soft_wrap=False)
+
+
+def _error(cmd: str, msg: str) -> int:
+    sys.stderr.write(f"swapnbd {cmd}: error: {msg}\n")
+    sys.stderr.flush()
+    return EXIT_BAD_INPUT
+
+
+# -- analyze ----------------------------------------------------------------
+
+def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("log", metavar="LOG", help="a run's JSON-lines log")
+    parser.add_argument("--json", action="store_true",
+                        help="print the analysis as one JSON object instead of tables")
+    parser.add_argument("--baseline", choices=("boot", "first-sample"), default="boot",
+                        help="the 'before' snapshot for vmstat deltas: boot (all counters 0, "
+                             "the default) or the first vmstat sample")
+
+
+def analyze_main(args: argparse.Namespace) -> int:
+    from .report import analyze_json, render_analyze
+    from .summary import summarize
+
+    try:
+        s = summarize(args.log, baseline=getattr(args, "baseline", "boot"))
+    except LogError as e:
+        return _error("analyze", str(e))
+    if getattr(args, "json", False):
+        sys.stdout.write(analyze_json(s) + "\n")
+        sys.stdout.flush()
+    else:
+        render_analyze(s, _console())
+    return EXIT_OK
+
+
+# -- compare ----------------------------------------------------------------
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("logs", metavar="LOG", nargs="+", help="run logs, one column each")
+    parser.add_argument("--name", action="append", dest="names", metavar="LABEL",
+                        help="column label, once per LOG in order "
+                             "(default: <kernel>-<slab> from each log)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--baseline", choices=("boot", "first-sample"), default="boot",
+                        help="the 'before' snapshot for vmstat deltas (see analyze)")
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    from .report import compare_json, render_compare, unique_names
+    from .summary import summarize
+
+    logs: Sequence[str] = args.logs
+    names = getattr(args, "names", None)
+    if names and len(names) != len(logs):
+        return _error("compare", f"{len(names)} --name labels for {len(logs)} logs; "
+                                 "give one --name per LOG or none")
+    summaries = []
+    for path in logs:
+        try:
+            summaries.append(summarize(path, baseline=getattr(args, "baseline", "boot")))
+        except LogError as e:
+            return _error("compare", str(e))
+    cols = unique_names(list(names) if names else [s.name for s in summaries])
+    if getattr(args, "json", False):
+        sys.stdout.write(compare_json(summaries, cols) + "\n")
+        sys.stdout.flush()
+    else:
+        render_compare(summaries, cols, _console(44 + 15 * len(cols)))
+    return EXIT_OK
+
+
+# -- plot -------------------------------------------------------------------
+
+def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("logs", metavar="LOG", nargs="+", help="run logs to overlay")
+    parser.add_argument("-o", "--output", metavar="FILE.png",
+                        help="image to write (default: <first log's name>.png in the "
+                             "current directory)")
+    parser.add_argument("--name", action="append", dest="names", metavar="LABEL",
+                        help="legend label, once per LOG in order")
+    parser.add_argument("--dpi", type=int, default=110, help="resolution (default 110)")
+
+
+def plot_main(args: argparse.Namespace) -> int:
+    from .plot import load_series, plot
+    from .report import unique_names
+
+    logs: Sequence[str] = args.logs
+    names = getattr(args, "names", None)
+    if names and len(names) != len(logs):
+        return _error("plot", f"{len(names)} --name labels for {len(logs)} logs; "
+                              "give one --name per LOG or none")
+    output = getattr(args, "output", None) or (
+        os.path.splitext(os.path.basename(logs[0]))[0] + ".png")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        return _error("plot", f"{output}: directory {out_dir} does not exist")
+    dpi = getattr(args, "dpi", 110)
+    if not 20 <= dpi <= 600:
+        return _error("plot", f"--dpi {dpi}: must be between 20 and 600")
+    series = []
+    for i, path in enumerate(logs):
+        try:
+            series.append(load_series(path, names[i] if names else None))
+        except LogError as e:
+            return _error("plot", str(e))
+    for s, n in zip(series, unique_names([s.name for s in series])):
+        s.name = n
+    try:
+        plot(series, output, dpi=dpi)
+    except (OSError, ValueError) as e:
+        return _error("plot", f"{output}: cannot write ({e})")
+    msg = f"wrote {output}"
+    skipped = sum(s.skipped for s in series)
+    if skipped:
+        msg += f" ({skipped} lines skipped)"
+    sys.stdout.write(msg + "\n")
+    return EXIT_OK
+
+
+# -- stand-alone dispatcher -------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m emulator.analysis.cli",
+                                description="Analyse swapnbd run logs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, add, main, help_ in (
+            ("analyze", add_analyze_arguments, analyze_main, "summarise one run"),
+            ("compare", add_compare_arguments, compare_main, "MMTests-style table, one column per run"),
+            ("plot", add_plot_arguments, plot_main, "plot runs over time to a PNG")):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add(sp)
+        sp.set_defaults(func=main)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
