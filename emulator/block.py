@@ -1,0 +1,135 @@
+"""The block layer: bios, requests, the request queue and its congestion.
+
+Models: struct bio and bio_alloc from the fs_bio_set mempool (fs/bio.c,
+BIO_POOL_SIZE = 2 reserved), struct request allocated from the queue's
+request mempool (block/blk-core.c get_request / get_request_wait, BLKDEV_MIN_RQ
+= 4 reserved, nr_requests = 128), the queue's congestion thresholds
+(blk_queue_congestion_threshold: on at nr_requests - nr_requests/8 + 1 = 113,
+off below nr_requests - nr_requests/8 - nr_requests/16 - 1 = 103) which set
+and clear the bdi's congested state that congestion_wait sleeps on, and
+request completion (blk_end_request_all -> bio_endio).
+
+A block driver subclasses BlockDevice and implements ``request_fn``.
+
+Simplified: one bio per request (swap I/O is one page), no merging, no
+plugging, no elevator, no per-direction request lists.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from emulator.flags import GFP
+from emulator.mm.mempool import Mempool, mempool_alloc, mempool_free
+from emulator.task import Task
+from emulator.wait import WaitQueue
+
+if TYPE_CHECKING:
+    from emulator.kernel import Kernel
+    from emulator.mm.page import Page
+
+READ, WRITE = 0, 1
+BIO_POOL_SIZE = 2
+BLKDEV_MIN_RQ = 4
+BLKDEV_MAX_RQ = 128
+
+
+class Bio:
+    __slots__ = ("rw", "offset", "length", "data", "page", "end_io", "elem", "submitted")
+
+    def __init__(self, elem) -> None:
+        self.elem = elem  # the slab object backing this bio
+        self.rw = READ
+        self.offset = 0
+        self.length = 0
+        self.data: bytes = b""
+        self.page: Page | None = None
+        self.end_io = None
+        self.submitted = 0.0
+
+    def prepare_write(self, offset: int, data: bytes, page, end_io) -> None:
+        self.rw, self.offset, self.length, self.data = WRITE, offset, len(data), data
+        self.page, self.end_io = page, end_io
+
+    def prepare_read(self, offset: int, length: int, page, end_io) -> None:
+        self.rw, self.offset, self.length, self.data = READ, offset, length, b""
+        self.page, self.end_io = page, end_io
+
+
+class Request:
+    __slots__ = ("bio", "elem", "cookie", "started", "error")
+
+    def __init__(self, bio: Bio, elem) -> None:
+        self.bio = bio
+        self.elem = elem
+        self.cookie = 0
+        self.started = 0.0
+        self.error = 0
+
+
+class BlockDevice:
+    """A request-based block device with the kernel's request accounting."""
+
+    name = "blk"
+
+    def __init__(self, k: Kernel) -> None:
+        self.k = k
+        slab = k.slab
+        self.bio_pool = Mempool.create_slab_pool(k, slab.bio_cache, BIO_POOL_SIZE, name="fs_bio_set")
+        self.rq_pool = Mempool.create_slab_pool(k, slab.request_cache, BLKDEV_MIN_RQ,
+                                                name="request_pool")
+        self.nr_requests = BLKDEV_MAX_RQ
+        self.count = 0  # requests allocated (queued or in flight)
+        self.congestion_on = self.nr_requests - self.nr_requests // 8 + 1
+        self.congestion_off = self.nr_requests - self.nr_requests // 8 - self.nr_requests // 16 - 1
+        self.congested = False
+        self.rq_wait = WaitQueue("request_list.wait")
+
+    async def init_pools(self, task: Task) -> None:
+        await self.bio_pool.fill(task)
+        await self.rq_pool.fill(task)
+
+    async def bio_alloc(self, gfp: GFP, task: Task) -> Bio | None:
+        elem = await mempool_alloc(self.bio_pool, gfp, task)
+        return None if elem is None else Bio(elem)
+
+    def bio_put(self, bio: Bio, task: Task) -> None:
+        mempool_free(self.bio_pool, bio.elem, task)
+
+    async def get_request_wait(self, bio: Bio, task: Task) -> Request:
+        """get_request_wait(): sleep while the queue is full, then take a request
+        from the request mempool (GFP_NOIO)."""
+        while True:
+            if self.count < self.nr_requests:
+                elem = await mempool_alloc(self.rq_pool, GFP.WAIT, task)  # GFP_NOIO
+                if elem is not None:
+                    break
+            await task.sleep_on(self.rq_wait, lambda: self.count < self.nr_requests,
+                                wchan="get_request_wait", iowait=True)
+        self.count += 1
+        if self.count >= self.congestion_on and not self.congested:
+            self.congested = True
+            self.k.vmscan.set_bdi_congested(True)
+        return Request(bio, elem)
+
+    async def submit_bio(self, bio: Bio, task: Task) -> None:
+        bio.submitted = trio.current_time()
+        req = await self.get_request_wait(bio, task)
+        await self.request_fn(req, task)
+
+    async def request_fn(self, req: Request, task: Task) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def end_request(self, req: Request, error: int, task: Task) -> None:
+        """__blk_end_request_all: complete the bio, free the request, maybe uncongest."""
+        bio = req.bio
+        bio.end_io(bio, error)
+        self.bio_put(bio, task)
+        mempool_free(self.rq_pool, req.elem, task)
+        self.count -= 1
+        if self.congested and self.count < self.congestion_off:
+            self.congested = False
+            self.k.vmscan.set_bdi_congested(False)
+        self.rq_wait.wake_up()

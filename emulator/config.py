@@ -1,0 +1,316 @@
+"""Machine configuration: TOML files -> frozen attrs objects.
+
+Models: the knobs of the machine under test (boot parameters, sysctls, the
+MMTests workload configuration). Every value is checked before anything
+starts; every problem is a ConfigError naming the key (``section.key``) and
+what is allowed. ``--set section.key=value`` overrides are applied to the TOML
+data before validation, so they get the same checks.
+
+Kernel parameters that exist in the kernel (min_free_kbytes, the slab
+allocator, the patch set) are the only ones that change kernel behaviour;
+everything else describes the workload, the swap device or the run.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from emulator.patches import PATCHES, PRESETS, PatchSet
+
+
+class ConfigError(Exception):
+    """A bad configuration value. ``key`` is ``section.key`` (or the file)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@attrs.frozen
+class MachineConfig:
+    cpus: int = 2
+    memory_mib: int = 32
+    min_free_kbytes: int | None = None  # None = "auto": the kernel's formula
+    slab: str = "slub"
+
+
+@attrs.frozen
+class KernelConfig:
+    patches: PatchSet = PatchSet.preset("swapnbd")
+
+
+@attrs.frozen
+class SwapConfig:
+    size_mib: int = 128
+    server: str = "embedded"
+    backend: str = "memory"
+    path: str | None = None
+
+
+@attrs.frozen
+class WorkloadConfig:
+    kind: str = "anon-mmap-write"
+    processes_per_cpu: int = 2
+    size_ratio: float = 2.0
+    passes: int = 2
+
+
+@attrs.frozen
+class RunConfig:
+    lockup_timeout_s: float = 20.0
+    max_duration_s: float = 600.0
+    sample_interval_ms: int = 250
+    seed: int = 1
+    log: str | None = None
+
+
+@attrs.frozen
+class TimeConfig:
+    hz_scale: float = 1.0
+
+
+@attrs.frozen
+class BackgroundConfig:
+    streams: int = 0
+    rate_kib_s: int = 0
+    reader_rate_kib_s: int = 0
+
+
+@attrs.frozen
+class NetworkConfig:
+    rx_buffers: str = "kmalloc"
+    mss: int = 1448
+    background: BackgroundConfig = BackgroundConfig()
+
+
+@attrs.frozen
+class Config:
+    machine: MachineConfig = MachineConfig()
+    kernel: KernelConfig = KernelConfig()
+    swap: SwapConfig = SwapConfig()
+    workload: WorkloadConfig = WorkloadConfig()
+    run: RunConfig = RunConfig()
+    time: TimeConfig = TimeConfig()
+    network: NetworkConfig = NetworkConfig()
+    source: str = ""
+
+    @property
+    def workload_pages(self) -> int:
+        return int(self.workload.size_ratio * self.machine.memory_mib * 256)
+
+    def to_dict(self) -> dict:
+        d = attrs.asdict(self, recurse=True, value_serializer=_serialize)
+        return d
+
+
+def _serialize(inst, field, value):
+    if isinstance(value, PatchSet):
+        return {"name": value.name, "applied": sorted(value.applied)}
+    return value
+
+
+# -- validation helpers ------------------------------------------------------------
+def _int(key: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(key, f"expected an integer in [{lo}, {hi}], got {v!r}")
+    if not lo <= v <= hi:
+        raise ConfigError(key, f"{v} is out of range; allowed {lo}..{hi}")
+    return v
+
+
+def _float(key: str, v: Any, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(key, f"expected a number in [{lo}, {hi}], got {v!r}")
+    v = float(v)
+    if not (lo <= v <= hi) or math.isnan(v):
+        raise ConfigError(key, f"{v} is out of range; allowed {lo}..{hi}")
+    return v
+
+
+def _choice(key: str, v: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if v not in choices:
+        raise ConfigError(key, f"{v!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+    return v
+
+
+def _str(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"expected a string, got {v!r}")
+    return v
+
+
+def _patches(key: str, v: Any) -> PatchSet:
+    if isinstance(v, str):
+        if v not in PRESETS:
+            raise ConfigError(key, f"{v!r} is not a preset; use one of {sorted(PRESETS)} "
+                                   "or a list of patch numbers 1-16")
+        return PatchSet.preset(v)
+    if isinstance(v, list):
+        bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or x not in PATCHES]
+        if bad:
+            raise ConfigError(key, f"unknown patch number(s) {bad}; patches are 1-16")
+        return PatchSet.of(v)
+    raise ConfigError(key, f"expected \"vanilla\", \"swapnbd\" or a list of patch numbers 1-16, got {v!r}")
+
+
+_SCHEMA: dict[str, dict[str, Any]] = {
+    "machine": {
+        "cpus": lambda k, v: _int(k, v, 1, 64),
+        "memory_mib": lambda k, v: _int(k, v, 4, 65536),
+        "min_free_kbytes": lambda k, v: None if v == "auto" else _int(k, v, 16, 1 << 20),
+        "slab": lambda k, v: _choice(k, v, ("slab", "slub")),
+    },
+    "kernel": {"patches": _patches},
+    "swap": {
+        "size_mib": lambda k, v: _int(k, v, 1, 1 << 20),
+        "server": lambda k, v: _server(k, v),
+        "backend": lambda k, v: _choice(k, v, ("memory", "file")),
+        "path": lambda k, v: _str(k, v),
+    },
+    "workload": {
+        "kind": lambda k, v: _choice(k, v, ("anon-mmap-write",)),
+        "processes_per_cpu": lambda k, v: _int(k, v, 1, 64),
+        "size_ratio": lambda k, v: _float(k, v, 0.01, 64.0),
+        "passes": lambda k, v: _int(k, v, 1, 1000),
+    },
+    "run": {
+        "lockup_timeout_s": lambda k, v: _float(k, v, 0.5, 86400),
+        "max_duration_s": lambda k, v: _float(k, v, 1, 7 * 86400),
+        "sample_interval_ms": lambda k, v: _int(k, v, 10, 600_000),
+        "seed": lambda k, v: _int(k, v, 0, 2**63 - 1),
+        "log": lambda k, v: _str(k, v),
+    },
+    "time": {"hz_scale": lambda k, v: _float(k, v, 0.001, 100.0)},
+    "network": {
+        "rx_buffers": lambda k, v: _choice(k, v, ("kmalloc", "page_frag")),
+        "mss": lambda k, v: _int(k, v, 256, 65483),
+    },
+    "network.background": {
+        "streams": lambda k, v: _int(k, v, 0, 64),
+        "rate_kib_s": lambda k, v: _int(k, v, 0, 1 << 20),
+        "reader_rate_kib_s": lambda k, v: _int(k, v, 0, 1 << 20),
+    },
+}
+
+_CLASSES = {
+    "machine": MachineConfig, "kernel": KernelConfig, "swap": SwapConfig,
+    "workload": WorkloadConfig, "run": RunConfig, "time": TimeConfig,
+    "network": NetworkConfig, "network.background": BackgroundConfig,
+}
+
+
+def _server(key: str, v: Any) -> str:
+    v = _str(key, v)
+    if v == "embedded":
+        return v
+    if not v.startswith("nbd://"):
+        raise ConfigError(key, f"{v!r} is neither \"embedded\" nor an nbd://HOST:PORT/EXPORT URL")
+    from net.nbd.client import parse_nbd_url
+
+    try:
+        parse_nbd_url(v)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+    return v
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value``; the value is read as TOML (``2``, ``"slab"``, ``[1, 15]``),
+    falling back to a bare string (``machine.slab=slab``)."""
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if "." not in key:
+        raise ConfigError(key, "an override key must be section.key (e.g. machine.cpus)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.rpartition(".")
+        if section not in _SCHEMA:
+            raise ConfigError(key, f"unknown section {section!r}; sections are "
+                                   f"{', '.join(sorted(_SCHEMA))}")
+        node = data
+        for part in section.split("."):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"{part!r} is not a table")
+        node[name] = value
+    return data
+
+
+def from_dict(data: Mapping, source: str = "") -> Config:
+    """Validate a parsed TOML document and build the Config."""
+    built: dict[str, Any] = {}
+
+    def section(name: str, table: Mapping) -> Any:
+        schema = _SCHEMA[name]
+        kwargs = {}
+        for key, value in table.items():
+            full = f"{name}.{key}"
+            if f"{name}.{key}" in _SCHEMA:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(full, "expected a table")
+                kwargs[key] = section(full, value)
+                continue
+            if key not in schema:
+                raise ConfigError(full, f"unknown key; {name} keys are "
+                                        f"{', '.join(sorted(schema))}")
+            kwargs[key] = schema[key](full, value)
+        return _CLASSES[name](**kwargs)
+
+    for name, table in data.items():
+        if name not in _SCHEMA or "." in name:
+            raise ConfigError(name, f"unknown section; sections are "
+                                    f"{', '.join(s for s in _SCHEMA if '.' not in s)}")
+        if not isinstance(table, Mapping):
+            raise ConfigError(name, "expected a table")
+        built[name] = section(name, table)
+    cfg = Config(**built, source=source)
+    _check_cross(cfg)
+    return cfg
+
+
+def _check_cross(cfg: Config) -> None:
+    need = math.ceil(cfg.workload.size_ratio * cfg.machine.memory_mib)
+    if cfg.swap.size_mib < need:
+        raise ConfigError("swap.size_mib",
+                          f"{cfg.swap.size_mib} MiB is smaller than the workload needs "
+                          f"(size_ratio x memory_mib = {need} MiB); allowed >= {need}")
+    if cfg.swap.backend == "file" and cfg.swap.server == "embedded" and not cfg.swap.path:
+        raise ConfigError("swap.path", "backend \"file\" needs swap.path (the backing file)")
+    mfk = cfg.machine.min_free_kbytes
+    if mfk is not None and mfk // 4 >= cfg.machine.memory_mib * 256 // 2:
+        raise ConfigError("machine.min_free_kbytes",
+                          f"{mfk} KiB reserves half of memory or more; allowed < "
+                          f"{cfg.machine.memory_mib * 512} KiB for {cfg.machine.memory_mib} MiB")
+
+
+def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "no such config file") from None
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), f"not valid TOML: {e}") from None
+    data = apply_overrides(data, overrides)
+    return from_dict(data, source=str(path))

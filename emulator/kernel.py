@@ -1,0 +1,104 @@
+"""The emulated kernel's global state: what the kernel keeps in globals.
+
+Models: the kernel-wide objects a 3.6 kernel reaches through globals — the node
+(NODE_DATA(0)), vm_stat, the CPUs, the task list, swap_info, the slab
+allocator and its caches, the ``memalloc_socks`` static key — gathered in one
+object so every subsystem reaches them through ``k``.
+
+``k.lock`` is the machine's lock: every synchronous section that changes zones,
+slabs, LRU lists, the swap map or page tables holds it, and none holds it
+across an ``await`` (sections are plain functions, so they cannot await). It is
+re-entrant because the slab allocator's sections call the page allocator's.
+
+Time: kernel timeouts are written in seconds of kernel time (``HZ/10`` is
+``k.hz(0.1)``) and scaled by ``time.hz_scale``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+from actors.cpu import CPU
+from emulator.config import Config
+from emulator.flags import PF
+from emulator.mm.mmzone import PgData
+from emulator.mm.page import PAGE_SHIFT
+from emulator.mm.vmstat import VMStat
+from emulator.task import Task
+
+
+class Kernel:
+    def __init__(self, cfg: Config) -> None:
+        from emulator.mm.oom_kill import OOMKiller
+        from emulator.mm.page_alloc import PageAllocator
+        from emulator.mm.slab_common import create_slab_allocator
+        from emulator.mm.swap import SwapInfo
+        from emulator.mm.vmscan import VMScan
+
+        self.cfg = cfg
+        self.patches = cfg.kernel.patches
+        self.hz_scale = cfg.time.hz_scale
+        self.lock = threading.RLock()
+        self.vmstat = VMStat()
+        nr_pages = cfg.machine.memory_mib << (20 - PAGE_SHIFT)
+        self.pgdat = PgData(nr_pages, cfg.machine.min_free_kbytes)
+        self.vmstat["nr_free_pages"] = self.pgdat.nr_free_pages()
+        self.cpus = [CPU(i) for i in range(cfg.machine.cpus)]
+        self.tasks: dict[int, Task] = {}
+        self._pids = itertools.count(1)
+        self._next_cpu = itertools.cycle(range(cfg.machine.cpus))
+        self.memalloc_socks = 0  #: the memalloc_socks static key's count (patch 8)
+        self.page_alloc = PageAllocator(self)
+        self.vmscan = VMScan(self)
+        self.oom = OOMKiller(self)
+        self.swap = SwapInfo(self, cfg.swap.size_mib << (20 - PAGE_SHIFT))
+        self.slab = create_slab_allocator(self, cfg.machine.slab)
+        #: Forward progress: page accesses by processes and completed I/Os.
+        #: The watchdog declares a lockup when it stops moving.
+        self.progress = 0
+        self.integrity_errors = 0
+        self.integrity_log: list[dict] = []
+
+    # -- helpers ------------------------------------------------------------------
+    def hz(self, seconds: float) -> float:
+        """A kernel timeout in (scaled) wall-clock seconds: ``k.hz(0.1)`` is HZ/10."""
+        return seconds * self.hz_scale
+
+    def sk_memalloc_socks(self) -> bool:
+        """sk_memalloc_socks(): does any SOCK_MEMALLOC socket exist?"""
+        return self.memalloc_socks > 0
+
+    def new_task(self, comm: str, flags: PF = PF(0), *, cpu: int | None = None,
+                 in_softirq: bool = False) -> Task:
+        """Create a task placed on ``cpu`` (round-robin by default)."""
+        pid = next(self._pids)
+        cpu_obj = self.cpus[next(self._next_cpu) if cpu is None else cpu]
+        task = Task(pid, comm, cpu_obj, flags, in_softirq=in_softirq)
+        self.tasks[pid] = task
+        return task
+
+    def integrity_error(self, **details) -> None:
+        """Data read back is not what was written: logged, counted, fails the run."""
+        import structlog
+
+        self.integrity_errors += 1
+        self.vmstat["integrity_errors"] += 1
+        if len(self.integrity_log) < 100:
+            self.integrity_log.append(details)
+        structlog.get_logger("swapnbd").error("integrity_error", **details)
+
+    def sigbus(self, task: Task, vpn: int, page) -> None:
+        """VM_FAULT_SIGBUS from do_swap_page: the swap-in read failed."""
+        self.integrity_error(what="swap read failed (SIGBUS)", pid=task.pid, vaddr=vpn,
+                             expected="page contents", found=f"I/O error on slot {page.swap}")
+        task.fatal_signal = True
+        self.wake_killed(task)
+
+    def wake_killed(self, task: Task) -> None:
+        """signal_wake_up for SIGKILL: end killable sleeps (the throttle wait)."""
+        self.pgdat.pfmemalloc_wait.wake_up()
+
+    @property
+    def nr_pages(self) -> int:
+        return self.pgdat.node_present_pages

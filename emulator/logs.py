@@ -1,0 +1,164 @@
+"""Structured logging: JSON lines through structlog, and the event catalogue.
+
+Models: nothing in the kernel; this is the emulator's /proc and dmesg. Every
+line is one JSON object with ``t`` (seconds since boot, trio clock), ``event``
+and, where they apply, ``cpu``, ``pid``, ``comm``. The first line of a run is
+``run_start`` and carries ``schema`` (SCHEMA_VERSION) and the full config; the
+last is ``run_end``.
+
+Event names are stable: analysis (emulator/analysis/) reads logs written by
+this module, possibly on another machine, and refuses other schema versions.
+
+Catalogue (level info unless noted):
+
+=====================  =========================================================
+run_start              schema, config (dict), machine (pages, watermarks, ...)
+vmstat                 periodic snapshot: all /proc/vmstat-named counters plus the
+                       emulator's (see emulator/mm/vmstat.py), ``wmark``
+                       {min,low,high}, ``throttle_threshold``, ``cpu`` stats,
+                       ``nr_throttled``, ``nbd_inflight``
+slabinfo               periodic per-cache snapshot (issue 3)
+kswapd_wake            kswapd woke: order, free
+kswapd_sleep           kswapd went to sleep: free
+direct_reclaim_begin   debug: a task entered direct reclaim
+direct_reclaim_end     debug: reclaimed, priority
+throttle_begin         a direct reclaimer throttled (patch 15): pid, comm, free, reserve
+throttle_end           ... released: waited_s, timed_out
+alloc_fail             debug: an allocation returned NULL
+skb_drop               reason ("nomem" | "pfmemalloc"), socket
+nbd_connect            export size and flags
+nbd_request            debug: cookie, cmd, offset, length
+nbd_reply              debug: cookie, error, latency_s
+oom_kill               victim pid, comm, rss, swapents
+integrity_error        pid, vaddr, expected, found, what
+process_exit           pid, comm, passes, pages, reason
+lockup                 the watchdog's diagnosis (emulator/diagnosis)
+run_end                outcome, elapsed_s, integrity_errors, vmstat, cpu, tasks
+=====================  =========================================================
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import threading
+from typing import IO
+
+import structlog
+import trio
+
+SCHEMA_VERSION = 1
+
+EVENTS = (
+    "run_start", "vmstat", "slabinfo", "kswapd_wake", "kswapd_sleep",
+    "direct_reclaim_begin", "direct_reclaim_end", "throttle_begin", "throttle_end",
+    "alloc_fail", "skb_drop", "nbd_connect", "nbd_request", "nbd_reply", "nbd_error",
+    "oom_kill", "integrity_error", "process_exit", "lockup", "run_end",
+)
+
+
+class _Clock:
+    """Adds ``t``: seconds since the machine booted, on the trio clock."""
+
+    def __init__(self) -> None:
+        self.boot: float | None = None
+
+    def __call__(self, logger, method, event_dict):
+        if self.boot is not None and "t" not in event_dict:
+            try:
+                event_dict["t"] = round(trio.current_time() - self.boot, 4)
+            except RuntimeError:  # outside trio (e.g. the server thread's own loop)
+                pass
+        return event_dict
+
+
+clock = _Clock()
+
+
+class JsonLinesFile:
+    """The run log: one JSON object per line, flushed at every line so a killed
+    run leaves a readable (if incomplete) log."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = path
+        self._fh: IO[str] | None = open(path, "w", encoding="utf-8") if path else None
+        self.lines = 0
+
+    def write(self, line: str) -> None:
+        if self._fh is not None:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class _Sink:
+    """The structlog processor that routes rendered lines to the current run's file
+    and to in-memory observers (the pytest ``machine`` fixture reads events there)."""
+
+    def __init__(self) -> None:
+        self.files: list[JsonLinesFile] = []
+        self.observers: list = []
+        self.level = logging.INFO
+        self.owner = threading.get_ident()
+
+    def __call__(self, logger, method, event_dict):
+        if threading.get_ident() != self.owner:
+            # Another OS thread (the embedded NBD server is a separate host):
+            # its events do not belong in the machine's log.
+            raise structlog.DropEvent
+        level = logging.getLevelName(method.upper()) if isinstance(method, str) else logging.INFO
+        if isinstance(level, int) and level < self.level:
+            raise structlog.DropEvent
+        event_dict.pop("level", None)
+        for obs in self.observers:
+            obs(event_dict)
+        if self.files:
+            line = json.dumps(event_dict, default=_default, separators=(",", ":"))
+            for f in self.files:
+                f.write(line)
+        raise structlog.DropEvent
+
+
+def _default(o):
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if hasattr(o, "value"):
+        return o.value
+    return str(o)
+
+
+sink = _Sink()
+
+_configured = False
+
+
+def configure(debug: bool = False) -> None:
+    """Route every structlog logger through the JSON-lines sink (idempotent)."""
+    global _configured
+    sink.level = logging.DEBUG if debug else logging.INFO
+    sink.owner = threading.get_ident()
+    if _configured:
+        return
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            clock,
+            sink,
+        ],
+        wrapper_class=structlog.BoundLogger,
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    _configured = True
+
+
+def text_stream() -> io.StringIO:  # pragma: no cover - convenience for notebooks
+    return io.StringIO()

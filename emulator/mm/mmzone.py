@@ -1,0 +1,226 @@
+"""Zones, watermarks, the buddy allocator, and the node (pgdat).
+
+Models: include/linux/mmzone.h (struct zone, struct free_area, pg_data_t) and
+from mm/page_alloc.c: init_per_zone_wmark_min (min_free_kbytes from memory
+size), __setup_per_zone_wmarks, __zone_watermark_ok, __free_one_page (buddy
+merge), __rmqueue_smallest and expand (buddy split).
+
+The node carries kswapd's wait queue and patch 15's ``pfmemalloc_wait``.
+
+Simplified: one node with one zone (ZONE_NORMAL), so lowmem_reserve is 0 and
+zonelist fallback never happens; no migrate types, no per-cpu page lists (an
+order-0 page goes straight to and from the buddy lists, so NR_FREE_PAGES is
+exact); no memory hotplug, no CMA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from emulator.flags import ALLOC_HARDER, ALLOC_HIGH
+from emulator.mm.page import PG, PAGE_SHIFT, Owner, Page
+from emulator.wait import WaitQueue
+
+MAX_ORDER = 11  # orders 0..10
+PAGE_ALLOC_COSTLY_ORDER = 3
+
+
+def int_sqrt(x: int) -> int:
+    return math.isqrt(x)
+
+
+def default_min_free_kbytes(lowmem_kbytes: int) -> int:
+    """init_per_zone_wmark_min(): sqrt(lowmem_kbytes * 16), clamped to [128, 65536]."""
+    return max(128, min(65536, int_sqrt(lowmem_kbytes * 16)))
+
+
+class Zone:
+    """struct zone: free area, watermarks, LRU lists, reclaim state."""
+
+    def __init__(self, name: str, start_pfn: int, present_pages: int, mem_map: list[Page]) -> None:
+        self.name = name
+        self.zone_start_pfn = start_pfn
+        self.present_pages = present_pages
+        self.mem_map = mem_map
+        self.free_area: list[dict[int, Page]] = [dict() for _ in range(MAX_ORDER)]
+        self.nr_free_pages = 0
+        self.watermark = [0, 0, 0]  # WMARK_MIN, WMARK_LOW, WMARK_HIGH
+        self.lowmem_reserve = [0]
+        # LRU: OrderedDict pfn -> page. Insertion end = list head (newest),
+        # first item = list tail (the next page reclaim isolates).
+        self.lru_active_anon: OrderedDict[int, Page] = OrderedDict()
+        self.lru_inactive_anon: OrderedDict[int, Page] = OrderedDict()
+        self.nr_isolated_anon = 0
+        self.pages_scanned = 0
+        self.all_unreclaimable = False
+        self.inactive_ratio = 1
+
+    # -- watermarks --------------------------------------------------------------
+    @property
+    def min_wmark_pages(self) -> int:
+        return self.watermark[0]
+
+    @property
+    def low_wmark_pages(self) -> int:
+        return self.watermark[1]
+
+    @property
+    def high_wmark_pages(self) -> int:
+        return self.watermark[2]
+
+    def zone_watermark_ok(self, order: int, mark: int, classzone_idx: int = 0,
+                          alloc_flags: int = 0) -> bool:
+        return zone_watermark_ok(self.nr_free_pages, self.free_area_counts(), order, mark,
+                                 self.lowmem_reserve[classzone_idx], alloc_flags)
+
+    def free_area_counts(self) -> list[int]:
+        return [len(a) for a in self.free_area]
+
+    def zone_reclaimable_pages(self) -> int:
+        return len(self.lru_active_anon) + len(self.lru_inactive_anon) + self.nr_isolated_anon
+
+    def zone_reclaimable(self) -> bool:
+        """pages_scanned < 6 x reclaimable pages (mm/vmscan.c)."""
+        return self.pages_scanned < self.zone_reclaimable_pages() * 6
+
+    # -- buddy allocator -----------------------------------------------------------
+    def add_free_block(self, page: Page, order: int) -> None:
+        page.flags = PG.buddy
+        page.order = order
+        self.free_area[order][page.pfn] = page
+
+    def rmqueue_smallest(self, order: int) -> Page | None:
+        """__rmqueue_smallest + expand: take a block of ``order``, splitting larger ones."""
+        for current in range(order, MAX_ORDER):
+            area = self.free_area[current]
+            if not area:
+                continue
+            _, page = area.popitem()  # LIFO: the most recently freed block
+            page.flags = PG(0)
+            # expand(): give the upper halves back to lower orders.
+            high = current
+            while high > order:
+                high -= 1
+                buddy = self.mem_map[page.pfn + (1 << high)]
+                self.add_free_block(buddy, high)
+            page.order = order
+            self.nr_free_pages -= 1 << order
+            return page
+        return None
+
+    def free_one_page(self, page: Page, order: int) -> None:
+        """__free_one_page: merge with free buddies of the same order, then list it."""
+        pfn = page.pfn
+        self.nr_free_pages += 1 << order
+        base = self.zone_start_pfn
+        end = base + self.present_pages
+        while order < MAX_ORDER - 1:
+            buddy_pfn = base + ((pfn - base) ^ (1 << order))
+            if buddy_pfn + (1 << order) > end:
+                break
+            buddy = self.mem_map[buddy_pfn]
+            if not (buddy.flags & PG.buddy) or buddy.order != order:
+                break
+            del self.free_area[order][buddy_pfn]
+            buddy.flags = PG(0)
+            buddy.order = 0
+            pfn = min(pfn, buddy_pfn)
+            order += 1
+        head = self.mem_map[pfn]
+        self.add_free_block(head, order)
+
+    def __repr__(self) -> str:
+        return (f"<Zone {self.name} free={self.nr_free_pages} min={self.watermark[0]} "
+                f"low={self.watermark[1]} high={self.watermark[2]}>")
+
+
+def zone_watermark_ok(free_pages: int, nr_free: list[int], order: int, mark: int,
+                      lowmem_reserve: int, alloc_flags: int) -> bool:
+    """__zone_watermark_ok (3.6), including the ALLOC_HIGH-then-ALLOC_HARDER reductions
+    and the per-order loop. Pure: unit-tested against hand-computed values."""
+    free_pages -= (1 << order) - 1
+    min_ = mark
+    if alloc_flags & ALLOC_HIGH:
+        min_ -= min_ // 2
+    if alloc_flags & ALLOC_HARDER:
+        min_ -= min_ // 4
+    if free_pages <= min_ + lowmem_reserve:
+        return False
+    for o in range(order):
+        free_pages -= nr_free[o] << o
+        min_ >>= 1
+        if free_pages <= min_:
+            return False
+    return True
+
+
+def setup_per_zone_wmarks(zones: list[Zone], min_free_kbytes: int) -> None:
+    """__setup_per_zone_wmarks: split pages_min over zones by size; low/high = min + tmp/4, /2."""
+    pages_min = min_free_kbytes >> (PAGE_SHIFT - 10)
+    lowmem_pages = sum(z.present_pages for z in zones)
+    for z in zones:
+        tmp = pages_min * z.present_pages // lowmem_pages
+        z.watermark = [tmp, tmp + (tmp >> 2), tmp + (tmp >> 1)]
+        # inactive_ratio (calculate_zone_inactive_ratio): int_sqrt(10 * GiB), at least 1.
+        gb = (z.present_pages << PAGE_SHIFT) >> 30
+        z.inactive_ratio = int_sqrt(10 * gb) if gb else 1
+
+
+class PgData:
+    """pg_data_t: the node. Owns the zone(s), the frame array and kswapd's queues."""
+
+    def __init__(self, nr_pages: int, min_free_kbytes: int | None) -> None:
+        self.mem_map: list[Page] = []
+        self.node_zones: list[Zone] = []
+        zone = Zone("Normal", 0, nr_pages, self.mem_map)
+        self.mem_map.extend(Page(pfn, zone) for pfn in range(nr_pages))
+        self.node_zones.append(zone)
+        # Hand every frame to the buddy allocator in maximal aligned blocks
+        # (free_all_bootmem -> __free_pages_bootmem).
+        pfn = 0
+        while pfn < nr_pages:
+            order = MAX_ORDER - 1
+            while order and (pfn & ((1 << order) - 1) or pfn + (1 << order) > nr_pages):
+                order -= 1
+            zone.free_one_page(self.mem_map[pfn], order)
+            pfn += 1 << order
+        if min_free_kbytes is None:
+            min_free_kbytes = default_min_free_kbytes(nr_pages << (PAGE_SHIFT - 10))
+        self.min_free_kbytes = min_free_kbytes
+        setup_per_zone_wmarks(self.node_zones, min_free_kbytes)
+        self.kswapd_wait = WaitQueue("kswapd_wait")
+        self.pfmemalloc_wait = WaitQueue("pfmemalloc_wait")
+        self.kswapd_max_order = 0
+        self.classzone_idx = 0
+        self.kswapd_sleeping = False
+
+    @property
+    def zone(self) -> Zone:
+        return self.node_zones[0]
+
+    @property
+    def node_present_pages(self) -> int:
+        return sum(z.present_pages for z in self.node_zones)
+
+    def nr_free_pages(self) -> int:
+        return sum(z.nr_free_pages for z in self.node_zones)
+
+    def reserve_pages(self) -> int:
+        """Σ WMARK_MIN over zones <= ZONE_NORMAL (pfmemalloc_watermark_ok's reserve)."""
+        return sum(z.min_wmark_pages for z in self.node_zones)
+
+    def owners(self) -> dict[str, int]:
+        """Frames per owner, walking mem_map (free blocks count all their frames)."""
+        counts = {o.value: 0 for o in Owner}
+        skip = 0
+        for page in self.mem_map:
+            if skip:
+                skip -= 1
+                continue
+            if page.flags & PG.buddy:
+                counts[Owner.FREE.value] += 1 << page.order
+                skip = (1 << page.order) - 1
+            else:
+                counts[page.owner.value] += 1
+        return counts

@@ -1,0 +1,100 @@
+"""struct page: one page frame.
+
+Models: include/linux/mm_types.h (struct page) and the PG_* flags of
+include/linux/page-flags.h that this model needs, plus ``page->pfmemalloc``
+(3.6: a bool sharing a union with ``index``, set by get_page_from_freelist).
+
+Every frame is in exactly one place, named by ``owner``: the buddy allocator
+(a free block's head or tail), a process mapping, the swap cache, a slab, an
+skb, a mempool, a test. The conservation tests walk all frames and check that
+each owner's count matches its own bookkeeping.
+
+``contents`` stands for the page's bytes: for an anonymous page, the
+(pid, virtual page, write generation) triple the workload last wrote. The real
+4096 bytes are produced from it by swap_writepage (mm/swap.py) and checked on
+swap-in, so what crosses the network is real data.
+
+Simplified: no page refcount or mapcount arithmetic (an anonymous page has at
+most one mapping; ``mapped`` is that PTE's presence), no compound-page
+metadata beyond ``order`` on the head frame.
+"""
+
+from __future__ import annotations
+
+import enum
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+
+class PG(enum.IntFlag):
+    locked = 1 << 0
+    referenced = 1 << 2
+    uptodate = 1 << 3
+    dirty = 1 << 4
+    lru = 1 << 5
+    active = 1 << 6
+    slab = 1 << 7
+    buddy = 1 << 8  #: PageBuddy: head of a free block in the buddy allocator
+    reclaim = 1 << 9
+    swapbacked = 1 << 10
+    swapcache = 1 << 11
+    writeback = 1 << 12
+    error = 1 << 13
+    slab_pfmemalloc = 1 << 14  #: PageSlabPfmemalloc (patch 1, PG_active reused)
+
+
+class Owner(enum.Enum):
+    """Where a frame is (the conservation invariant's places)."""
+
+    FREE = "free"  #: in a buddy free block
+    ANON = "anon"  #: an anonymous page (mapped, swap cache or both)
+    SLAB = "slab"
+    SKB = "skb"  #: RX page fragments (network.rx_buffers = "page_frag")
+    KERNEL = "kernel"  #: other kernel use (large kmalloc, page tables, tests)
+    MEMPOOL = "mempool"
+
+
+class Page:
+    __slots__ = (
+        "pfn", "zone", "flags", "order", "owner", "pfmemalloc", "young",
+        "mm", "vaddr", "swap", "contents", "slab", "private", "__weakref__",
+    )
+
+    def __init__(self, pfn: int, zone) -> None:
+        self.pfn = pfn
+        self.zone = zone
+        self.flags = PG(0)
+        self.order = 0
+        self.owner = Owner.FREE
+        self.pfmemalloc = False
+        self.young = False  #: the PTE's accessed bit (page_referenced clears it)
+        self.mm = None  #: owning MMStruct while mapped (rmap)
+        self.vaddr = -1  #: virtual page number in ``mm``
+        self.swap = 0  #: swap entry (page_private) while PageSwapCache
+        self.contents: tuple[int, int, int] | None = None
+        self.slab = None  #: the slab this frame belongs to (SLAB/SLUB)
+        self.private = None
+
+    # Flag helpers with the kernel's names, for readability at call sites.
+    def test(self, flag: PG) -> bool:
+        return bool(self.flags & flag)
+
+    def set(self, flag: PG) -> None:
+        self.flags |= flag
+
+    def clear(self, flag: PG) -> None:
+        self.flags &= ~flag
+
+    def test_and_clear(self, flag: PG) -> bool:
+        had = bool(self.flags & flag)
+        self.flags &= ~flag
+        return had
+
+    @property
+    def mapped(self) -> bool:
+        return self.mm is not None
+
+    def __repr__(self) -> str:
+        fl = "|".join(f.name for f in PG if f & self.flags)
+        return f"<Page {self.pfn} {self.owner.value} {fl}{' pfmemalloc' if self.pfmemalloc else ''}>"

@@ -1,0 +1,252 @@
+"""The page allocator: fast path, slow path, reserves, pfmemalloc marking.
+
+Models mm/page_alloc.c (3.6): __alloc_pages_nodemask, get_page_from_freelist,
+gfp_to_alloc_flags, gfp_pfmemalloc_allowed, __alloc_pages_slowpath (kswapd
+wake-up, the min-watermark attempt, __alloc_pages_high_priority,
+__alloc_pages_direct_reclaim, __alloc_pages_may_oom, should_alloc_retry with
+wait_iff_congested), __free_pages.
+
+Patch gates (emulator/patches.py): 3 (__GFP_MEMALLOC grants
+ALLOC_NO_WATERMARKS), 4 (softirq with PF_MEMALLOC may use the reserves),
+5 (page->pfmemalloc only when the no-watermark attempt was needed; without it
+every page a reserve-entitled caller gets from the slow path is marked, as
+patch 1 alone did).
+
+Simplified: no per-cpu page lists (drain_all_pages has nothing to drain), no
+compaction (order > 0 requests rely on the buddy lists and reclaim), no
+cpusets or mempolicies (ALLOC_CPUSET is computed but has no effect), one zone
+so the zonelist walk is one step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+
+from emulator.flags import (
+    ALLOC_CPUSET, ALLOC_HARDER, ALLOC_HIGH, ALLOC_NO_WATERMARKS, ALLOC_WMARK_LOW,
+    ALLOC_WMARK_HIGH, ALLOC_WMARK_MASK, ALLOC_WMARK_MIN, GFP, PF, gfp_name,
+)
+from emulator.mm.mmzone import MAX_ORDER, PAGE_ALLOC_COSTLY_ORDER
+from emulator.mm.page import PG, Owner, Page
+from emulator.patches import PatchSet
+from emulator.task import Task
+
+if TYPE_CHECKING:
+    from emulator.kernel import Kernel
+
+log = structlog.get_logger("swapnbd.mm")
+
+
+def gfp_to_alloc_flags(gfp: GFP, task: Task, patches: PatchSet) -> int:
+    """gfp_to_alloc_flags(): what a caller in ``task``'s context may dip into.
+
+    Simplified: real-time tasks do not exist, so the rt_task ALLOC_HARDER rule never fires.
+    """
+    alloc_flags = ALLOC_WMARK_MIN | ALLOC_CPUSET
+    wait = gfp & GFP.WAIT
+    if gfp & GFP.HIGH:  # ALLOC_HIGH == __GFP_HIGH
+        alloc_flags |= ALLOC_HIGH
+    if not wait:
+        if not gfp & GFP.NOMEMALLOC:
+            alloc_flags |= ALLOC_HARDER
+        alloc_flags &= ~ALLOC_CPUSET
+    if not gfp & GFP.NOMEMALLOC:
+        if gfp & GFP.MEMALLOC and patches.has(3):
+            alloc_flags |= ALLOC_NO_WATERMARKS
+        elif task.in_serving_softirq() and task.flags & PF.MEMALLOC and patches.has(4):
+            alloc_flags |= ALLOC_NO_WATERMARKS
+        elif not task.in_interrupt() and (task.flags & PF.MEMALLOC or task.memdie):
+            alloc_flags |= ALLOC_NO_WATERMARKS
+    return alloc_flags
+
+
+def gfp_pfmemalloc_allowed(gfp: GFP, task: Task, patches: PatchSet) -> bool:
+    """gfp_pfmemalloc_allowed(): may this caller use the PFMEMALLOC reserves?"""
+    return bool(gfp_to_alloc_flags(gfp, task, patches) & ALLOC_NO_WATERMARKS)
+
+
+class PageAllocator:
+    def __init__(self, k: Kernel) -> None:
+        self.k = k
+        self.zone = k.pgdat.zone
+        self.vmstat = k.vmstat
+
+    # -- get_page_from_freelist -----------------------------------------------------
+    def get_page_from_freelist(self, gfp: GFP, order: int, alloc_flags: int,
+                               owner: Owner) -> Page | None:
+        zone = self.zone
+        with self.k.lock:
+            if not alloc_flags & ALLOC_NO_WATERMARKS:
+                mark = zone.watermark[alloc_flags & ALLOC_WMARK_MASK]
+                if not zone.zone_watermark_ok(order, mark, 0, alloc_flags):
+                    return None
+            page = zone.rmqueue_smallest(order)
+            if page is None:
+                return None
+            self._prep_new_page(page, order, owner)
+            if self.k.patches.has(5):
+                # Patch 5: marked only when this very attempt ignored the watermarks.
+                page.pfmemalloc = bool(alloc_flags & ALLOC_NO_WATERMARKS)
+            if alloc_flags & ALLOC_NO_WATERMARKS:
+                self.vmstat["pgalloc_pfmemalloc"] += 1 << order
+            return page
+
+    def _prep_new_page(self, page: Page, order: int, owner: Owner) -> None:
+        page.order = order
+        page.pfmemalloc = False
+        mem_map = self.zone.mem_map
+        for pfn in range(page.pfn, page.pfn + (1 << order)):
+            p = mem_map[pfn]
+            p.owner = owner
+            p.flags = PG(0)
+        self.vmstat["pgalloc_normal"] += 1 << order
+        self.vmstat["nr_free_pages"] = self.zone.nr_free_pages
+
+    # -- __alloc_pages_nodemask -------------------------------------------------------
+    async def alloc_pages(self, gfp: GFP, order: int, task: Task,
+                          owner: Owner = Owner.KERNEL) -> Page | None:
+        """alloc_pages(): the fast path at the low watermark, else the slow path."""
+        page = self.get_page_from_freelist(gfp, order, ALLOC_WMARK_LOW | ALLOC_CPUSET, owner)
+        if page is None:
+            page = await self._alloc_pages_slowpath(gfp, order, task, owner)
+        if page is not None and page.pfmemalloc:
+            self.vmstat["nr_pfmemalloc_pages"] += 1 << order
+        return page
+
+    async def alloc_page(self, gfp: GFP, task: Task, owner: Owner = Owner.KERNEL) -> Page | None:
+        return await self.alloc_pages(gfp, 0, task, owner)
+
+    async def _alloc_pages_slowpath(self, gfp: GFP, order: int, task: Task,
+                                    owner: Owner) -> Page | None:
+        k = self.k
+        if order >= MAX_ORDER:
+            return self._nopage(gfp, order, task, "order")
+        wait = gfp & GFP.WAIT
+        while True:  # restart:
+            if not gfp & GFP.NO_KSWAPD:
+                k.vmscan.wake_all_kswapd(order)
+            alloc_flags = gfp_to_alloc_flags(gfp, task, k.patches)
+            entitled = bool(alloc_flags & ALLOC_NO_WATERMARKS)
+            while True:  # rebalance:
+                page = self.get_page_from_freelist(gfp, order, alloc_flags & ~ALLOC_NO_WATERMARKS,
+                                                   owner)
+                if page is None and entitled:
+                    page = await self._alloc_pages_high_priority(gfp, order, task, owner)
+                if page is not None:
+                    if not k.patches.has(5) and entitled and k.patches.has(1):
+                        # Patch 1 alone: any slow-path page of an entitled caller is marked.
+                        page.pfmemalloc = True
+                    return page
+                if not wait:
+                    return self._nopage(gfp, order, task, "atomic")
+                if task.flags & PF.MEMALLOC:
+                    return self._nopage(gfp, order, task, "PF_MEMALLOC")
+                if task.memdie and not gfp & GFP.NOFAIL:
+                    return self._nopage(gfp, order, task, "TIF_MEMDIE")
+                page, progress = await self._alloc_pages_direct_reclaim(
+                    gfp, order, task, alloc_flags, owner)
+                if page is not None:
+                    return page
+                if not progress:
+                    if gfp & GFP.FS and not gfp & GFP.NORETRY:
+                        page = await k.oom.alloc_pages_may_oom(gfp, order, task, owner)
+                        if page is not None:
+                            return page
+                        if task.fatal_signal and not gfp & GFP.NOFAIL:
+                            return self._nopage(gfp, order, task, "killed")
+                        if not gfp & GFP.NOFAIL and order > PAGE_ALLOC_COSTLY_ORDER:
+                            return self._nopage(gfp, order, task, "costly")
+                        break  # goto restart
+                if not self.should_alloc_retry(gfp, order, progress):
+                    return self._nopage(gfp, order, task, "noretry")
+                await k.vmscan.wait_iff_congested(task, k.hz(1 / 50))
+                if task.fatal_signal and not task.memdie:
+                    # A killed task's allocation gets TIF_MEMDIE from the OOM killer
+                    # path; without it, it keeps trying like the kernel does.
+                    pass
+                if task.memdie:
+                    alloc_flags = gfp_to_alloc_flags(gfp, task, k.patches)
+                    entitled = bool(alloc_flags & ALLOC_NO_WATERMARKS)
+
+    async def _alloc_pages_high_priority(self, gfp, order, task, owner) -> Page | None:
+        """__alloc_pages_high_priority(): ignore the watermarks (patch 6's local
+        zonelist is the only zonelist here)."""
+        while True:
+            page = self.get_page_from_freelist(gfp, order, ALLOC_NO_WATERMARKS, owner)
+            if page is not None or not gfp & GFP.NOFAIL:
+                return page
+            await self.k.vmscan.wait_iff_congested(task, self.k.hz(1 / 50))
+
+    async def _alloc_pages_direct_reclaim(self, gfp, order, task, alloc_flags, owner):
+        """__alloc_pages_direct_reclaim(): __perform_reclaim with PF_MEMALLOC set,
+        then one more attempt (drain_all_pages has no per-cpu lists to drain)."""
+        saved = task.flags & PF.MEMALLOC
+        task.flags |= PF.MEMALLOC
+        try:
+            progress = await self.k.vmscan.try_to_free_pages(gfp, order, task)
+        finally:
+            task.flags = (task.flags & ~PF.MEMALLOC) | saved
+        if not progress:
+            return None, 0
+        page = self.get_page_from_freelist(gfp, order, alloc_flags & ~ALLOC_NO_WATERMARKS, owner)
+        return page, progress
+
+    @staticmethod
+    def should_alloc_retry(gfp: GFP, order: int, did_some_progress: int) -> bool:
+        if gfp & GFP.NORETRY:
+            return False
+        if gfp & GFP.NOFAIL:
+            return True
+        if order <= PAGE_ALLOC_COSTLY_ORDER:
+            return True
+        return bool(gfp & GFP.REPEAT and did_some_progress)
+
+    def _nopage(self, gfp: GFP, order: int, task: Task, why: str) -> None:
+        self.vmstat["alloc_fail"] += 1
+        if order:
+            self.vmstat["pgalloc_high_order_fail"] += 1
+        if not gfp & GFP.NOWARN:
+            log.debug("alloc_fail", comm=task.comm, pid=task.pid, order=order,
+                      gfp=gfp_name(gfp), reason=why, free=self.zone.nr_free_pages)
+        return None
+
+    # -- __free_pages ---------------------------------------------------------------
+    def free_pages(self, page: Page, order: int | None = None) -> None:
+        if order is None:
+            order = page.order
+        zone = self.zone
+        with self.k.lock:
+            if page.pfmemalloc:
+                self.vmstat["nr_pfmemalloc_pages"] -= 1 << order
+                page.pfmemalloc = False
+            mem_map = zone.mem_map
+            for pfn in range(page.pfn, page.pfn + (1 << order)):
+                p = mem_map[pfn]
+                assert not p.flags & PG.buddy, f"double free of {p!r}"
+                p.owner = Owner.FREE
+                p.flags = PG(0)
+                p.mm = None
+                p.swap = 0
+                p.contents = None
+                p.slab = None
+                p.private = None
+                p.young = False
+            zone.free_one_page(page, order)
+            self.vmstat["pgfree"] += 1 << order
+            self.vmstat["nr_free_pages"] = zone.nr_free_pages
+            # A freed page resets the reclaim failure heuristics (free_pcppages_bulk).
+            zone.pages_scanned = 0
+            zone.all_unreclaimable = False
+        self.k.vmscan.on_pages_freed()
+
+    def free_page(self, page: Page) -> None:
+        self.free_pages(page, 0)
+
+
+# Re-exported for callers that want the watermark-index names.
+__all__ = [
+    "ALLOC_WMARK_HIGH", "ALLOC_WMARK_LOW", "ALLOC_WMARK_MIN", "PageAllocator",
+    "gfp_pfmemalloc_allowed", "gfp_to_alloc_flags",
+]

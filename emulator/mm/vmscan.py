@@ -1,0 +1,504 @@
+"""Page reclaim: LRU aging, shrink_page_list, kswapd, direct reclaim, throttling.
+
+Models mm/vmscan.c (3.6): scan_control; get_scan_count; shrink_lruvec /
+shrink_list / shrink_active_list / shrink_inactive_list (too_many_isolated,
+the writeback wait); shrink_page_list for anonymous pages (add_to_swap,
+try_to_unmap, pageout -> swap_writepage, __remove_mapping); kswapd,
+kswapd_try_to_sleep, prepare_kswapd_sleep, balance_pgdat (priority loop,
+balance gap, all_unreclaimable, congestion_wait, kswapd_skip_congestion_wait);
+try_to_free_pages / do_try_to_free_pages (allocstall, priority loop,
+wait_iff_congested); patch 15's throttle_direct_reclaim and
+pfmemalloc_watermark_ok, patch 16's pgscan_direct_throttle; and from
+mm/backing-dev.c congestion_wait / wait_iff_congested.
+
+Simplified: anonymous memory only (no page cache, so get_scan_count scans anon
+lists only and shrink_slab has nothing reclaimable); no memcg; no lumpy
+reclaim or compaction; one zone, so the zonelist loops are one step; page
+"locking" during reclaim is the PG_locked bit, waited on through the hashed
+page wait table. One emulator addition: when kswapd finds nothing at all on
+the LRU to scan it naps for a 4 ms tick instead of spinning (the kernel would
+spin; the outcome is the same, the host CPU is spared).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from emulator.flags import GFP, GFP_KERNEL, PF
+from emulator.mm.page import PG, Page
+from emulator.task import Task
+from emulator.wait import WaitQueue
+
+if TYPE_CHECKING:
+    from emulator.kernel import Kernel
+    from emulator.mm.mmzone import Zone
+
+log = structlog.get_logger("swapnbd.vmscan")
+
+SWAP_CLUSTER_MAX = 32
+DEF_PRIORITY = 12
+
+
+class ScanControl:
+    """struct scan_control."""
+
+    __slots__ = ("gfp_mask", "may_writepage", "may_unmap", "may_swap", "nr_to_reclaim",
+                 "order", "nr_scanned", "nr_reclaimed", "priority", "kswapd")
+
+    def __init__(self, gfp_mask: GFP, nr_to_reclaim: float, order: int, kswapd: bool) -> None:
+        self.gfp_mask = gfp_mask
+        self.may_writepage = True  # !laptop_mode
+        self.may_unmap = True
+        self.may_swap = True
+        self.nr_to_reclaim = nr_to_reclaim
+        self.order = order
+        self.nr_scanned = 0
+        self.nr_reclaimed = 0
+        self.priority = DEF_PRIORITY
+        self.kswapd = kswapd
+
+
+class VMScan:
+    def __init__(self, k: Kernel) -> None:
+        self.k = k
+        self.pgdat = k.pgdat
+        self.zone = k.pgdat.zone
+        self.vmstat = k.vmstat
+        #: mm/backing-dev.c congestion_wqh[BLK_RW_ASYNC]
+        self.congestion_wqh = WaitQueue("congestion_wait")
+        self.nr_bdi_congested = 0
+        self.kswapd_woken = False
+        self.throttled: dict[int, float] = {}  # pid -> since
+        self.throttle_events = 0
+        self.throttle_total_s = 0.0
+
+    # -- congestion ----------------------------------------------------------------
+    def set_bdi_congested(self, congested: bool) -> None:
+        if congested:
+            self.nr_bdi_congested = 1
+        else:
+            self.nr_bdi_congested = 0
+            self.congestion_wqh.wake_up()
+
+    async def congestion_wait(self, task: Task, timeout: float) -> None:
+        """congestion_wait(BLK_RW_ASYNC, timeout): sleep until a congested queue
+        clears or the timeout passes."""
+        await task.sleep_on(self.congestion_wqh, lambda: False, timeout=timeout,
+                            wchan="congestion_wait", iowait=True)
+
+    async def wait_iff_congested(self, task: Task, timeout: float) -> None:
+        """wait_iff_congested(): sleep only if a bdi is congested and the zone is
+        flagged congested. Swap pages never set ZONE_CONGESTED (reference 8.4), so
+        this is a cond_resched() in practice."""
+        await task.cond_resched()
+        await trio.lowlevel.checkpoint()
+
+    # -- kswapd wake-up ----------------------------------------------------------------
+    def wake_all_kswapd(self, order: int) -> None:
+        self.wakeup_kswapd(self.zone, order)
+
+    def wakeup_kswapd(self, zone: Zone, order: int) -> None:
+        pgdat = self.pgdat
+        if pgdat.kswapd_max_order < order:
+            pgdat.kswapd_max_order = order
+        if not pgdat.kswapd_wait.active():
+            return
+        if zone.zone_watermark_ok(order, zone.low_wmark_pages, 0, 0):
+            return
+        self._wake_kswapd()
+
+    def _wake_kswapd(self) -> None:
+        self.kswapd_woken = True
+        self.pgdat.kswapd_wait.wake_up()
+
+    def on_pages_freed(self) -> None:
+        """Pages went back to the buddy allocator: nothing to do eagerly; throttled
+        tasks are woken by kswapd as in the kernel."""
+
+    # -- LRU helpers --------------------------------------------------------------------
+    def lru_cache_add_active(self, page: Page) -> None:
+        zone = page.zone
+        page.flags |= PG.lru | PG.active
+        zone.lru_active_anon[page.pfn] = page
+        self.vmstat["nr_active_anon"] += 1
+
+    def lru_cache_add_inactive(self, page: Page) -> None:
+        zone = page.zone
+        page.flags |= PG.lru
+        page.flags &= ~PG.active
+        zone.lru_inactive_anon[page.pfn] = page
+        self.vmstat["nr_inactive_anon"] += 1
+
+    def del_page_from_lru(self, page: Page) -> None:
+        if not page.flags & PG.lru:
+            return
+        zone = page.zone
+        if page.flags & PG.active:
+            del zone.lru_active_anon[page.pfn]
+            self.vmstat["nr_active_anon"] -= 1
+        else:
+            del zone.lru_inactive_anon[page.pfn]
+            self.vmstat["nr_inactive_anon"] -= 1
+        page.flags &= ~(PG.lru | PG.active)
+
+    def rotate_reclaimable_page(self, page: Page) -> None:
+        """rotate_reclaimable_page(): a page whose writeback finished goes to the
+        inactive list's tail, to be freed by the next scan."""
+        if page.flags & PG.lru and not page.flags & PG.active:
+            page.zone.lru_inactive_anon.move_to_end(page.pfn, last=False)
+            self.vmstat["pgrotated"] += 1
+
+    def inactive_anon_is_low(self, zone: Zone) -> bool:
+        return len(zone.lru_inactive_anon) * zone.inactive_ratio < len(zone.lru_active_anon)
+
+    # -- shrink_active_list -------------------------------------------------------------
+    def shrink_active_list(self, nr_to_scan: int, zone: Zone, sc: ScanControl) -> None:
+        """Deactivate up to nr_to_scan pages from the active list's tail (anon pages
+        are deactivated even when referenced; page_referenced clears the young bit)."""
+        k = self.k
+        with k.lock:
+            active = zone.lru_active_anon
+            inactive = zone.lru_inactive_anon
+            n = min(nr_to_scan, len(active))
+            moved = 0
+            for _ in range(n):
+                pfn, page = active.popitem(last=False)
+                page.young = False  # page_referenced()
+                page.flags &= ~PG.active
+                inactive[pfn] = page
+                moved += 1
+            zone.pages_scanned += n
+            self.vmstat["nr_active_anon"] -= moved
+            self.vmstat["nr_inactive_anon"] += moved
+            self.vmstat["pgrefill_normal"] += n
+            self.vmstat["pgdeactivate"] += moved
+
+    # -- shrink_inactive_list -----------------------------------------------------------
+    def too_many_isolated(self, zone: Zone, task: Task) -> bool:
+        if task.flags & PF.KSWAPD:
+            return False
+        return zone.nr_isolated_anon > len(zone.lru_inactive_anon)
+
+    async def shrink_inactive_list(self, nr_to_scan: int, zone: Zone, sc: ScanControl,
+                                   task: Task) -> int:
+        k = self.k
+        while self.too_many_isolated(zone, task):
+            await self.congestion_wait(task, k.hz(0.1))
+            if task.fatal_signal:
+                return SWAP_CLUSTER_MAX
+        with k.lock:
+            inactive = zone.lru_inactive_anon
+            n = min(nr_to_scan, len(inactive))
+            page_list = []
+            for _ in range(n):
+                _, page = inactive.popitem(last=False)
+                page.flags &= ~PG.lru
+                page_list.append(page)
+            nr_taken = len(page_list)
+            zone.nr_isolated_anon += nr_taken
+            self.vmstat["nr_isolated_anon"] += nr_taken
+            self.vmstat["nr_inactive_anon"] -= nr_taken
+            zone.pages_scanned += n
+            self.vmstat["pgscan_kswapd_normal" if sc.kswapd else "pgscan_direct_normal"] += n
+        sc.nr_scanned += n
+        if not nr_taken:
+            return 0
+        nr_reclaimed, nr_writeback, survivors = await self.shrink_page_list(page_list, zone, sc, task)
+        with k.lock:
+            self.vmstat["pgsteal_kswapd_normal" if sc.kswapd else "pgsteal_direct_normal"] += nr_reclaimed
+            for page in survivors:  # putback_inactive_pages
+                if page.flags & PG.active:
+                    page.flags |= PG.lru
+                    zone.lru_active_anon[page.pfn] = page
+                    self.vmstat["nr_active_anon"] += 1
+                    self.vmstat["pgactivate"] += 1
+                else:
+                    page.flags |= PG.lru
+                    zone.lru_inactive_anon[page.pfn] = page
+                    self.vmstat["nr_inactive_anon"] += 1
+            zone.nr_isolated_anon -= nr_taken
+            self.vmstat["nr_isolated_anon"] -= nr_taken
+        if nr_writeback and nr_writeback >= (nr_taken >> (DEF_PRIORITY - sc.priority)):
+            await self.wait_iff_congested(task, k.hz(0.1))
+        return nr_reclaimed
+
+    # -- shrink_page_list ---------------------------------------------------------------
+    async def shrink_page_list(self, page_list: list[Page], zone: Zone, sc: ScanControl,
+                               task: Task) -> tuple[int, int, list[Page]]:
+        k = self.k
+        swap = k.swap
+        nr_reclaimed = 0
+        nr_writeback = 0
+        survivors: list[Page] = []
+        for page in page_list:
+            await task.cond_resched()
+            if page.flags & PG.locked:  # trylock_page failed
+                survivors.append(page)
+                continue
+            if page.flags & PG.writeback:
+                page.flags |= PG.reclaim
+                nr_writeback += 1
+                survivors.append(page)
+                continue
+            if page.young:  # page_check_references: referenced -> activate
+                page.young = False
+                page.flags |= PG.active
+                survivors.append(page)
+                continue
+            page.flags |= PG.locked
+            try:
+                if not page.flags & PG.swapcache:
+                    if not sc.gfp_mask & GFP.IO:
+                        survivors.append(page)
+                        continue
+                    if not await swap.add_to_swap(page, task):
+                        page.flags |= PG.active  # activate_locked: swap full / no memory
+                        survivors.append(page)
+                        continue
+                if page.mm is not None:
+                    swap.try_to_unmap(page)
+                if page.flags & PG.dirty:
+                    if not sc.may_writepage:
+                        survivors.append(page)
+                        continue
+                    # pageout(): clear dirty, SetPageReclaim, swap_writepage.
+                    page.flags &= ~PG.dirty
+                    page.flags |= PG.reclaim
+                    ok = await swap.swap_writepage(page, task)
+                    if ok:
+                        self.vmstat["nr_vmscan_write"] += 1
+                    survivors.append(page)  # PG_writeback now (or redirtied): keep
+                    continue
+                # Clean, unmapped, in the swap cache: __remove_mapping.
+                if page.flags & PG.writeback or page.mm is not None:
+                    survivors.append(page)
+                    continue
+                with k.lock:
+                    swap.delete_from_swap_cache(page, task)
+                    page.flags &= ~PG.locked
+                    k.page_alloc.free_page(page)
+                nr_reclaimed += 1
+                page = None
+            finally:
+                if page is not None and page.flags & PG.locked:
+                    k.swap.unlock_page(page)
+        sc.nr_reclaimed += nr_reclaimed
+        return nr_reclaimed, nr_writeback, survivors
+
+    # -- shrink_zone ------------------------------------------------------------------
+    def get_scan_count(self, zone: Zone, sc: ScanControl, priority: int) -> tuple[int, int]:
+        """Anon-only get_scan_count: list size >> priority, SWAP_CLUSTER_MAX when
+        forced (kswapd on an all_unreclaimable zone)."""
+        force_scan = sc.kswapd and zone.all_unreclaimable
+        if not self.k.swap.nr_swap_pages():
+            return 0, 0
+        out = []
+        for size in (len(zone.lru_inactive_anon), len(zone.lru_active_anon)):
+            scan = size >> priority
+            if not scan and force_scan:
+                scan = min(size, SWAP_CLUSTER_MAX)
+            out.append(scan)
+        return out[0], out[1]
+
+    async def shrink_zone(self, zone: Zone, sc: ScanControl, priority: int, task: Task) -> None:
+        """shrink_zone -> shrink_lruvec for the anon lists."""
+        sc.priority = priority
+        nr_inactive, nr_active = self.get_scan_count(zone, sc, priority)
+        nr_reclaimed = 0
+        while nr_inactive or nr_active:
+            if nr_inactive:
+                n = min(nr_inactive, SWAP_CLUSTER_MAX)
+                nr_inactive -= n
+                nr_reclaimed += await self.shrink_inactive_list(n, zone, sc, task)
+            if nr_active:
+                n = min(nr_active, SWAP_CLUSTER_MAX)
+                nr_active -= n
+                if self.inactive_anon_is_low(zone):
+                    self.shrink_active_list(n, zone, sc)
+            if nr_reclaimed >= sc.nr_to_reclaim and priority < DEF_PRIORITY:
+                break
+            await task.cond_resched()
+        if self.inactive_anon_is_low(zone):
+            self.shrink_active_list(SWAP_CLUSTER_MAX, zone, sc)
+
+    # -- patch 15 ------------------------------------------------------------------------
+    def pfmemalloc_watermark_ok(self) -> bool:
+        """pfmemalloc_watermark_ok(): free > half the sum of the min watermarks; wakes
+        kswapd when not."""
+        pgdat = self.pgdat
+        reserve = pgdat.reserve_pages()
+        free = pgdat.nr_free_pages()
+        ok = free > reserve // 2
+        if not ok and pgdat.kswapd_wait.active():
+            pgdat.classzone_idx = min(pgdat.classzone_idx, 0)
+            self._wake_kswapd()
+        return ok
+
+    async def throttle_direct_reclaim(self, gfp: GFP, task: Task) -> None:
+        """throttle_direct_reclaim() (patch 15; counter by patch 16)."""
+        if not self.k.patches.has(15):
+            return
+        if task.flags & PF.KTHREAD:
+            return
+        if self.pfmemalloc_watermark_ok():
+            return
+        if self.k.patches.has(16):
+            self.vmstat["pgscan_direct_throttle"] += 1
+        pgdat = self.pgdat
+        since = trio.current_time()
+        self.throttled[task.pid] = since
+        self.throttle_events += 1
+        self.vmstat["throttle_active"] = len(self.throttled)
+        log.info("throttle_begin", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
+                 free=pgdat.nr_free_pages(), threshold=pgdat.reserve_pages() // 2)
+        timed_out = False
+        try:
+            if not gfp & GFP.FS:
+                ok = await task.sleep_on(pgdat.pfmemalloc_wait, self.pfmemalloc_watermark_ok,
+                                         timeout=self.k.hz(1.0), wchan="throttle_direct_reclaim")
+                timed_out = not ok
+            else:
+                # wait_event_killable: a fatal signal ends the wait.
+                await task.sleep_on(
+                    pgdat.pfmemalloc_wait,
+                    lambda: task.fatal_signal or self.pfmemalloc_watermark_ok(),
+                    wchan="throttle_direct_reclaim")
+        finally:
+            waited = trio.current_time() - since
+            self.throttled.pop(task.pid, None)
+            self.throttle_total_s += waited
+            self.vmstat["throttle_active"] = len(self.throttled)
+        log.info("throttle_end", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
+                 waited_s=round(waited, 4), timed_out=timed_out)
+
+    # -- direct reclaim ------------------------------------------------------------------
+    async def try_to_free_pages(self, gfp: GFP, order: int, task: Task) -> int:
+        """try_to_free_pages -> do_try_to_free_pages. Returns pages reclaimed, or 1
+        if nothing was reclaimed but the zone is not all_unreclaimable."""
+        await self.throttle_direct_reclaim(gfp, task)
+        if task.fatal_signal:
+            return 1
+        sc = ScanControl(gfp, SWAP_CLUSTER_MAX, order, kswapd=False)
+        self.vmstat["allocstall"] += 1
+        log.debug("direct_reclaim_begin", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
+                  free=self.zone.nr_free_pages)
+        zone = self.zone
+        for priority in range(DEF_PRIORITY, -1, -1):
+            sc.nr_scanned = 0
+            if not (zone.all_unreclaimable and priority != DEF_PRIORITY):
+                await self.shrink_zone(zone, sc, priority, task)
+            if sc.nr_reclaimed >= sc.nr_to_reclaim:
+                break
+            if priority < DEF_PRIORITY - 2 and sc.nr_scanned:
+                await self.wait_iff_congested(task, self.k.hz(0.1))
+        log.debug("direct_reclaim_end", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
+                  reclaimed=sc.nr_reclaimed, priority=sc.priority)
+        if sc.nr_reclaimed:
+            return sc.nr_reclaimed
+        if not zone.all_unreclaimable:
+            return 1
+        return 0
+
+    # -- kswapd ------------------------------------------------------------------------
+    def zone_balanced(self, zone: Zone, order: int, balance_gap: int = 0) -> bool:
+        return zone.zone_watermark_ok(order, zone.high_wmark_pages + balance_gap, 0, 0)
+
+    def pgdat_balanced(self, order: int) -> bool:
+        zone = self.zone
+        return zone.all_unreclaimable or self.zone_balanced(zone, order)
+
+    def prepare_kswapd_sleep(self, order: int, remaining: float) -> bool:
+        if remaining:
+            return False
+        if self.pgdat.pfmemalloc_wait.active():
+            self.pgdat.pfmemalloc_wait.wake_up()
+            return False
+        return self.pgdat_balanced(order)
+
+    async def kswapd_try_to_sleep(self, task: Task, order: int) -> None:
+        pgdat = self.pgdat
+        if self.prepare_kswapd_sleep(order, 0):
+            # Short nap of HZ/10 to see whether the zone stays balanced.
+            self.kswapd_woken = False
+            woke = await task.sleep_on(pgdat.kswapd_wait, lambda: self.kswapd_woken,
+                                       timeout=self.k.hz(0.1), wchan="kswapd_try_to_sleep")
+            if not woke and self.prepare_kswapd_sleep(order, 0):
+                pgdat.kswapd_sleeping = True
+                log.info("kswapd_sleep", pid=task.pid, comm=task.comm,
+                         free=self.zone.nr_free_pages)
+                self.kswapd_woken = False
+                await task.sleep_on(pgdat.kswapd_wait, lambda: self.kswapd_woken,
+                                    wchan="kswapd")
+                pgdat.kswapd_sleeping = False
+                log.info("kswapd_wake", pid=task.pid, comm=task.comm,
+                         order=pgdat.kswapd_max_order, free=self.zone.nr_free_pages)
+                return
+            self.vmstat["kswapd_low_wmark_hit_quickly" if woke
+                        else "kswapd_high_wmark_hit_quickly"] += 1
+        else:
+            await task.cond_resched()
+
+    async def kswapd(self, task: Task) -> None:
+        """kswapd(): sleep until woken, then balance_pgdat, forever."""
+        order = 0
+        while True:
+            await self.kswapd_try_to_sleep(task, order)
+            order = self.pgdat.kswapd_max_order
+            self.pgdat.kswapd_max_order = 0
+            await self.balance_pgdat(task, order)
+
+    async def balance_pgdat(self, task: Task, order: int) -> None:
+        k = self.k
+        zone = self.zone
+        pgdat = self.pgdat
+        while True:  # loop_again
+            total_scanned = 0
+            sc = ScanControl(GFP_KERNEL, math.inf, order, kswapd=True)
+            self.vmstat["pageoutrun"] += 1
+            all_zones_ok = False
+            for priority in range(DEF_PRIORITY, -1, -1):
+                sc.nr_scanned = 0
+                all_zones_ok = True
+                has_under_min = False
+                if self.inactive_anon_is_low(zone):
+                    self.shrink_active_list(SWAP_CLUSTER_MAX, zone, sc)
+                if self.zone_balanced(zone, order):
+                    break  # end_zone not found: the node is balanced
+                if not (zone.all_unreclaimable and priority != DEF_PRIORITY):
+                    balance_gap = min(zone.low_wmark_pages, (zone.present_pages + 99) // 100)
+                    if not self.zone_balanced(zone, order, balance_gap):
+                        before = sc.nr_scanned
+                        await self.shrink_zone(zone, sc, priority, task)
+                        total_scanned += sc.nr_scanned - before
+                        if not zone.zone_reclaimable():
+                            zone.all_unreclaimable = True
+                if not self.zone_balanced(zone, order):
+                    all_zones_ok = False
+                    if not zone.zone_watermark_ok(order, zone.min_wmark_pages, 0, 0):
+                        has_under_min = True
+                if pgdat.pfmemalloc_wait.active() and self.pfmemalloc_watermark_ok():
+                    pgdat.pfmemalloc_wait.wake_up()
+                if all_zones_ok:
+                    break
+                if total_scanned and priority < DEF_PRIORITY - 2:
+                    if has_under_min:
+                        self.vmstat["kswapd_skip_congestion_wait"] += 1
+                    else:
+                        await self.congestion_wait(task, k.hz(0.1))
+                if sc.nr_reclaimed >= SWAP_CLUSTER_MAX:
+                    break
+                await task.cond_resched()
+            if all_zones_ok or self.pgdat_balanced(order):
+                return
+            await task.cond_resched()
+            if sc.nr_reclaimed < SWAP_CLUSTER_MAX:
+                order = sc.order = 0
+            if not total_scanned and not sc.nr_reclaimed:
+                # Nothing on the LRU at all (e.g. memory held by non-LRU owners):
+                # the kernel's kswapd would spin; yield the CPU for a tick so the
+                # emulation does not burn a host core doing nothing.
+                await task.sleep(k.hz(0.004), wchan="kswapd_idle_spin")

@@ -1,0 +1,67 @@
+"""vmstat counters, named as in /proc/vmstat.
+
+Models: mm/vmstat.c (vm_event_states, the zone/global state counters of
+include/linux/mmzone.h). Events are monotonic counts; ``nr_*`` are gauges.
+Per-zone event variants (``pgscan_direct_normal``) are folded into the
+zone-less names because the model has one zone.
+
+Emulator-specific counters (not in any kernel) are listed in ``EMULATOR`` and
+documented in docs/MODEL.md.
+
+Simplified: counters are exact (no per-cpu batching, so no
+zone_watermark_ok_safe drift).
+"""
+
+from __future__ import annotations
+
+#: /proc/vmstat names this model maintains.
+KERNEL = (
+    "nr_free_pages", "nr_inactive_anon", "nr_active_anon", "nr_anon_pages",
+    "nr_mapped", "nr_file_pages", "nr_writeback", "nr_slab_reclaimable",
+    "nr_slab_unreclaimable", "nr_isolated_anon", "nr_vmscan_write",
+    "nr_swapcache",
+    "pgpgin", "pgpgout", "pswpin", "pswpout", "pgalloc_normal", "pgfree",
+    "pgactivate", "pgdeactivate", "pgfault", "pgmajfault", "pgrefill_normal",
+    "pgsteal_kswapd_normal", "pgsteal_direct_normal", "pgscan_kswapd_normal",
+    "pgscan_direct_normal", "pgscan_direct_throttle", "pginodesteal", "slabs_scanned",
+    "kswapd_low_wmark_hit_quickly", "kswapd_high_wmark_hit_quickly",
+    "kswapd_skip_congestion_wait", "pageoutrun", "allocstall", "pgrotated",
+    "oom_kill",
+)
+
+#: Counters the emulator adds (documented in docs/MODEL.md).
+EMULATOR = (
+    "nr_pfmemalloc_pages",  # pages currently held that were allocated with ALLOC_NO_WATERMARKS
+    "pgalloc_pfmemalloc",  # pages ever allocated from the reserves
+    "alloc_fail",  # page allocations that returned NULL
+    "pgalloc_high_order_fail",
+    "slab_pfmemalloc_refused",
+    "slab_alloc_pfmemalloc",
+    "skb_alloc", "skb_alloc_pfmemalloc", "skb_drop_nomem", "skb_drop_pfmemalloc",
+    "skb_rx_queued", "skb_tx_queued", "net_bytes_in_flight",
+    "tcp_retransmit_timeouts", "tcp_ack_nomem",
+    "nbd_requests", "nbd_replies", "nbd_inflight", "nbd_errors",
+    "mempool_wait", "integrity_errors", "throttle_active",
+    "swap_used_pages", "swap_total_pages",
+)
+
+ALIASES = {
+    # Zone-less short names the report and docs use.
+    "pgscan_kswapd": "pgscan_kswapd_normal",
+    "pgscan_direct": "pgscan_direct_normal",
+    "pgsteal_kswapd": "pgsteal_kswapd_normal",
+    "pgsteal_direct": "pgsteal_direct_normal",
+}
+
+
+class VMStat(dict):
+    """A dict of counters with every known name present (0 by default)."""
+
+    def __init__(self) -> None:
+        super().__init__((name, 0) for name in KERNEL + EMULATOR)
+
+    def snapshot(self) -> dict[str, int]:
+        snap = dict(self)
+        for short, full in ALIASES.items():
+            snap[short] = self[full]
+        return snap

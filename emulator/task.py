@@ -1,0 +1,136 @@
+"""Tasks: the emulated ``current``.
+
+Models: struct task_struct (pid, comm, flags, TIF_MEMDIE, the pending-SIGKILL
+test of fatal_signal_pending) and the scheduler's view of a task: which CPU it
+runs on, whether it holds that CPU, and what it sleeps on (``wchan``, which the
+lockup diagnosis prints, like /proc/PID/wchan and the hung-task detector).
+
+Each Task is driven by one trio task. It executes emulated code only while it
+holds its CPU (actors/cpu.py); every sleep gives the CPU back and takes it again
+on wake-up, so at most ``cpus`` tasks run emulated code at once.
+
+Softirq work runs in a Task with ``in_softirq`` set: the model gives each
+CPU's NET_RX handler its own context instead of borrowing the interrupted
+task's, which matches what patch 4's __do_softirq achieves (the interrupted
+task's PF_MEMALLOC is masked while the softirq runs).
+
+Simplified: no priorities or nice levels, no migration between CPUs, signals
+are only SIGKILL from the OOM killer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from emulator.flags import PF
+from emulator.wait import WaitQueue
+
+if TYPE_CHECKING:
+    from actors.cpu import CPU
+
+
+class Task:
+    __slots__ = (
+        "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
+        "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start",
+        "on_cpu", "mm", "exited", "__weakref__",
+    )
+
+    def __init__(self, pid: int, comm: str, cpu: CPU, flags: PF = PF(0), *,
+                 in_softirq: bool = False) -> None:
+        self.pid = pid
+        self.comm = comm
+        self.flags = flags
+        self.cpu = cpu
+        self.memdie = False  #: TIF_MEMDIE: chosen by the OOM killer
+        self.in_softirq = in_softirq
+        self.fatal_signal = False  #: SIGKILL pending
+        self.wchan: str | None = None
+        self.wait_since = 0.0
+        self.mode = "softirq" if in_softirq else "sys"  #: "user" | "sys" | "softirq"
+        self.utime = 0.0
+        self.stime = 0.0
+        self.sirqtime = 0.0
+        self.slice_start = 0.0
+        self.on_cpu = False
+        self.mm = None  #: the task's MMStruct (user processes only)
+        self.exited = False
+
+    # -- context predicates (include/linux/hardirq.h) --------------------------
+    def in_interrupt(self) -> bool:
+        return self.in_softirq
+
+    def in_serving_softirq(self) -> bool:
+        return self.in_softirq
+
+    # -- scheduling ------------------------------------------------------------
+    async def cond_resched(self) -> None:
+        """Give the CPU to a waiting task if this task's time slice is over."""
+        cpu = self.cpu
+        if cpu.need_resched(self):
+            cpu.release(self)
+            await cpu.acquire(self)
+
+    def set_mode(self, mode: str) -> str:
+        """Switch user/sys accounting; returns the previous mode."""
+        prev = self.mode
+        if prev != mode:
+            if self.on_cpu:
+                self.cpu.account(self)
+            self.mode = mode
+        return prev
+
+    async def sleep_on(self, wq: WaitQueue, condition: Callable[[], bool], *,
+                       timeout: float = math.inf, wchan: str, iowait: bool = False) -> bool:
+        """wait_event_timeout(): give up the CPU, sleep on ``wq``, take the CPU back."""
+        if condition():
+            return True
+        self._sleep_begin(wchan, iowait)
+        try:
+            ok = await wq.wait_event(condition, timeout)
+        finally:
+            self._sleep_end(iowait)
+        await self.cpu.acquire(self)
+        return ok
+
+    async def sleep(self, seconds: float, *, wchan: str, iowait: bool = False) -> None:
+        """schedule_timeout_uninterruptible() / congestion_wait()'s timed sleep."""
+        self._sleep_begin(wchan, iowait)
+        try:
+            await trio.sleep(seconds)
+        finally:
+            self._sleep_end(iowait)
+        await self.cpu.acquire(self)
+
+    def _sleep_begin(self, wchan: str, iowait: bool) -> None:
+        self.wchan = wchan
+        self.wait_since = trio.current_time()
+        if iowait:
+            self.cpu.nr_iowait += 1
+        self.cpu.release(self)
+
+    def _sleep_end(self, iowait: bool) -> None:
+        self.wchan = None
+        if iowait:
+            self.cpu.nr_iowait -= 1
+
+    def describe(self) -> dict:
+        d = {"pid": self.pid, "comm": self.comm, "cpu": self.cpu.id,
+             "flags": [f.name for f in PF if f & self.flags]}
+        if self.memdie:
+            d["memdie"] = True
+        if self.wchan is not None:
+            d["wchan"] = self.wchan
+            d["waiting_s"] = round(trio.current_time() - self.wait_since, 3)
+        elif self.on_cpu:
+            d["state"] = "running"
+        else:
+            d["state"] = "runnable" if not self.exited else "exited"
+        return d
+
+    def __repr__(self) -> str:
+        return f"<Task {self.pid} {self.comm} cpu{self.cpu.id}>"

@@ -1,0 +1,66 @@
+"""Wait queues: the kernel's ``wait_event`` family over trio's ParkingLot.
+
+Models: include/linux/wait.h (wait_event, wait_event_timeout,
+wait_event_killable, wake_up, waitqueue_active) and the hashed page wait
+tables of mm/filemap.c (page_waitqueue / wait_on_page_bit / wake_up_page).
+
+A sleeping task gives its CPU back for the whole sleep (see actors/cpu.py);
+that is done by the caller (``Task.sleep_on``), not here. Waiters are
+non-exclusive: ``wake_up`` wakes all of them and each re-checks its condition,
+as every wait queue this model uses behaves in the kernel.
+
+Simplified: no exclusive waiters, no wait-queue entry callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import trio
+
+
+class WaitQueue:
+    """A ``wait_queue_head_t``."""
+
+    __slots__ = ("name", "_lot")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def active(self) -> bool:
+        """waitqueue_active(): is anyone waiting?"""
+        return len(self._lot) > 0
+
+    def __len__(self) -> int:
+        return len(self._lot)
+
+    def wake_up(self) -> None:
+        if self._lot:
+            self._lot.unpark_all()
+
+    async def wait_event(self, condition: Callable[[], bool], timeout: float = math.inf) -> bool:
+        """Sleep until ``condition()`` holds; False if ``timeout`` seconds passed first."""
+        if condition():
+            return True
+        with trio.move_on_after(timeout):
+            while True:
+                await self._lot.park()
+                if condition():
+                    return True
+        return condition()
+
+    def __repr__(self) -> str:
+        return f"<WaitQueue {self.name} with {len(self._lot)} waiting>"
+
+
+class HashedWaitTable:
+    """page_waitqueue(): a small table of wait queues shared by hashing the pfn."""
+
+    def __init__(self, name: str, size: int = 256) -> None:
+        self._queues = [WaitQueue(f"{name}[{i}]") for i in range(size)]
+        self._mask = size - 1
+
+    def for_key(self, key: int) -> WaitQueue:
+        return self._queues[key & self._mask]
