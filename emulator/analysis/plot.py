@@ -37,6 +37,7 @@ matplotlib.use("Agg")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .reader import LogError, LogReader, run_name  # noqa: E402
 
@@ -137,7 +138,7 @@ def plot(series: Sequence[Series], output: str, *, dpi: int = 110) -> None:
     """Draw the five panels for ``series`` into ``output`` (format from its
     extension, PNG by default). Written to a temporary file, then renamed."""
     single = len(series) == 1
-    fig = Figure(figsize=(11, 13), dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(13, 13), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(5, 1, sharex=True)
     ax_free, ax_swap, ax_mem, ax_thr, ax_nbd = axes
@@ -163,8 +164,9 @@ def plot(series: Sequence[Series], output: str, *, dpi: int = 110) -> None:
                     (s.wmark["min"], "min wmark", "tab:red", ":"),
                     (s.throttle_threshold, "throttle threshold", "tab:purple", (0, (5, 1, 1, 1)))):
                 if val is not None and not math.isnan(val):
-                    ax_free.axhline(val, color=col, ls=ls, lw=1,
-                                    label=name if first else None)
+                    # Several runs: grey watermarks, so they do not look like a run's colour.
+                    ax_free.axhline(val, color=col if single else "0.35", ls=ls, lw=1,
+                                    label=f"{name} ({val:g})" if first else None)
 
         for key_, ls, what in (("pswpout", "-", "swap out"), ("pswpin", "--", "swap in")):
             xs, ys = _rate(t, d[key_])
@@ -192,7 +194,7 @@ def plot(series: Sequence[Series], output: str, *, dpi: int = 110) -> None:
             for ax in axes:
                 ax.axvline(s.lockup_t, color="red", lw=1.5, alpha=0.8)
             ax_free.annotate(f"lockup{lbl}", xy=(s.lockup_t, 1), xycoords=("data", "axes fraction"),
-                             xytext=(3, -3), textcoords="offset points", ha="left", va="top",
+                             xytext=(-3, -3), textcoords="offset points", ha="right", va="top",
                              color="red", fontsize=8)
 
     ax_free.set_yscale("log")
@@ -210,19 +212,26 @@ def plot(series: Sequence[Series], output: str, *, dpi: int = 110) -> None:
     ax_nbd.set_xlabel("time since boot (s)")
     for ax in axes:
         ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0 if ax is not ax_free else None)
+        if ax is not ax_free:
+            ax.set_ylim(bottom=0)
         ax.set_xlim(left=0)
-    ax_drop.set_ylim(bottom=0)
+    # Counts of tasks and requests: integer ticks, and a visible axis when all zero.
+    for ax in (ax_thr, ax_nbd):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
+    ax_drop.set_ylim(0, max(1.0, ax_drop.get_ylim()[1]))
 
-    small = {"fontsize": 8, "framealpha": 0.85}
+    # Legends outside the plotting area, on the right: they never hide data.
+    lockup_proxy = ([Line2D([], [], color="red", lw=1.5)], ["lockup"]) \
+        if any(s.lockup_t is not None for s in series) else ([], [])
+    small = {"fontsize": 8, "loc": "upper left", "borderaxespad": 0.0}
     for ax in (ax_free, ax_swap, ax_mem, ax_nbd):
-        ax.legend(loc="upper right", ncols=1 if single else 2, **small)
+        h, lab = ax.get_legend_handles_labels()
+        ax.legend(h + lockup_proxy[0], lab + lockup_proxy[1], bbox_to_anchor=(1.01, 1.0), **small)
     h1, l1 = ax_thr.get_legend_handles_labels()
     h2, l2 = ax_drop.get_legend_handles_labels()
-    if any(s.lockup_t is not None for s in series):
-        h1.append(Line2D([], [], color="red", lw=1.5))
-        l1.append("lockup")
-    ax_thr.legend(h1 + h2, l1 + l2, loc="upper left", ncols=1 if single else 2, **small)
+    ax_drop.legend(h1 + h2 + lockup_proxy[0], l1 + l2 + lockup_proxy[1],
+                   bbox_to_anchor=(1.07, 1.0), **small)
 
     title = "  |  ".join(f"{s.name}: {s.outcome}" for s in series)
     fig.suptitle(f"swapnbd run{'s' if not single else ''} — {title}", fontsize=11)
@@ -233,6 +242,9 @@ def plot(series: Sequence[Series], output: str, *, dpi: int = 110) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format=fmt)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a plain write gives
         os.replace(tmp, output)
     except BaseException:
         try:

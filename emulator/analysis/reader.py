@@ -112,14 +112,16 @@ class LogReader:
     def _first_line(self) -> dict[str, Any]:
         assert self._fh is not None
         p = self.path
+        blank = 0
         while True:
             raw = self._fh.readline(MAX_LINE)
             if not raw:
-                if self.lines == 0:
+                if blank == 0:
                     raise LogError(f"{p}: empty file, not a swapnbd log")
                 raise LogError(f"{p}: only blank lines, not a swapnbd log")
             if raw.strip():
                 break
+            blank += 1
         self.lines += 1
         try:
             obj = _loads(raw)
