@@ -77,17 +77,17 @@ def render_analyze(s: RunSummary, console: Console) -> None:
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("Log", s.path)
-    head.add_row("Run", s.name)
+    head.add_row("Log", Text(s.path))
+    head.add_row("Run", Text(s.name))
     outcome = s.outcome + ("" if s.complete else " (no run_end: analysed up to the last sample)")
-    head.add_row("Outcome", outcome)
+    head.add_row("Outcome", Text(outcome))
     head.add_row("Elapsed", format_value("sec", s.elapsed) + " s")
     head.add_row("Lines", f"{s.lines} read, {s.skipped} lines skipped, {s.samples} vmstat samples")
     if s.machine:
-        head.add_row("Machine", _machine_line(s))
+        head.add_row("Machine", Text(_machine_line(s)))
     wl = _workload_line(s)
     if wl:
-        head.add_row("Workload", wl)
+        head.add_row("Workload", Text(wl))
     console.print(head)
 
     for title, rows, attr in BLOCKS:
@@ -142,13 +142,13 @@ def render_compare(summaries: Sequence[RunSummary], names: Sequence[str],
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     t.add_column("", min_width=40, no_wrap=True)
     for n in names:
-        t.add_column(n, justify="right", min_width=12, no_wrap=True)
+        t.add_column(Text(n), justify="right", min_width=12, no_wrap=True)
     for label, cells in compare_table(summaries, names):
         if label in titles:
             t.add_section()
             t.add_row(Text(label, style="bold"), *cells)
         else:
-            t.add_row(label, *cells)
+            t.add_row(label, *(Text(c) for c in cells))
     console.print(t)
     for n, s in zip(names, summaries):
         notes = []

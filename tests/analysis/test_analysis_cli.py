@@ -198,3 +198,9 @@ def test_module_entry_point(logs):
     r = subprocess.run([sys.executable, "-m", "emulator.analysis.cli", "analyze",
                         str(logs["ok"]) + ".missing"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_labels_are_not_rich_markup(logs, capsys):
+    assert compare([str(logs["ok"]), str(logs["lock"]), "--name", "[bold]x", "--name", "a[/]"]) == 0
+    out = capsys.readouterr().out
+    assert "[bold]x" in out and "a[/]" in out
