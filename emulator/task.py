@@ -69,11 +69,16 @@ class Task:
 
     # -- scheduling ------------------------------------------------------------
     async def cond_resched(self) -> None:
-        """Give the CPU to a waiting task if this task's time slice is over."""
+        """Give the CPU to a waiting task if this task's time slice is over.
+
+        Always a trio checkpoint: it is where "interrupts" (real socket readiness,
+        timers, other CPUs' tasks) get to run while this task keeps its CPU."""
         cpu = self.cpu
         if cpu.need_resched(self):
             cpu.release(self)
             await cpu.acquire(self)
+        else:
+            await trio.lowlevel.checkpoint()
 
     def set_mode(self, mode: str) -> str:
         """Switch user/sys accounting; returns the previous mode."""

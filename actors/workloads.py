@@ -1,0 +1,65 @@
+"""Workloads: what user processes do with their memory.
+
+``anon_mmap_write`` models MMTests' usemem as the seed's test ran it: each
+process maps its share of ``size_ratio x memory`` anonymously and writes one
+word per page, linearly, ``passes`` times; on every pass after the first it
+first checks that the word it wrote last time is still there (usemem's "Data
+wrong at offset" check) — with swap in between, that is a check that what went
+out over NBD came back intact. A mismatch is an ``integrity_error``.
+
+The word is the page's (pid, virtual page, pass) triple; swap_writepage turns
+it into 4096 real bytes with a checksum (emulator/mm/swap.py).
+
+Simplified: a store is instantaneous Python work (user time is what the loop
+costs on the host), no think time between pages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from emulator.mm.memory import handle_mm_fault
+from emulator.mm.page import PG, Page
+
+if TYPE_CHECKING:
+    from actors.process import UserProcess
+    from emulator.kernel import Kernel
+
+RESCHED_EVERY = 64  # pages between cond_resched() checks
+
+
+async def anon_mmap_write(k: Kernel, proc: UserProcess) -> bool:
+    """Returns True when every pass completed, False if the process was killed."""
+    task = proc.task
+    mm = proc.mm
+    pte = mm.pte
+    pid = task.pid
+    passes = k.cfg.workload.passes
+    for p in range(passes):
+        for vpn in range(mm.nr_pages):
+            while True:
+                if task.fatal_signal:
+                    return False
+                page = pte[vpn]
+                if page.__class__ is Page:
+                    page.young = True
+                    break
+                task.set_mode("sys")
+                page = await handle_mm_fault(k, mm, vpn, task, write=True)
+                task.set_mode("user")
+                if page is not None:
+                    break
+            if p and page.contents != (pid, vpn, p - 1):
+                k.integrity_error(what="Data wrong at offset", pid=pid, vaddr=vpn,
+                                  expected=[pid, vpn, p - 1], found=page.contents)
+            page.contents = (pid, vpn, p)
+            if page.flags & PG.swapcache:
+                page.flags |= PG.dirty  # the PTE's dirty bit, moved to the page at unmap
+            k.progress += 1
+            if not vpn % RESCHED_EVERY:
+                await task.cond_resched()
+        proc.passes_done = p + 1
+    return True
+
+
+WORKLOADS = {"anon-mmap-write": anon_mmap_write}

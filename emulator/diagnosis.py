@@ -1,0 +1,114 @@
+"""Why the machine stopped: the lockup diagnosis.
+
+Models what a kernel engineer assembles from a hung machine: SysRq-m's memory
+report (free pages against the watermarks, who holds memory), SysRq-w's
+blocked tasks with their wait channels (the hung-task detector's report), the
+NBD device's in-flight requests, and the socket statistics (drops,
+retransmission backoff). Built only from the machine's state at the moment
+the watchdog fires; the ``text`` is written so the cycle can be read off it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from emulator.kernel import Kernel
+
+
+def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
+    z = k.pgdat.zone
+    free = z.nr_free_pages
+    wmin, wlow, whigh = z.watermark
+    atomic_floor = wmin - wmin // 2
+    atomic_floor -= atomic_floor // 4
+    owners = k.pgdat.owners()
+    vm = k.vmstat
+    tasks = [t.describe() for t in k.tasks.values() if not t.exited]
+    d = {
+        "stalled_s": round(stalled_s, 3),
+        "free": free,
+        "wmark": {"min": wmin, "low": wlow, "high": whigh},
+        "atomic_floor": atomic_floor,
+        "throttle_threshold": k.pgdat.reserve_pages() // 2,
+        "owners": owners,
+        "pages": {
+            "anon_mapped": vm["nr_anon_pages"], "swapcache": vm["nr_swapcache"],
+            "writeback": vm["nr_writeback"], "slab": vm["nr_slab_unreclaimable"],
+            "pfmemalloc": vm["nr_pfmemalloc_pages"],
+            "lru_active": len(z.lru_active_anon), "lru_inactive": len(z.lru_inactive_anon),
+            "isolated": z.nr_isolated_anon,
+        },
+        "all_unreclaimable": z.all_unreclaimable,
+        "tasks": tasks,
+        "throttled": len(k.vmscan.throttled),
+        "nbd": nbd.statistics() if nbd is not None else None,
+        "sockets": [s.statistics() for s in sockets],
+        "skbs_live": k.skb.live if getattr(k, "skb", None) else 0,
+    }
+    d["text"] = explain(d)
+    return d
+
+
+def explain(d: dict) -> str:
+    w = d["wmark"]
+    lines = [
+        f"LOCKUP: no page accessed and no I/O completed for {d['stalled_s']:.1f} s.",
+        f"Memory: {d['free']} pages free; watermarks min {w['min']} / low {w['low']} / "
+        f"high {w['high']}; GFP_ATOMIC may go down to {d['atomic_floor']}; "
+        f"direct reclaimers are throttled below {d['throttle_threshold']}.",
+    ]
+    if d["free"] <= d["atomic_floor"]:
+        lines.append("  -> below the atomic floor: a softirq without the reserves cannot "
+                     "allocate a receive buffer.")
+    elif d["free"] <= w["min"]:
+        lines.append("  -> below the min watermark: only reserve-entitled callers "
+                     "(PF_MEMALLOC, __GFP_MEMALLOC) and atomic allocations can allocate.")
+    p = d["pages"]
+    o = d["owners"]
+    lines.append(
+        f"Held: anon mapped {p['anon_mapped']}, swap cache {p['swapcache']} "
+        f"(under writeback {p['writeback']}), slab {o.get('slab', 0)}, skb pages "
+        f"{o.get('skb', 0)}, mempool {o.get('mempool', 0)}, kernel {o.get('kernel', 0)}, "
+        f"pfmemalloc pages {p['pfmemalloc']}; LRU active {p['lru_active']} inactive "
+        f"{p['lru_inactive']} isolated {p['isolated']}.")
+    nbd = d.get("nbd")
+    if nbd:
+        lines.append(f"NBD: {nbd['inflight']} requests sent and unanswered, {nbd['queued']} "
+                     f"waiting to be sent; queue congested: {nbd['congested']}.")
+        for r in nbd["oldest"][:3]:
+            lines.append(f"  cookie {r['cookie']} {r['cmd']} @{r['offset']} waiting "
+                         f"{r['age_s']} s for its reply")
+    for s in d["sockets"]:
+        if s["consecutive_drops"] or any(s["drops"].values()):
+            lines.append(
+                f"Socket {s['sock']} (SOCK_MEMALLOC={s['memalloc']}): drops {s['drops']}, "
+                f"{s['consecutive_drops']} consecutive, next retransmission in "
+                f"{s['rto_s']} s; {s['rx_queued_skbs']} skbs queued, "
+                f"{s['tx_unacked_skbs']} unacknowledged.")
+    waits: dict[str, list[str]] = {}
+    for t in d["tasks"]:
+        key = t.get("wchan") or t.get("state", "?")
+        waits.setdefault(key.split("(")[0] if "lock_page" not in key else "lock_page (swap-in)",
+                         []).append(f"{t['comm']}/{t['pid']}")
+    lines.append("Tasks:")
+    for key, who in sorted(waits.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {len(who):3d} in {key}: {', '.join(who[:6])}{' ...' if len(who) > 6 else ''}")
+    cycle = []
+    if nbd and nbd["inflight"]:
+        cycle.append("swap writeback waits for NBD replies")
+        drops = sum(sum(s["drops"].values()) for s in d["sockets"] if s["sock"].startswith("nbd"))
+        if drops:
+            cycle.append("the replies are dropped because receiving them needs memory")
+        else:
+            cycle.append("the replies are not being received")
+        cycle.append("and memory can only come back when writeback completes")
+    if cycle:
+        lines.append("Cycle: " + ", ".join(cycle) + ".")
+    return "\n".join(lines)
+
+
+def now() -> float:
+    return trio.current_time()

@@ -1,0 +1,170 @@
+"""``swapnbd experiment``: the seed's four kernels, and patch ablation.
+
+``seed`` runs configs/vanilla-slub.toml, swapnbd-slub.toml, vanilla-slab.toml
+and swapnbd-slab.toml (identical but for kernel.patches and machine.slab) one
+after the other, each with its own log, then prints one MMTests-style table
+with the published figures beside the emulated ones.
+
+``ablation`` runs the swapnbd kernel minus one patch at a time and vanilla
+plus one patch at a time, on one slab allocator, and tabulates each outcome.
+
+Each run is an independent machine; nothing here influences an outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from emulator.config import ConfigError, load
+from emulator.patches import PATCHES
+
+SEED_KERNELS = ["vanilla-slub", "swapnbd-slub", "vanilla-slab", "swapnbd-slab"]
+
+#: The V15 cover letter's MMTests results (2 GB RAM, swap on NBD, 8 procs/CPU, 4x RAM).
+PUBLISHED = {
+    "vanilla-slub": {"outcome": "locked up"},
+    "swapnbd-slub": {"outcome": "completed"},
+    "vanilla-slab": {"outcome": "completed", "sys_s": 197.80, "user_sys_s": 206.96,
+                     "elapsed_s": 3240.70},
+    "swapnbd-slab": {"outcome": "completed", "sys_s": 173.07, "user_sys_s": 182.03,
+                     "elapsed_s": 1762.09},
+}
+
+ROWS = [
+    ("Sys s", lambda r: r.time.get("sys_s")),
+    ("User+Sys s", lambda r: r.time and round(r.time["user_s"] + r.time["sys_s"], 2)),
+    ("Elapsed s", lambda r: round(r.elapsed_s, 2)),
+    ("pswpin", lambda r: r.vm.get("pswpin")),
+    ("pswpout", lambda r: r.vm.get("pswpout")),
+    ("Direct pages scanned", lambda r: r.vm.get("pgscan_direct")),
+    ("Kswapd pages scanned", lambda r: r.vm.get("pgscan_kswapd")),
+    ("Direct pages reclaimed", lambda r: r.vm.get("pgsteal_direct")),
+    ("Kswapd pages reclaimed", lambda r: r.vm.get("pgsteal_kswapd")),
+    ("allocstall", lambda r: r.vm.get("allocstall")),
+    ("pgscan_direct_throttle", lambda r: r.vm.get("pgscan_direct_throttle")),
+    ("skb drops (nomem)", lambda r: r.vm.get("skb_drop_nomem")),
+    ("skb drops (pfmemalloc)", lambda r: r.vm.get("skb_drop_pfmemalloc")),
+    ("OOM kills", lambda r: r.vm.get("oom_kill")),
+    ("integrity errors", lambda r: r.integrity_errors),
+]
+
+
+def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("which", choices=["seed", "ablation"], help="which experiment")
+    p.add_argument("--out", default="runs", help="directory for the runs' logs (default: runs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override applied to every run (repeatable)")
+    p.add_argument("--configs", default="configs", help="directory holding the seed's configs")
+    p.add_argument("--slab", choices=["slab", "slub"], default="slub",
+                   help="ablation: which slab allocator (default slub)")
+    p.add_argument("--json", action="store_true", help="also write a JSON summary to OUT")
+
+
+def _outcome_text(r) -> str:
+    if r.outcome == "lockup":
+        return f"locked up after {r.elapsed_s:.0f} s"
+    return r.outcome
+
+
+async def _run_all(plan: list[tuple[str, object, str]], console: Console):
+    from emulator.machine import Machine
+    from emulator.report import _progress_line
+
+    results = {}
+    for i, (name, cfg, log_path) in enumerate(plan, 1):
+        m = Machine(cfg, log_path)
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            async def show() -> None:
+                while True:
+                    await trio.sleep(5)
+                    console.print(f"[{i}/{len(plan)}] {name}: {_progress_line(m, start)}",
+                                  highlight=False)
+            nursery.start_soon(show)
+            r = await m.run()
+            nursery.cancel_scope.cancel()
+        console.print(f"[{i}/{len(plan)}] {name}: {_outcome_text(r)} "
+                      f"(elapsed {r.elapsed_s:.1f} s, log {log_path})", highlight=False)
+        results[name] = r
+    return results
+
+
+def experiment_main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"swapnbd: --out {out}: {e.strerror}", file=sys.stderr)
+        return 2
+    console = Console()
+    plan = []
+    try:
+        if args.which == "seed":
+            for name in SEED_KERNELS:
+                cfg = load(Path(args.configs) / f"{name}.toml", args.overrides)
+                plan.append((name, cfg, str(out / f"{name}.jsonl")))
+        else:
+            base = Path(args.configs) / f"swapnbd-{args.slab}.toml"
+            all_p = sorted(PATCHES)
+            for n in all_p:
+                cfg = load(base, [*args.overrides,
+                                  f"kernel.patches={[p for p in all_p if p != n]}"])
+                plan.append((f"swapnbd-{n}", cfg, str(out / f"ablation-{args.slab}-minus{n}.jsonl")))
+            for n in all_p:
+                cfg = load(base, [*args.overrides, f"kernel.patches=[{n}]"])
+                plan.append((f"vanilla+{n}", cfg, str(out / f"ablation-{args.slab}-plus{n}.jsonl")))
+    except ConfigError as e:
+        print(f"swapnbd: {e}", file=sys.stderr)
+        return 2
+    results = trio.run(_run_all, plan, console)
+    if args.which == "seed":
+        print_seed_table(results, console)
+    else:
+        print_ablation_table(results, console)
+    if args.json:
+        summary = {name: {"outcome": r.outcome, "elapsed_s": r.elapsed_s, "time": r.time,
+                          "vm": {k: r.vm.get(k) for k in ("pswpin", "pswpout", "allocstall",
+                                                          "pgscan_direct_throttle",
+                                                          "skb_drop_nomem", "skb_drop_pfmemalloc")},
+                          "integrity_errors": r.integrity_errors, "log": r.log_path}
+                   for name, r in results.items()}
+        (out / f"{args.which}-summary.json").write_text(json.dumps(summary, indent=2))
+    return 1 if any(r.outcome == "error" for r in results.values()) else 0
+
+
+def print_seed_table(results: dict, console: Console) -> None:
+    t = Table(title="swap over NBD: the seed's four kernels (emulated; published in brackets)")
+    t.add_column("")
+    for name in results:
+        t.add_column(name, justify="right")
+    t.add_row("Outcome", *[f"{_outcome_text(r)} [{PUBLISHED[n]['outcome']}]"
+                           for n, r in results.items()])
+    keys = {"Sys s": "sys_s", "User+Sys s": "user_sys_s", "Elapsed s": "elapsed_s"}
+    for label, fn in ROWS:
+        cells = []
+        for n, r in results.items():
+            v = fn(r)
+            pub = PUBLISHED[n].get(keys.get(label, ""), None)
+            cells.append(f"{v}" + (f" [{pub}]" if pub is not None else ""))
+        t.add_row(label, *cells)
+    console.print(t)
+
+
+def print_ablation_table(results: dict, console: Console) -> None:
+    t = Table(title="patch ablation")
+    for col in ("kernel", "patch", "outcome", "elapsed s", "drops nomem", "drops pfmemalloc",
+                "throttle", "integrity errors"):
+        t.add_column(col)
+    for name, r in results.items():
+        n = int(name.split("-")[-1] if "-" in name else name.split("+")[-1])
+        t.add_row(name, PATCHES[n].title[:60], _outcome_text(r), f"{r.elapsed_s:.1f}",
+                  str(r.vm.get("skb_drop_nomem")), str(r.vm.get("skb_drop_pfmemalloc")),
+                  str(r.vm.get("pgscan_direct_throttle")), str(r.integrity_errors))
+    console.print(t)

@@ -1,0 +1,95 @@
+"""Terminal output for ``swapnbd run``: the live progress line and the summary.
+
+Not a kernel mechanism: presentation only. The progress line (rich) shows
+elapsed time, free pages against the watermarks, swap traffic, direct-reclaim
+stalls, throttled tasks and NBD requests in flight, refreshed from the
+machine's counters; the summary is printed once the run has ended.
+"""
+
+from __future__ import annotations
+
+import trio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from emulator.config import Config
+from emulator.machine import Machine, RunResult
+
+
+def _progress_line(m: Machine, start: float) -> Text:
+    k = m.k
+    if k is None:
+        return Text("booting...")
+    vm = k.vmstat
+    z = k.pgdat.zone
+    done = sum(p.passes_done for p in m.processes)
+    total = len(m.processes) * m.cfg.workload.passes
+    return Text(
+        f"{trio.current_time() - start:7.1f}s  free {z.nr_free_pages:6d} "
+        f"(min {z.watermark[0]} low {z.watermark[1]} high {z.watermark[2]})  "
+        f"pswpout {vm['pswpout']:7d}  pswpin {vm['pswpin']:7d}  allocstall {vm['allocstall']:6d}  "
+        f"throttled {len(k.vmscan.throttled):3d}  nbd inflight {vm['nbd_inflight']:3d}  "
+        f"drops {vm['skb_drop_nomem'] + vm['skb_drop_pfmemalloc']:5d}  passes {done}/{total}")
+
+
+async def run_with_progress(cfg: Config, log_path: str, progress: bool, debug_log: bool) -> RunResult:
+    m = Machine(cfg, log_path, debug_log=debug_log)
+    if not progress:
+        return await m.run()
+    console = Console(stderr=True)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        with Live(Text("booting..."), console=console, refresh_per_second=4, transient=True) as live:
+            async def refresh() -> None:
+                while True:
+                    live.update(_progress_line(m, start))
+                    await trio.sleep(0.25)
+            nursery.start_soon(refresh)
+            result = await m.run()
+            nursery.cancel_scope.cancel()
+    return result
+
+
+SUMMARY_ROWS = [
+    ("pswpin", "pswpin"), ("pswpout", "pswpout"), ("pgmajfault", "pgmajfault"),
+    ("pgscan_kswapd", "pgscan_kswapd"), ("pgscan_direct", "pgscan_direct"),
+    ("pgsteal_kswapd", "pgsteal_kswapd"), ("pgsteal_direct", "pgsteal_direct"),
+    ("allocstall", "allocstall"), ("pgscan_direct_throttle", "pgscan_direct_throttle"),
+    ("skb_drop_nomem", "skb_drop_nomem"), ("skb_drop_pfmemalloc", "skb_drop_pfmemalloc"),
+    ("oom_kill", "oom_kill"),
+]
+
+
+def print_run_summary(cfg: Config, r: RunResult, console: Console | None = None) -> None:
+    console = console or Console()
+    label = {"completed": "[green]completed[/]", "lockup": "[red]LOCKED UP[/]",
+             "failed": "[red]FAILED[/]", "timeout": "[yellow]timeout[/]",
+             "error": "[red]internal error[/]"}[r.outcome]
+    console.print(f"{cfg.kernel.patches.name}-{cfg.machine.slab}: {label} after "
+                  f"{r.elapsed_s:.1f} s  (exit status {r.exit_status})")
+    if r.error:
+        console.print(f"error: {r.error}")
+    if r.diagnosis:
+        console.print(r.diagnosis["text"], highlight=False, markup=False)
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(justify="left")
+    t.add_column(justify="right")
+    if r.time:
+        t.add_row("User s", f"{r.time['user_s']:.2f}")
+        t.add_row("System s", f"{r.time['sys_s']:.2f}")
+        t.add_row("Softirq s", f"{r.time['softirq_s']:.2f}")
+    for label_, key in SUMMARY_ROWS:
+        if key in r.vm:
+            t.add_row(label_, str(r.vm[key]))
+    t.add_row("integrity errors", str(r.integrity_errors))
+    if r.processes:
+        t.add_row("processes completed", f"{r.processes['completed']}/{r.processes['total']}")
+    if r.nbd_latency and r.nbd_latency["count"]:
+        t.add_row("NBD latency p50/p99/max ms",
+                  f"{r.nbd_latency['p50_s'] * 1e3:.2f} / {r.nbd_latency['p99_s'] * 1e3:.2f} / "
+                  f"{r.nbd_latency['max_s'] * 1e3:.1f}")
+    console.print(t)
+    if r.log_path:
+        console.print(f"log: {r.log_path}")

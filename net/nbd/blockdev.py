@@ -1,0 +1,221 @@
+"""The kernel's NBD block driver (drivers/block/nbd.c, 3.6) on an emulated socket.
+
+Models: do_nbd_request putting requests on ``waiting_queue`` and waking the
+``nbd0`` kernel thread (nbd_thread, PF_KTHREAD), which sends each request
+(nbd_handle_req -> nbd_send_req -> sock_xmit) and moves it to the in-flight
+list (``queue_head``); the receiver running nbd_do_it in the nbd-client
+process's context, which reads replies (nbd_read_stat), matches them to
+requests by handle and completes them (nbd_end_request); a socket error fails
+every queued and in-flight request with -EIO (nbd_clear_que).
+
+Patch 14: nbd_do_it calls sk_set_memalloc on the socket, and sock_xmit runs
+with PF_MEMALLOC and sk_allocation = GFP_NOIO | __GFP_MEMALLOC. Without it,
+sock_xmit sets sk_allocation = GFP_NOIO and nothing else.
+
+Every byte goes through the emulated socket (net/sock.py): requests are sent
+as skbs charged to emulated memory and held until the reply acknowledges
+them; replies are read from skbs the NET_RX handler allocated. The reply
+decoder is the sans-I/O ``TransmissionClient`` of net/nbd/protocol.py.
+
+Simplified: the handshake (done by the userspace nbd-client before
+NBD_SET_SOCK in the kernel) is not charged to emulated memory; there is no
+xmit timeout (3.6's default is none); request handles are counters, not
+request pointers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections import deque
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from emulator.block import READ, BlockDevice, Request
+from emulator.flags import GFP_NOIO, GFP, PF
+from emulator.task import Task
+from emulator.wait import WaitQueue
+from net.nbd import protocol as P
+from net.sock import Sock
+
+if TYPE_CHECKING:
+    from emulator.kernel import Kernel
+
+log = structlog.get_logger("swapnbd.nbd")
+
+NBD_EIO = 5
+
+
+class NBDDevice(BlockDevice):
+    name = "nbd0"
+
+    def __init__(self, k: Kernel, sock: Sock, info: P.ExportInfo, mss: int) -> None:
+        super().__init__(k)
+        self.sock = sock
+        self.info = info
+        self.mss = mss
+        self.waiting_queue: deque[Request] = deque()
+        self.waiting_wq = WaitQueue("nbd.waiting_wq")
+        self.queue_head: dict[int, tuple[Request, list, int]] = {}
+        self.tx = P.TransmissionClient()
+        self._cookies = itertools.count(1)
+        self.active_req: Request | None = None
+        self.harderror = 0
+        self.latencies = array("d")
+        self.requests = 0
+        self.replies = 0
+
+    # -- submission -------------------------------------------------------------------
+    async def request_fn(self, req: Request, task: Task) -> None:
+        """do_nbd_request: hand the request to nbd_thread."""
+        if self.harderror:
+            self.k.vmstat["nbd_errors"] += 1
+            self.end_request(req, NBD_EIO, task)
+            return
+        self.waiting_queue.append(req)
+        self.k.vmstat["nbd_inflight"] = len(self.waiting_queue) + len(self.queue_head)
+        self.waiting_wq.wake_up()
+
+    async def nbd_thread(self, task: Task) -> None:
+        """The nbd0 kernel thread: send queued requests one at a time."""
+        while True:
+            await task.sleep_on(self.waiting_wq, lambda: bool(self.waiting_queue),
+                                wchan="nbd_thread(waiting_wq)")
+            req = self.waiting_queue.popleft()
+            await self.nbd_handle_req(req, task)
+            await task.cond_resched()
+
+    async def nbd_handle_req(self, req: Request, task: Task) -> None:
+        k = self.k
+        bio = req.bio
+        cmd = P.NBD_CMD_READ if bio.rw == READ else P.NBD_CMD_WRITE
+        cookie = next(self._cookies)
+        req.cookie = cookie
+        if self.harderror:
+            self.end_request(req, NBD_EIO, task)
+            return
+        wire = self.tx.send_request(cmd, cookie, bio.offset, bio.length, 0,
+                                    bio.data if cmd == P.NBD_CMD_WRITE else b"")
+        req.started = trio.current_time()
+        self.active_req = req
+        try:
+            skbs = await self.sock_xmit_send(task, wire)
+        except ConnectionError as e:
+            self.active_req = None
+            self._harderror(str(e), task)
+            self.end_request(req, NBD_EIO, task)
+            return
+        self.active_req = None
+        self.queue_head[cookie] = (req, skbs, len(wire))
+        self.requests += 1
+        k.vmstat["nbd_requests"] += 1
+        k.vmstat["nbd_inflight"] = len(self.waiting_queue) + len(self.queue_head)
+        log.debug("nbd_request", cookie=cookie, cmd="read" if cmd == P.NBD_CMD_READ else "write",
+                  offset=bio.offset, length=bio.length, pid=task.pid, comm=task.comm,
+                  cpu=task.cpu.id)
+
+    async def sock_xmit_send(self, task: Task, data: bytes) -> list:
+        """sock_xmit(send): GFP_NOIO (plus __GFP_MEMALLOC and PF_MEMALLOC with patch 14)."""
+        sock = self.sock
+        patched = self.k.patches.has(14)
+        sock.sk_allocation = GFP_NOIO | GFP.MEMALLOC if patched else GFP_NOIO
+        saved = task.flags & PF.MEMALLOC
+        if patched:
+            task.flags |= PF.MEMALLOC
+        try:
+            return await sock.sendmsg(task, data, self.mss)
+        finally:
+            task.flags = (task.flags & ~PF.MEMALLOC) | saved
+
+    # -- completion --------------------------------------------------------------------
+    async def nbd_do_it(self, task: Task) -> None:
+        """The receiver, in the nbd-client process (NBD_DO_IT): read replies forever."""
+        if self.k.patches.has(14):
+            self.sock.sk_set_memalloc()
+        tx = self.tx
+        while True:
+            data = await self.sock.recvmsg(task, wchan="nbd_read_stat(sk_wait_data)")
+            if not data:
+                self._harderror(f"connection closed by the server ({self.sock.error or 'EOF'})", task)
+                return
+            tx.receive_data(data)
+            while True:
+                try:
+                    ev = tx.next_event()
+                except P.ProtocolError as e:
+                    self._harderror(f"protocol error: {e}", task)
+                    return
+                if ev is P.NEED_DATA:
+                    break
+                self.nbd_end_request(ev, task)
+            await task.cond_resched()
+
+    def nbd_end_request(self, ev: P.Reply, task: Task) -> None:
+        k = self.k
+        entry = self.queue_head.pop(ev.cookie, None)
+        if entry is None:
+            self._harderror(f"reply for unknown handle {ev.cookie}", task)
+            return
+        req, skbs, nbytes = entry
+        # The reply acknowledges the request's bytes: its transmit skbs are freed.
+        self.sock.ack(skbs, nbytes, task)
+        latency = trio.current_time() - req.started
+        self.latencies.append(latency)
+        self.replies += 1
+        k.vmstat["nbd_replies"] += 1
+        k.vmstat["nbd_inflight"] = len(self.waiting_queue) + len(self.queue_head)
+        error = 0
+        if ev.error:
+            error = NBD_EIO
+            k.vmstat["nbd_errors"] += 1
+            log.warning("nbd_error", cookie=ev.cookie, error=ev.error)
+        elif req.bio.rw == READ:
+            req.bio.data = ev.data
+        log.debug("nbd_reply", cookie=ev.cookie, error=ev.error, latency_s=round(latency, 6))
+        self.end_request(req, error, task)
+
+    def _harderror(self, why: str, task: Task) -> None:
+        """nbd_clear_que: fail everything with -EIO."""
+        if self.harderror:
+            return
+        self.harderror = NBD_EIO
+        log.error("nbd_error", error="harderror", reason=why,
+                  inflight=len(self.queue_head), queued=len(self.waiting_queue))
+        for cookie, (req, skbs, nbytes) in list(self.queue_head.items()):
+            del self.queue_head[cookie]
+            self.sock.ack(skbs, nbytes, task)
+            self.k.vmstat["nbd_errors"] += 1
+            self.end_request(req, NBD_EIO, task)
+        while self.waiting_queue:
+            self.k.vmstat["nbd_errors"] += 1
+            self.end_request(self.waiting_queue.popleft(), NBD_EIO, task)
+        self.k.vmstat["nbd_inflight"] = 0
+
+    # -- introspection -----------------------------------------------------------------
+    def latency_summary(self) -> dict:
+        lat = sorted(self.latencies)
+        if not lat:
+            return {"count": 0, "p50_s": None, "p99_s": None, "max_s": None}
+        def pct(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 6)
+        return {"count": len(lat), "p50_s": pct(0.50), "p99_s": pct(0.99),
+                "max_s": round(lat[-1], 6)}
+
+    def statistics(self) -> dict:
+        now = trio.current_time()
+        inflight = sorted(self.queue_head.items())
+        return {
+            "queued": len(self.waiting_queue),
+            "inflight": len(inflight),
+            "requests_allocated": self.count,
+            "congested": self.congested,
+            "oldest": [
+                {"cookie": c, "cmd": "read" if r.bio.rw == READ else "write",
+                 "offset": r.bio.offset, "age_s": round(now - r.started, 3)}
+                for c, (r, _, _) in inflight[:8]
+            ],
+            "active_req": self.active_req.cookie if self.active_req else None,
+            "harderror": self.harderror,
+        }
