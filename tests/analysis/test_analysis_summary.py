@@ -212,3 +212,31 @@ def test_fallbacks_when_counters_are_missing(tmp_path):
     lats = sorted(e["latency_s"] for e in events if e["event"] == "nbd_reply")
     assert s.emulator["NBD latency max (ms)"] == pytest.approx(lats[-1] * 1000)
     assert s.emulator["NBD latency p50 (ms)"] == pytest.approx(percentile(lats, 50) * 1000)
+
+
+def test_hand_made_log_exact_rows():
+    """tests/analysis/data/tiny.jsonl: numbers chosen to be checked by hand."""
+    from pathlib import Path
+
+    s = summarize(Path(__file__).parent / "data" / "tiny.jsonl")
+    assert (s.name, s.outcome, s.skipped, s.samples) == ("vanilla-slab", "completed", 1, 2)
+    v, e, d = s.vmstat, s.emulator, s.duration
+    assert (v["Page Ins"], v["Page Outs"], v["Swap Ins"], v["Swap Outs"]) == (80, 800, 20, 200)
+    assert (v["Kswapd pages scanned"], v["Kswapd pages reclaimed"]) == (600, 450)
+    assert (v["Direct pages scanned"], v["Direct pages reclaimed"]) == (200, 50)
+    assert v["Kswapd efficiency"] == 75.0 and v["Direct efficiency"] == 25.0
+    assert v["Kswapd velocity"] == 150.0 and v["Direct velocity"] == 50.0
+    assert v["Percentage direct scans"] == 25.0
+    assert v["Page writes by reclaim"] == 200 and v["Page writes file"] == 0
+    assert v["Allocation stalls"] == 5
+    assert v["Slabs scanned"] is None  # not in this log at all
+    assert d == {"User Time Running Test (seconds)": 1.25, "Sys Time Running Test (seconds)": 1.5,
+                 "User+Sys Time Running Test (seconds)": 2.75, "Total Elapsed Time (seconds)": 4.0}
+    assert e["Skb drops nomem"] == 3 and e["Pfmemalloc pages peak"] == 12
+    assert e["NBD requests"] == 30 and e["NBD in flight peak"] == 3
+    assert e["NBD latency p99 (ms)"] == pytest.approx(10.5)
+    assert e["Throttle events"] == 0 and e["Processes completed"] == 1
+    tl = [(x.t, x.what, x.sampled) for x in s.timeline]
+    assert tl == [(1.5, "first kswapd wake", False), (2.0, "first swap out", True),
+                  (2.0, "first direct reclaim", True), (2.1, "first skb drop", False),
+                  (4.0, "run end", False)]
