@@ -79,7 +79,8 @@ class KmallocLarge:
         return self.page.pfmemalloc
 
     def __repr__(self) -> str:
-        return f"<kmalloc_large {self.size}B order {self.order} pfn {self.page.pfn}>"
+        where = f"pfn {self.page.pfn}" if self.page is not None else "freed"
+        return f"<kmalloc_large {self.size}B order {self.order} {where}>"
 
 
 def get_order(size: int) -> int:

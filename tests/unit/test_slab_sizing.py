@@ -1,0 +1,107 @@
+"""Per-CPU caching figures and slab geometry against the kernel's values (3.6, x86_64).
+
+SLAB: enable_cpucache's limit/batchcount table, the shared array, free_limit,
+cache_estimate / calculate_slab_order objects per slab. SLUB: calculate_order's
+objects per slab and order for the configured CPU count (reference §5.2's table),
+min_partial and cpu_partial.
+"""
+
+from __future__ import annotations
+
+import pytest
+from slab_helpers import make_kernel
+
+from emulator.mm.slub import calculate_order, order_objects
+
+
+# -- SLAB -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("size", "limit", "batch", "objperslab", "order"), [
+    (64, 120, 60, 59, 0),     # on-slab: (4096-48)/(64+4) = 59, mgmt 320 B + 59*64 = 4096
+    (256, 120, 60, 15, 0),    # on-slab, 64-byte aligned
+    (512, 54, 27, 8, 0),      # off-slab management from 512 B (PAGE_SIZE/8)
+    (2048, 24, 12, 2, 0),
+    (4096, 24, 12, 1, 0),
+    (8192, 8, 4, 1, 1),       # > PAGE_SIZE: limit 8; needs order 1 for one object
+])
+@pytest.mark.parametrize("cpus", [1, 2, 4])
+def test_slab_array_cache_sizes(size, limit, batch, objperslab, order, cpus):
+    k = make_kernel("slab", cpus=cpus, memory_mib=16)
+    c = k.slab.kmalloc_caches[size]
+    assert (c.limit, c.batchcount) == (limit, batch)
+    assert all(ac.limit == limit and ac.batchcount == batch for ac in c.array)
+    assert len(c.array) == cpus
+    assert (c.num, c.gfporder) == (objperslab, order)
+    shared = 8 if size <= 4096 and cpus > 1 else 0
+    assert c.shared == shared
+    l3 = c.nodelist
+    if shared:
+        assert l3.shared.limit == 8 * batch  # e.g. kmalloc-2048: 96 objects per node
+    else:
+        assert l3.shared is None
+    assert l3.free_limit == (1 + cpus) * batch + objperslab
+    assert c.off_slab == (size >= 512)
+
+
+def test_slab_standard_caches():
+    k = make_kernel("slab", cpus=2, memory_mib=16)
+    s = k.slab
+    got = {c.name: (c.size, c.num, c.gfporder, c.limit, c.batchcount)
+           for c in (s.skbuff_head_cache, s.radix_tree_node, s.bio_cache, s.request_cache)}
+    assert got == {
+        "skbuff_head_cache": (256, 15, 0, 120, 60),
+        "radix_tree_node": (576, 7, 0, 54, 27),
+        "bio": (192, 20, 0, 120, 60),
+        "blkdev_requests": (352, 11, 0, 54, 27),
+    }
+    # SLAB's 3.6 x86_64 kmalloc classes: size-32 ... size-8192, no 96.
+    assert sorted(s.kmalloc_caches) == [32, 64, 128, 192, 256, 512, 1024, 2048, 4096, 8192]
+
+
+# -- SLUB -------------------------------------------------------------------------------
+# reference §5.2: objects per slab (order) for nr_cpu_ids 1, 2, 4, 8
+SLUB_TABLE = {
+    1: {256: (16, 0), 512: (8, 0), 1024: (8, 1), 2048: (8, 2), 4096: (8, 3)},
+    2: {256: (16, 0), 512: (16, 1), 1024: (16, 2), 2048: (16, 3), 4096: (8, 3)},
+    4: {256: (16, 0), 512: (16, 1), 1024: (16, 2), 2048: (16, 3), 4096: (8, 3)},
+    8: {256: (32, 1), 512: (32, 2), 1024: (32, 3), 2048: (16, 3), 4096: (8, 3)},
+}
+
+
+@pytest.mark.parametrize("cpus", sorted(SLUB_TABLE))
+def test_slub_objects_per_slab_and_order(cpus):
+    k = make_kernel("slub", cpus=cpus, memory_mib=16)
+    s = k.slab
+    for size, (objects, order) in SLUB_TABLE[cpus].items():
+        c = s.kmalloc_caches[size]
+        assert c.oo == (order, objects), (cpus, size, c.oo)
+        assert c.min == (0, 4096 // size)  # fallback: get_order(size)
+    # skbuff_head_cache (256 B, cache-line aligned) behaves like the 256 column.
+    skb = s.skbuff_head_cache
+    assert skb.size == 256
+    assert skb.oo == SLUB_TABLE[cpus][256][::-1]
+    assert len(skb.cpu_slab) == cpus
+
+
+def test_slub_min_partial_and_cpu_partial():
+    k = make_kernel("slub", cpus=2, memory_mib=16)
+    s = k.slab
+    got = {size: (s.kmalloc_caches[size].min_partial, s.kmalloc_caches[size].cpu_partial)
+           for size in (8, 64, 256, 1024, 2048, 4096, 8192)}
+    # min_partial = clamp(ilog2(size)/2, 5, 10); cpu_partial 30 / 13 / 6 / 2.
+    assert got == {8: (5, 30), 64: (5, 30), 256: (5, 13), 1024: (5, 6), 2048: (5, 6),
+                   4096: (6, 2), 8192: (6, 2)}
+    assert sorted(s.kmalloc_caches) == [8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048,
+                                        4096, 8192]
+    # radix_tree_node has a constructor: the free pointer moves behind the object.
+    assert s.radix_tree_node.size == 584
+    assert s.radix_tree_node.oo == (1, 14)
+    assert s.kmalloc_caches[8192].oo == (3, 4)
+    assert s.kmalloc_caches[8].oo == (0, 512)
+
+
+def test_slub_calculate_order_matches_formula():
+    # min_objects = 4 * (fls(nr_cpu_ids) + 1), capped at what fits an order-3 slab.
+    assert calculate_order(2048, 0, 1) == 2
+    assert calculate_order(2048, 0, 64) == 3
+    assert order_objects(3, 2048, 0) == 16
+    assert calculate_order(96, 0, 2) == 0
