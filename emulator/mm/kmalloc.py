@@ -55,6 +55,7 @@ class ZeroSizePtr:
     """ZERO_SIZE_PTR: what kmalloc(0) returns; kfree ignores it."""
 
     __slots__ = ()
+    cache = None
 
     def __repr__(self) -> str:
         return "ZERO_SIZE_PTR"

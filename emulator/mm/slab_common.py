@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from emulator.flags import GFP
+from emulator.mm import kmalloc as kmalloc_mod
 from emulator.mm.page import PAGE_SIZE, PG, Owner, Page
 from emulator.mm.page_alloc import gfp_pfmemalloc_allowed
 
@@ -138,13 +139,12 @@ class SlabAllocator:
         #: patch 1 ("mm: sl[au]b: add knowledge of PFMEMALLOC reserve pages"): read once.
         self.pfmemalloc_aware = k.patches.has(1)
         self.caches: list = []
-        from emulator.mm import kmalloc
-        self.kmalloc_sizes = kmalloc.kmalloc_sizes(self.kind)
+        self.kmalloc_sizes = kmalloc_mod.kmalloc_sizes(self.kind)
         self.kmalloc_caches: dict[int, KmemCacheBase] = {}
         for size in self.kmalloc_sizes:
             self.kmalloc_caches[size] = self.kmem_cache_create(
                 f"kmalloc-{size}", size, ARCH_KMALLOC_MINALIGN, flags=self.kmalloc_flags)
-        self._kmalloc_lookup = kmalloc.build_lookup(self.kmalloc_caches)
+        self._kmalloc_lookup = kmalloc_mod.build_lookup(self.kmalloc_caches)
         self.skbuff_head_cache = self.kmem_cache_create(
             "skbuff_head_cache", SKBUFF_HEAD_SIZE, 0, flags=SLAB_HWCACHE_ALIGN | SLAB_PANIC)
         self.radix_tree_node = self.kmem_cache_create(
@@ -192,12 +192,17 @@ class SlabAllocator:
         """Run cache_reap on every CPU every REAPTIMEOUT_CPUC; returns at once for SLUB."""
 
     async def kmalloc(self, size: int, gfp: GFP, task: Task):
-        from emulator.mm.kmalloc import kmalloc
-        return await kmalloc(self, size, gfp, task)
+        """kmalloc(): the size class's cache; 0 -> ZERO_SIZE_PTR; > 8192 -> pages."""
+        if 0 < size <= KMALLOC_MAX_CACHE_SIZE:
+            return await self.kmem_cache_alloc(self._kmalloc_lookup[size], gfp, task)
+        return await kmalloc_mod.kmalloc(self, size, gfp, task)
 
     def kfree(self, obj, task: Task | None) -> None:
-        from emulator.mm.kmalloc import kfree
-        kfree(self, obj, task)
+        """kfree(): back to the object's cache (or the page allocator)."""
+        if obj is not None and obj.cache is not None:
+            self.kmem_cache_free(obj.cache, obj, task)
+        else:
+            kmalloc_mod.kfree(self, obj, task)
 
     def slabinfo(self) -> list[dict]:
         with self.lock:
