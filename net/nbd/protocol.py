@@ -1190,7 +1190,8 @@ class RequestParser:
                 return req
             if avail < 28 + length:
                 return NEED_DATA
-            payload = bytes(buf[pos + 28 : pos + 28 + length])
+            with memoryview(buf) as mv:
+                payload = bytes(mv[pos + 28 : pos + 28 + length])
             self._pos = pos + 28 + length
             return Request(cmd, flags, cookie, offset, length, payload)
         self._pos = pos + 28

@@ -42,7 +42,10 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import socket
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 import attrs
 import structlog
 import trio
@@ -73,7 +76,7 @@ log = structlog.get_logger("net.nbd.server")
 MiB = 1024 * 1024
 DEFAULT_MAX_REQUEST = 32 * MiB
 DEFAULT_MAX_INFLIGHT = 64
-CHUNK = 4096
+CHUNK = 65536
 _ZERO_CHUNK = bytes(CHUNK)
 _simple_pack = struct.Struct(">IIQ").pack
 
@@ -121,19 +124,27 @@ class ExportSpec:
 
 
 class MemoryBackend:
-    """Sparse memory: 4 KiB chunks in a dict; absent chunks read as zeroes."""
+    """Sparse memory: 64 KiB chunks (bytearrays) in a dict; absent chunks read
+    as zeroes.  Thread-safe for the server's use (connection threads): a
+    lock serialises writers, readers copy under the GIL."""
 
     needs_thread = False
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.chunks: dict[int, bytes | bytearray] = {}
+        self.chunks: dict[int, bytearray] = {}
+        self.lock = threading.Lock()
 
     def read_into(self, out: bytearray, offset: int, length: int) -> None:
         chunks = self.chunks
         idx, off = divmod(offset, CHUNK)
-        if off == 0 and length == CHUNK:
-            out += chunks.get(idx, _ZERO_CHUNK)
+        if off + length <= CHUNK:
+            c = chunks.get(idx)
+            if c is None:
+                out += _ZERO_CHUNK[:length] if length != CHUNK else _ZERO_CHUNK
+            else:
+                with memoryview(c) as mv:
+                    out += mv[off : off + length]
             return
         end = offset + length
         while offset < end:
@@ -141,11 +152,12 @@ class MemoryBackend:
             n = min(CHUNK - off, end - offset)
             c = chunks.get(idx)
             if c is None:
-                out += _ZERO_CHUNK[:n] if n != CHUNK else _ZERO_CHUNK
+                out += _ZERO_CHUNK if n == CHUNK else _ZERO_CHUNK[:n]
             elif n == CHUNK:
                 out += c
             else:
-                out += memoryview(c)[off : off + n]
+                with memoryview(c) as mv:
+                    out += mv[off : off + n]
             offset += n
 
     def is_hole(self, offset: int, length: int) -> bool:
@@ -162,48 +174,51 @@ class MemoryBackend:
         chunks = self.chunks
         length = len(data)
         idx, off = divmod(offset, CHUNK)
-        if off == 0 and length == CHUNK:
-            chunks[idx] = data
-            return
-        mv = memoryview(data)
-        pos = 0
-        while pos < length:
-            idx, off = divmod(offset + pos, CHUNK)
-            n = min(CHUNK - off, length - pos)
-            if n == CHUNK:
-                chunks[idx] = bytes(mv[pos : pos + n])
-            else:
+        with self.lock:
+            if off + length <= CHUNK:
                 c = chunks.get(idx)
                 if c is None:
-                    c = bytearray(CHUNK)
-                elif not isinstance(c, bytearray):
-                    c = bytearray(c)
-                c[off : off + n] = mv[pos : pos + n]
-                chunks[idx] = c
-            pos += n
+                    if length == CHUNK:
+                        chunks[idx] = bytearray(data)
+                        return
+                    c = chunks[idx] = bytearray(CHUNK)
+                c[off : off + length] = data
+                return
+            with memoryview(data) as mv:
+                pos = 0
+                while pos < length:
+                    idx, off = divmod(offset + pos, CHUNK)
+                    n = min(CHUNK - off, length - pos)
+                    if n == CHUNK:
+                        chunks[idx] = bytearray(mv[pos : pos + n])
+                    else:
+                        c = chunks.get(idx)
+                        if c is None:
+                            c = chunks[idx] = bytearray(CHUNK)
+                        c[off : off + n] = mv[pos : pos + n]
+                    pos += n
 
     def _zero_range(self, offset: int, length: int) -> None:
+        if length == 0:
+            return
         chunks = self.chunks
         end = offset + length
         first = offset // CHUNK
-        last = (end - 1) // CHUNK if length else first - 1
-        if last - first + 1 > len(chunks):
-            # Sparse: iterate over existing chunks instead of the range.
-            idxs = [i for i in chunks if first <= i <= last]
-        else:
-            idxs = [i for i in range(first, last + 1) if i in chunks]
-        for i in idxs:
-            cstart = i * CHUNK
-            lo = max(offset, cstart) - cstart
-            hi = min(end, cstart + CHUNK) - cstart
-            if lo == 0 and hi == CHUNK:
-                del chunks[i]
+        last = (end - 1) // CHUNK
+        with self.lock:
+            if last - first + 1 > len(chunks):
+                # Sparse: iterate over existing chunks instead of the range.
+                idxs = [i for i in chunks if first <= i <= last]
             else:
-                c = chunks[i]
-                if not isinstance(c, bytearray):
-                    c = bytearray(c)
-                c[lo:hi] = bytes(hi - lo)
-                chunks[i] = c
+                idxs = [i for i in range(first, last + 1) if i in chunks]
+            for i in idxs:
+                cstart = i * CHUNK
+                lo = max(offset, cstart) - cstart
+                hi = min(end, cstart + CHUNK) - cstart
+                if lo == 0 and hi == CHUNK:
+                    del chunks[i]
+                else:
+                    chunks[i][lo:hi] = bytes(hi - lo)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self._zero_range(offset, length)
@@ -371,6 +386,92 @@ class _Export:
         )
 
 
+class _StreamIO:
+    """Transmission I/O over any trio Stream (memory streams in tests, TLS...)."""
+
+    def __init__(self, stream: trio.abc.Stream, receive_size: int) -> None:
+        self.stream = stream
+        self.receive_size = receive_size
+        if io_mode not in ("thread", "trio"):
+            raise ValueError(f"io_mode must be 'thread' or 'trio', not {io_mode!r}")
+        self.io_mode = io_mode
+        self._thread_limiter = trio.CapacityLimiter(max_clients + 1)
+        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbd-io")
+        self.lock = trio.StrictFIFOLock()
+
+    async def receive(self):
+        return await self.stream.receive_some(self.receive_size)
+
+    async def send(self, data) -> None:
+        async with self.lock:
+            await self.stream.send_all(data)
+
+    def close(self) -> None:
+        pass
+
+
+class _RawSocketIO:
+    """Hot-path I/O on a TCP connection: non-blocking syscalls on a dup of the
+    socket, parking in trio only when the kernel says EAGAIN.  One receive
+    buffer is reused (``recv_into``); a reply batch goes out with one
+    ``send``.  This saves the two scheduler yields per call that trio's
+    ``SocketStream`` spends on checkpoints, which at queue depth 1 is most of
+    a round trip.  Cancellation is still honoured at every wait, and a
+    connection that always has data yields every few receives (fairness)."""
+
+    def __init__(self, trio_sock, receive_size: int) -> None:
+        self.sock = socket.socket(fileno=os.dup(trio_sock.fileno()))
+        self.sock.setblocking(False)
+        self.rbuf = bytearray(receive_size)
+        self.rview = memoryview(self.rbuf)
+        self.lock = trio.StrictFIFOLock()
+        self._spins = 0
+
+    async def receive(self):
+        sock = self.sock
+        while True:
+            try:
+                n = sock.recv_into(self.rbuf)
+            except BlockingIOError:
+                self._spins = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            self._spins += 1
+            if self._spins >= 16:
+                self._spins = 0
+                await trio.lowlevel.checkpoint()
+            return self.rview[:n]
+
+    async def send(self, data) -> None:
+        if not self.lock.locked():
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+        async with self.lock:
+            mv = memoryview(data)
+            while mv:
+                try:
+                    n = self.sock.send(mv)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                mv = mv[n:]
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
 class _ConnClosed(Exception):
     pass
 
@@ -390,6 +491,7 @@ class NBDServer:
         request_timeout: float = 30.0,
         shutdown_grace: float = 2.0,
         receive_size: int = 256 * 1024,
+        io_mode: str = "thread",
     ) -> None:
         if not exports:
             raise ValueError("at least one export is needed")
@@ -408,6 +510,11 @@ class NBDServer:
         self.request_timeout = request_timeout
         self.shutdown_grace = shutdown_grace
         self.receive_size = receive_size
+        if io_mode not in ("thread", "trio"):
+            raise ValueError(f"io_mode must be 'thread' or 'trio', not {io_mode!r}")
+        self.io_mode = io_mode
+        self._thread_limiter = trio.CapacityLimiter(max_clients + 1)
+        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbd-io")
         self.port: int | None = None
         self.shutting_down = False
         self._exports: dict[str, _Export] = {}
@@ -447,6 +554,7 @@ class NBDServer:
                     await self._idle.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self._executor.shutdown(wait=True)
             for exp in self._exports.values():
                 exp.backend.close()
             log.info("nbd_server_stopped", port=self.port, **self.stats)
@@ -549,13 +657,25 @@ class NBDServer:
     async def _transmission(self, stream, exp: _Export, structured: bool, leftover: bytes, clog) -> str:
         parser = P.RequestParser(self.max_request)
         parser.receive_data(leftover)
-        send_lock = trio.StrictFIFOLock()
+        tsock = getattr(stream, "socket", None)
+        is_tcp = tsock is not None and getattr(tsock, "type", None) == socket.SOCK_STREAM
+        if is_tcp and self.io_mode == "thread":
+            return await self._transmission_threaded(tsock, parser, exp, structured)
+        if is_tcp:
+            io = _RawSocketIO(tsock, self.receive_size)
+        else:
+            io = _StreamIO(stream, self.receive_size)
+        try:
+            return await self._transmission_loop(io, parser, exp, structured, clog)
+        finally:
+            io.close()
+
+    async def _transmission_loop(self, io, parser, exp: _Export, structured: bool, clog) -> str:
         sem = trio.Semaphore(self.max_inflight_per_client)
         backend = exp.backend
         size = exp.size
         read_only = exp.read_only
         max_request = self.max_request
-        receive_size = self.receive_size
         inline_ok = backend.inline_ok
         read_into = backend.read_into
         bwrite = backend.write
@@ -564,20 +684,21 @@ class NBDServer:
         nreq = 0
         reason = "eof"
 
+        send = io.send
+        receive = io.receive
+
         async def flush_out() -> None:
             nonlocal out
             if out:
                 data = out
                 out = bytearray()
-                async with send_lock:
-                    await stream.send_all(data)
+                await send(data)
 
         async def worker(req: P.Request) -> None:
             try:
                 buf = bytearray()
                 await trio.to_thread.run_sync(self._execute, buf, req, exp, structured)
-                async with send_lock:
-                    await stream.send_all(buf)
+                await send(buf)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
@@ -636,9 +757,9 @@ class NBDServer:
                         break
                     if parser.partial:
                         with trio.fail_after(self.request_timeout):
-                            data = await stream.receive_some(receive_size)
+                            data = await receive()
                     else:
-                        data = await stream.receive_some(receive_size)
+                        data = await receive()
                     if not data:
                         reason = "eof_partial_request" if parser.partial else "eof"
                         break
@@ -652,6 +773,165 @@ class NBDServer:
                 reason = "connection_lost"
             finally:
                 stats["requests"] += nreq
+        return reason
+
+    # -- transmission in a dedicated OS thread (io_mode="thread")
+    async def _transmission_threaded(self, tsock, parser, exp: _Export, structured: bool) -> str:
+        """Run the connection's transmission phase as a blocking loop in its
+        own OS thread (like nbd-server's per-client process): the thread
+        sleeps in ``recv`` and is woken directly by the kernel, which at
+        queue depth 1 is about twice as fast as parking in trio's epoll loop.
+        The trio task waits for the thread; cancellation (server stop) shuts
+        the socket down, which ends the thread's ``recv``."""
+        sock = socket.socket(fileno=os.dup(tsock.fileno()))
+        sock.setblocking(True)
+        finished = threading.Event()
+
+        async def watcher() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not finished.is_set():
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watcher)
+                try:
+                    reason = await trio.to_thread.run_sync(
+                        self._blocking_loop, sock, parser, exp, structured, limiter=self._thread_limiter
+                    )
+                finally:
+                    finished.set()
+                    nursery.cancel_scope.cancel()
+        finally:
+            sock.close()
+        return reason
+
+    def _blocking_loop(self, sock: socket.socket, parser, exp: _Export, structured: bool) -> str:
+        backend = exp.backend
+        size = exp.size
+        read_only = exp.read_only
+        max_request = self.max_request
+        inline_ok = backend.inline_ok
+        read_into = backend.read_into
+        bwrite = backend.write
+        stats = self.stats
+        rbuf = bytearray(self.receive_size)
+        rview = memoryview(rbuf)
+        send_lock = threading.Lock()
+        inflight = threading.BoundedSemaphore(self.max_inflight_per_client)
+        pending: list = []
+        out = bytearray()
+        nreq = 0
+        reason = "eof"
+        raw_sendall = sock.sendall
+
+        def sendall(data) -> None:
+            # Large blocking sends are cut into pieces: one multi-MiB send()
+            # on loopback was seen to stall for milliseconds per call.
+            if len(data) <= 262144:
+                raw_sendall(data)
+                return
+            mv = memoryview(data)
+            for i in range(0, len(mv), 262144):
+                raw_sendall(mv[i : i + 262144])
+
+        timeout_set = False
+
+        def worker(req: P.Request) -> None:
+            try:
+                buf = bytearray()
+                self._execute(buf, req, exp, structured)
+                with send_lock:
+                    sendall(buf)
+            except OSError:
+                pass
+            finally:
+                inflight.release()
+
+        try:
+            while True:
+                disc = False
+                while True:
+                    req = parser.next_event()
+                    if req is NEED_DATA:
+                        break
+                    nreq += 1
+                    cmd = req.cmd
+                    if cmd == NBD_CMD_DISC:
+                        disc = True
+                        break
+                    if self.shutting_down:
+                        self._reply_error(out, req, NBD_ESHUTDOWN, structured)
+                        continue
+                    flags = req.flags
+                    if flags == 0 and req.length and req.offset + req.length <= size and req.length <= max_request:
+                        if cmd == NBD_CMD_READ and not structured and inline_ok(cmd, 0, req.length):
+                            mark = len(out)
+                            out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
+                            try:
+                                read_into(out, req.offset, req.length)
+                            except OSError:
+                                del out[mark:]
+                                self._reply_error(out, req, NBD_EIO, structured)
+                            continue
+                        if cmd == NBD_CMD_WRITE and not read_only and inline_ok(cmd, 0, req.length):
+                            try:
+                                bwrite(req.offset, req.payload)
+                                err = 0
+                            except OSError:
+                                err = NBD_EIO
+                            out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, err, req.cookie)
+                            continue
+                    if inline_ok(cmd, flags, req.length) or self._is_trivial_error(req, exp):
+                        self._execute(out, req, exp, structured)
+                        continue
+                    if not inflight.acquire(blocking=False):
+                        if out:
+                            with send_lock:
+                                sendall(out)
+                            out = bytearray()
+                        inflight.acquire()
+                    pending.append(self._executor.submit(worker, req))
+                if out:
+                    with send_lock:
+                        sendall(out)
+                    out = bytearray()
+                if disc:
+                    reason = "disc"
+                    break
+                if parser.partial:
+                    if not timeout_set:
+                        sock.settimeout(self.request_timeout)
+                        timeout_set = True
+                elif timeout_set:
+                    sock.settimeout(None)
+                    timeout_set = False
+                n = sock.recv_into(rbuf)
+                if not n:
+                    reason = "eof_partial_request" if parser.partial else "eof"
+                    break
+                parser.receive_data(rview[:n])
+                if len(pending) > 64:
+                    pending = [f for f in pending if not f.done()]
+        except P.ProtocolError as exc:
+            stats["protocol_errors"] += 1
+            reason = f"protocol_error: {exc}"
+        except socket.timeout:
+            reason = "timeout_partial_request"
+        except OSError as exc:
+            reason = f"connection_lost: {exc}"
+        finally:
+            for f in pending:
+                try:
+                    f.result()
+                except Exception:  # noqa: BLE001 - worker errors end with the connection
+                    pass
+            stats["requests"] += nreq
         return reason
 
     # -- request execution (also runs in worker threads: no trio calls here)
