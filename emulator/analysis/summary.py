@@ -38,8 +38,9 @@ Simplified / chosen where MMTests defines nothing:
 - elapsed for an incomplete log is the ``t`` of its last valid event; user/sys
   time is then the sum over CPUs of the last sample's cumulative ``user``/``sys``.
 - Timeline "first ..." entries use the exact event when the log has it (some are
-  debug-level), else the first ``vmstat`` sample whose counter moved past
-  *before*: then the time is an upper bound, marked "(sampled)".
+  debug-level), unless the first ``vmstat`` sample whose counter moved past
+  *before* is earlier (or there is no event): then the sample's time, an upper
+  bound, marked "(sampled)".
 """
 
 from __future__ import annotations
@@ -580,9 +581,12 @@ class _Pass:
 
         timeline: list[TimelineEntry] = []
         for label in _TIMELINE_ORDER:
-            e = self.first_event.get(label) or self.first_sample.get(label)
-            if e is not None:
-                timeline.append(e)
+            # The exact event, unless a sample shows the counter moved earlier
+            # (e.g. a wake that was not logged): then the sample's time, an upper bound.
+            cands = [x for x in (self.first_event.get(label), self.first_sample.get(label))
+                     if x is not None]
+            if cands:
+                timeline.append(min(cands, key=lambda x: (x.t, x.sampled)))
         if self.lockup is not None:
             first_line = (self.lockup["text"].strip().splitlines() or [""])[0]
             timeline.append(TimelineEntry(self.lockup["t"], "lockup", first_line))

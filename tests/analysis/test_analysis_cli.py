@@ -204,3 +204,12 @@ def test_labels_are_not_rich_markup(logs, capsys):
     assert compare([str(logs["ok"]), str(logs["lock"]), "--name", "[bold]x", "--name", "a[/]"]) == 0
     out = capsys.readouterr().out
     assert "[bold]x" in out and "a[/]" in out
+
+
+def test_plot_real_run(tmp_path):
+    from pathlib import Path
+
+    log = Path(__file__).parent / "data" / "quick-swapnbd-slub.jsonl"
+    out = tmp_path / "real.png"
+    assert plot([str(log), "-o", str(out)]) == 0
+    _check_png(out)
