@@ -64,7 +64,6 @@ REQUEST_SIZE = 352  #: sizeof(struct request)
 #: Largest kmalloc cache; bigger requests go to the page allocator (SLUB_MAX_SIZE).
 KMALLOC_MAX_CACHE_SIZE = 2 * PAGE_SIZE
 
-_WAIT = int(GFP.WAIT)
 
 
 def fls(x: int) -> int:

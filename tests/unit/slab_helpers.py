@@ -8,7 +8,6 @@ stubbed reclaim (never makes progress) and OOM (never kills).
 from __future__ import annotations
 
 import threading
-import types
 
 from actors.cpu import CPU
 from emulator.flags import ALLOC_NO_WATERMARKS, GFP, PF
