@@ -43,7 +43,7 @@ from .reader import LogError, LogReader, run_name  # noqa: E402
 
 MAX_POINTS = 20_000
 
-#: Per-sample values taken from each vmstat event: name -> (where, key).
+#: The per-sample series kept for each run (one array each).
 _FIELDS = ("t", "free", "pswpin", "pswpout", "skb", "pfmemalloc", "throttled",
            "drop_nomem", "drop_pfmemalloc", "nbd_inflight")
 
@@ -216,10 +216,10 @@ def plot(series: Sequence[Series], output: str, *, dpi: int = 110) -> None:
             ax.set_ylim(bottom=0)
         ax.set_xlim(left=0)
     # Counts of tasks and requests: integer ticks, and a visible axis when all zero.
-    for ax in (ax_thr, ax_nbd):
+    for ax in (ax_mem, ax_thr, ax_nbd):
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (ax_swap, ax_mem, ax_thr, ax_nbd, ax_drop):
         ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
-    ax_drop.set_ylim(0, max(1.0, ax_drop.get_ylim()[1]))
 
     # Legends outside the plotting area, on the right: they never hide data.
     lockup_proxy = ([Line2D([], [], color="red", lw=1.5)], ["lockup"]) \

@@ -110,7 +110,9 @@ def render_analyze(s: RunSummary, console: Console) -> None:
 
     if s.lockup is not None:
         console.print(Text(f"Lockup at t={s.lockup['t']:.2f} s: diagnosis", style="bold red"))
-        console.print(Text(s.lockup["text"] or "(the lockup event carried no text)"))
+        # soft_wrap: the watchdog's lines are printed as written, never re-wrapped.
+        console.print(Text(s.lockup["text"] or "(the lockup event carried no text)"),
+                      soft_wrap=True)
         console.print()
 
 

@@ -213,3 +213,17 @@ def test_plot_real_run(tmp_path):
     out = tmp_path / "real.png"
     assert plot([str(log), "-o", str(out)]) == 0
     _check_png(out)
+
+
+def test_real_lockup_run(tmp_path, capsys):
+    """data/quick-vanilla-slub-lockup.jsonl: a real `swapnbd run configs/quick.toml
+    --set kernel.patches=vanilla` log that ended in a lockup (exit 3)."""
+    from pathlib import Path
+
+    log = Path(__file__).parent / "data" / "quick-vanilla-slub-lockup.jsonl"
+    assert analyze([str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "Outcome   lockup" in out and "LOCKUP:" in out and "Lockup at t=" in out
+    png = tmp_path / "lockup.png"
+    assert plot([str(log), "-o", str(png)]) == 0
+    _check_png(png)
