@@ -1,0 +1,183 @@
+"""Whole-machine stress tests (pytest-trio), through the ``machine`` fixture of
+emulator/testing.py: a small machine swaps over real NBD and completes with
+verified data; a machine whose NBD server never replies is declared locked up
+by the watchdog (and ``swapnbd run`` exits 3); a server that corrupts what it
+returns makes the run fail with integrity errors.
+
+The misbehaving servers are tiny trio NBD servers written here on top of the
+sans-I/O handshake of net/nbd/protocol.py, so that nothing of the project's own
+server is involved in what they do wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from net.nbd import protocol as P
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = str(ROOT / "configs" / "quick.toml")
+
+#: A small machine: 16 MiB, 2 CPUs, 2 processes, mapping 2x memory, 2 passes.
+SMALL = ("machine.memory_mib=16", "machine.cpus=2", "workload.processes_per_cpu=1",
+         "workload.size_ratio=2.0", "swap.size_mib=32", "workload.passes=2",
+         "run.lockup_timeout_s=20", "run.max_duration_s=120")
+
+LOCKUP_TIMEOUT_S = 3.0
+#: Filling memory before the server's silence matters, plus the watchdog's period.
+LOCKUP_MARGIN_S = 25.0
+
+
+class TinyNBDServer:
+    """A minimal NBD server on 127.0.0.1, port 0: fixed-newstyle handshake
+    (NBD_OPT_GO / NBD_OPT_EXPORT_NAME through ServerHandshake), then
+
+    * ``mode="silent"``: reads every request and never answers;
+    * ``mode="corrupt"``: stores WRITE payloads in a dict and answers READs
+      with the stored bytes, one byte flipped in every 4 KiB page.
+    """
+
+    def __init__(self, mode: str, size: int = 1 << 30) -> None:
+        assert mode in ("silent", "corrupt")
+        self.mode = mode
+        self.size = size
+        self.port: int | None = None
+        self.requests = 0
+        self.connections = 0
+        self.store: dict[int, bytes] = {}
+
+    @property
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        exports = {"": P.ServerExport(name="", size=self.size,
+                                      flags=P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH)}
+        hs = P.ServerHandshake(exports)
+        try:
+            await stream.send_all(hs.greeting())
+            while True:
+                ev = hs.next_event()
+                out = hs.data_to_send()
+                if out:
+                    await stream.send_all(out)
+                if isinstance(ev, P.HandshakeDone):
+                    break
+                if isinstance(ev, P.HandshakeAborted):
+                    return
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                hs.receive_data(data)
+            parser = P.RequestParser()
+            parser.receive_data(hs.trailing_data())
+            while True:
+                while True:
+                    req = parser.next_event()
+                    if req is P.NEED_DATA:
+                        break
+                    self.requests += 1
+                    if self.mode == "corrupt":
+                        await stream.send_all(self.answer(req))
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                parser.receive_data(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, P.ProtocolError):
+            return
+
+    def answer(self, req: P.Request) -> bytes:
+        if req.cmd == P.NBD_CMD_WRITE:
+            for i in range(0, req.length, 4096):
+                self.store[req.offset + i] = req.payload[i:i + 4096]
+            return P.encode_simple_reply(req.cookie)
+        if req.cmd == P.NBD_CMD_READ:
+            out = bytearray()
+            for i in range(0, req.length, 4096):
+                out += self.store.get(req.offset + i, bytes(4096))
+            for i in range(0, len(out), 4096):
+                out[i + 100] ^= 0xFF  # flip one byte of every page
+            return P.encode_simple_reply(req.cookie, 0, bytes(out))
+        return P.encode_simple_reply(req.cookie)
+
+
+async def test_small_machine_completes_with_swap_in_and_out(machine):
+    m = await machine(QUICK, *SMALL)
+    nr_pages = m.k.nr_pages
+    await m.wait_until(lambda m: m.vmstat["pswpout"] > 0, timeout=60)
+    r = await m.wait_done(timeout=150)
+    assert r.outcome == "completed", r.error or r.diagnosis
+    assert r.exit_status == 0
+    assert r.vm["pswpout"] > nr_pages
+    assert r.vm["pswpin"] > 0
+    assert r.integrity_errors == 0
+    assert r.processes == {"total": 2, "completed": 2, "killed": 0}
+    # The log, as captured by the fixture and as written to the file.
+    assert m.events[0]["event"] == "run_start"
+    end = m.events[-1]
+    assert end["event"] == "run_end" and end["outcome"] == "completed"
+    assert end["integrity_errors"] == 0 and end["vm"]["pswpout"] > nr_pages
+    lines = Path(m.log_path).read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert last["event"] == "run_end" and last["outcome"] == "completed"
+
+
+async def test_never_replying_server_is_a_lockup(machine, nursery):
+    srv = await nursery.start(TinyNBDServer("silent").serve)
+    with trio.fail_after(LOCKUP_TIMEOUT_S + LOCKUP_MARGIN_S + 30):
+        m = await machine(QUICK, *SMALL, f"swap.server={srv.url!r}",
+                          f"run.lockup_timeout_s={LOCKUP_TIMEOUT_S}")
+        start = trio.current_time()
+        r = await m.wait_done(timeout=LOCKUP_TIMEOUT_S + LOCKUP_MARGIN_S)
+    assert srv.requests > 0  # the machine did try to swap to it
+    assert r.outcome == "lockup", r.outcome
+    assert r.exit_status == 3
+    assert r.diagnosis is not None
+    assert trio.current_time() - start >= LOCKUP_TIMEOUT_S
+    assert m.events_named("lockup")
+    assert m.events[-1]["event"] == "run_end" and m.events[-1]["outcome"] == "lockup"
+
+
+async def test_cli_run_against_never_replying_server_exits_3(nursery, tmp_path):
+    srv = await nursery.start(TinyNBDServer("silent").serve)
+    log = tmp_path / "run.jsonl"
+    cmd = [sys.executable, "-m", "emulator.cli", "run", QUICK, "--quiet", "--log", str(log),
+           "--set", f"swap.server={srv.url}", "--set", f"run.lockup_timeout_s={LOCKUP_TIMEOUT_S}"]
+    cmd += [a for o in SMALL if not o.startswith("run.lockup") for a in ("--set", o)]
+    with trio.fail_after(LOCKUP_TIMEOUT_S + LOCKUP_MARGIN_S + 30):
+        proc = await trio.run_process(cmd, check=False, capture_stdout=True,
+                                      capture_stderr=True, cwd=tmp_path,
+                                      env={**os.environ, "COLUMNS": "200"})
+    out = proc.stdout.decode()
+    assert proc.returncode == 3, (proc.returncode, out, proc.stderr.decode()[-2000:])
+    assert "LOCKED UP" in out
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["event"] == "run_end" and last["outcome"] == "lockup"
+
+
+async def test_corrupted_swap_data_fails_the_run(machine, nursery):
+    srv = await nursery.start(TinyNBDServer("corrupt").serve)
+    with trio.fail_after(150):
+        m = await machine(QUICK, *SMALL, f"swap.server={srv.url!r}")
+        r = await m.wait_done()
+    assert srv.store  # pages were written
+    assert r.integrity_errors > 0
+    assert r.outcome == "failed"
+    assert r.exit_status != 0
+    assert m.events_named("integrity_error")
+    end = m.events[-1]
+    assert end["event"] == "run_end" and end["outcome"] == "failed"
+    assert end["integrity_errors"] == r.integrity_errors
