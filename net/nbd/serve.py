@@ -151,12 +151,26 @@ def serve_main(args) -> int:
     _configure_logging(getattr(args, "log_level", "info"))
     try:
         trio.run(_serve, server, args.host, args.port)
-    except OSError as exc:
-        print(f"swapnbd serve: error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:
+        oserr = _find_oserror(exc)
+        if oserr is None:
+            raise
+        print(f"swapnbd serve: error: cannot serve on {args.host}:{args.port}: {oserr}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _find_oserror(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _find_oserror(sub)
+            if found is not None:
+                return found
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
