@@ -181,3 +181,35 @@ async def test_corrupted_swap_data_fails_the_run(machine, nursery):
     end = m.events[-1]
     assert end["event"] == "run_end" and end["outcome"] == "failed"
     assert end["integrity_errors"] == r.integrity_errors
+
+
+async def test_machine_swaps_to_the_nbd_server_fixture(machine, nbd_server):
+    """The ``nbd_server`` fixture's URL works as swap.server; the fixture's handle
+    exposes live counters and the events as they happen."""
+    m = await machine(QUICK, "machine.memory_mib=8", "swap.size_mib=16",
+                      "workload.processes_per_cpu=1", "workload.passes=2",
+                      f"swap.server={nbd_server.url!r}")
+    assert m.k.cfg.swap.server == nbd_server.url
+    await m.wait_until(lambda m: m.vmstat["pswpin"] > 0, timeout=60)
+    assert any(e["event"] == "nbd_connect" and e["port"] == nbd_server.port for e in m.events)
+    r = await m.wait_done(timeout=120)
+    assert r.outcome == "completed" and r.integrity_errors == 0
+    assert r.vm["pswpout"] > m.k.nr_pages
+
+
+async def test_fixture_wait_until_timeout_and_stop(machine):
+    m = await machine(QUICK, *SMALL)
+    with pytest.raises(AssertionError, match="still false after 0.2 s"):
+        await m.wait_until(lambda m: False, timeout=0.2)
+    m.stop()
+    r = await m.wait_done(timeout=30)
+    assert m.done and r is m.result
+    assert m.events[-1]["event"] == "run_end"
+    with pytest.raises(AssertionError, match="finished"):
+        await m.wait_until(lambda m: False, timeout=5)
+
+
+async def test_fixture_stops_a_machine_left_running(machine):
+    """Teardown stops machines the test did not wait for (the test just returns)."""
+    m = await machine(QUICK, *SMALL)
+    await m.wait_until(lambda m: m.vmstat["pgfault"] > 0, timeout=30)
