@@ -38,6 +38,7 @@ class MachineConfig:
     memory_mib: int = 32
     min_free_kbytes: int | None = None  # None = "auto": the kernel's formula
     slab: str = "slub"
+    page_cache_mib: int = 0  # clean page cache present when the workload starts
 
 
 @attrs.frozen
@@ -166,6 +167,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "memory_mib": lambda k, v: _int(k, v, 4, 65536),
         "min_free_kbytes": lambda k, v: None if v == "auto" else _int(k, v, 16, 1 << 20),
         "slab": lambda k, v: _choice(k, v, ("slab", "slub")),
+        "page_cache_mib": lambda k, v: _int(k, v, 0, 1 << 20),
     },
     "kernel": {"patches": _patches},
     "swap": {
@@ -293,6 +295,10 @@ def _check_cross(cfg: Config) -> None:
                           f"(size_ratio x memory_mib = {need} MiB); allowed >= {need}")
     if cfg.swap.backend == "file" and cfg.swap.server == "embedded" and not cfg.swap.path:
         raise ConfigError("swap.path", "backend \"file\" needs swap.path (the backing file)")
+    if cfg.machine.page_cache_mib * 2 > cfg.machine.memory_mib:
+        raise ConfigError("machine.page_cache_mib",
+                          f"{cfg.machine.page_cache_mib} MiB is more than half of memory; "
+                          f"allowed 0..{cfg.machine.memory_mib // 2}")
     mfk = cfg.machine.min_free_kbytes
     if mfk is not None and mfk // 4 >= cfg.machine.memory_mib * 256 // 2:
         raise ConfigError("machine.min_free_kbytes",

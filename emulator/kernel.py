@@ -17,11 +17,12 @@ Time: kernel timeouts are written in seconds of kernel time (``HZ/10`` is
 from __future__ import annotations
 
 import itertools
+import random
 import threading
 
 from actors.cpu import CPU
 from emulator.config import Config
-from emulator.flags import PF
+from emulator.flags import GFP, PF
 from emulator.mm.mmzone import PgData
 from emulator.mm.page import PAGE_SHIFT
 from emulator.mm.vmstat import VMStat
@@ -40,6 +41,7 @@ class Kernel:
         self.patches = cfg.kernel.patches
         self.hz_scale = cfg.time.hz_scale
         self.lock = threading.RLock()
+        self.rng = random.Random(cfg.run.seed)
         self.vmstat = VMStat()
         nr_pages = cfg.machine.memory_mib << (20 - PAGE_SHIFT)
         self.pgdat = PgData(nr_pages, cfg.machine.min_free_kbytes)
@@ -57,6 +59,7 @@ class Kernel:
         #: Forward progress: page accesses by processes and completed I/Os.
         #: The watchdog declares a lockup when it stops moving.
         self.progress = 0
+        self.nr_page_cache = 0
         self.integrity_errors = 0
         self.integrity_log: list[dict] = []
 
@@ -77,6 +80,28 @@ class Kernel:
         task = Task(pid, comm, cpu_obj, flags, in_softirq=in_softirq)
         self.tasks[pid] = task
         return task
+
+    def page_cache_remove(self, page) -> None:
+        """__remove_mapping / __delete_from_page_cache for a clean page-cache page."""
+        self.nr_page_cache -= 1
+        self.vmstat["nr_file_pages"] -= 1
+
+    async def populate_page_cache(self, task: Task, nr_pages: int) -> None:
+        """Boot-time page cache: files read while the system and the benchmark
+        harness started (clean, unmapped, on the inactive file list)."""
+        from emulator.flags import GFP_HIGHUSER_MOVABLE
+        from emulator.mm.page import PG, Owner
+
+        for _ in range(nr_pages):
+            page = await self.page_alloc.alloc_page(GFP_HIGHUSER_MOVABLE | GFP.NO_KSWAPD, task,
+                                                    owner=Owner.FILE)
+            if page is None:
+                break
+            page.flags |= PG.uptodate
+            with self.lock:
+                self.vmscan.lru_cache_add_file(page)
+                self.nr_page_cache += 1
+                self.vmstat["nr_file_pages"] += 1
 
     def integrity_error(self, **details) -> None:
         """Data read back is not what was written: logged, counted, fails the run."""

@@ -171,6 +171,7 @@ class Machine:
         init = k.new_task("swapper", PF.KTHREAD, cpu=0)
         async with running(init):
             await self.nbd.init_pools(init)
+            await k.populate_page_cache(init, cfg.machine.page_cache_mib << (20 - 12))
 
         ncpu = cfg.machine.cpus
         nprocs = ncpu * cfg.workload.processes_per_cpu
@@ -188,6 +189,7 @@ class Machine:
             nursery.start_soon(self._kthread, nbd_client, self.nbd.nbd_do_it)
             nursery.start_soon(net_rx_action, k, sock, rx_ctx, cfg.network.mss)
             await self._start_background(nursery)
+            nursery.start_soon(k.slab.reap_loop)
             nursery.start_soon(sampler, k, cfg.run.sample_interval_ms / 1000, self._extra)
             nursery.start_soon(watchdog, k, cfg.run.lockup_timeout_s, self._on_lockup)
             task_status.started(self)

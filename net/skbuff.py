@@ -48,7 +48,8 @@ def SKB_DATA_ALIGN(x: int) -> int:
 
 
 class SkBuff:
-    __slots__ = ("head", "data_obj", "frag", "len", "truesize", "pfmemalloc", "data", "sk")
+    __slots__ = ("head", "data_obj", "frag", "len", "truesize", "pfmemalloc", "data", "sk",
+                 "frags")
 
     def __init__(self, head, data_obj, frag, size: int, truesize: int, pfmemalloc: bool) -> None:
         self.head = head
@@ -59,6 +60,7 @@ class SkBuff:
         self.pfmemalloc = pfmemalloc
         self.data = b""
         self.sk = None
+        self.frags = None  # TX page fragments (pages of a socket's sk_sndmsg_page)
 
 
 class PageFrag:

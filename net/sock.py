@@ -9,8 +9,11 @@ without SOCK_MEMALLOC (the series' change; here gated by patch 9), the
 receive queue bounded by sk_rcvbuf (TCP's advertised window keeps the peer
 from sending more, so a full queue stops the receive handler rather than
 dropping), and tcp_sendmsg's transmit path: data cut into MSS-sized skbs
-allocated with sk_allocation, sk_stream_wait_memory when that fails, and the
-write queue that keeps every sent skb charged until the peer acknowledges it.
+(one per call on a GSO route) whose linear part comes from kmalloc and whose
+remaining payload is copied into page fragments of ``sk_sndmsg_page`` (3.6's
+per-socket send page, allocated with sk_allocation), sk_stream_wait_memory when
+an allocation fails, and the write queue that keeps every sent skb (and its
+page fragments) charged until the peer acknowledges it.
 
 The real bytes travel over a real, non-blocking TCP socket on loopback. The
 receive side never reads a byte before an skb exists for it (actors/softirq.py
@@ -39,14 +42,17 @@ import trio
 from emulator.flags import GFP, GFP_ATOMIC, GFP_KERNEL
 from emulator.task import Task
 from emulator.wait import WaitQueue
-from net.skbuff import SkBuff
+from emulator.mm.page import PAGE_SIZE, Owner
+from net.skbuff import SKB_SHARED_INFO, SKB_DATA_ALIGN, SkBuff
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
 
 TCP_RTO_MIN = 0.2  # HZ/5
 TCP_RTO_MAX = 120.0
-MAX_TCP_HEADER = 160 + 128  # MAX_TCP_HEADER on x86_64 with the IP and link headers
+MAX_TCP_HEADER = 320  # MAX_TCP_HEADER on x86_64: TCP + IP + link headers and options, aligned
+#: select_size() on a GSO route: SKB_WITH_OVERHEAD(2048 - MAX_TCP_HEADER).
+SELECT_SIZE = 2048 - MAX_TCP_HEADER - SKB_DATA_ALIGN(SKB_SHARED_INFO)
 TCP_RMEM_DEFAULT = 87380  # tcp_rmem[1]
 ACK_SIZE = 0  # an ACK carries no payload, only MAX_TCP_HEADER of headroom
 
@@ -75,6 +81,8 @@ class Sock:
         self.drops = {"nomem": 0, "pfmemalloc": 0}
         self.rx_bytes = 0
         self.tx_bytes = 0
+        self.sndmsg_page = None  #: sk->sk_sndmsg_page
+        self.sndmsg_off = 0
 
     # -- SOCK_MEMALLOC -------------------------------------------------------------
     def sk_set_memalloc(self) -> None:
@@ -158,34 +166,85 @@ class Sock:
         return data
 
     # -- transmit ----------------------------------------------------------------------------
-    async def sendmsg(self, task: Task, data: bytes, mss: int) -> list[SkBuff]:
-        """tcp_sendmsg: MSS-sized skbs with sk_allocation (waiting for memory when an
-        allocation fails), then the bytes onto the real socket. Returns the skbs,
-        which stay charged until ``ack``."""
+    async def sendmsg(self, task: Task, data: bytes) -> list[SkBuff]:
+        """tcp_sendmsg (3.6) on a GSO-capable route (loopback): one skb per call
+        (size_goal exceeds any NBD request), its linear area from select_size()
+        = SKB_WITH_OVERHEAD(2048 - MAX_TCP_HEADER) so the head's data lands in
+        kmalloc-2048, the rest copied into page fragments of the socket's
+        sk_sndmsg_page (order-0 pages from sk_stream_alloc_page with
+        sk_allocation). A failed allocation waits in sk_stream_wait_memory and
+        retries. The skbs stay charged until ``ack``."""
         k = self.k
-        skbs: list[SkBuff] = []
-        for off in range(0, len(data), mss):
-            seg = len(data) - off if len(data) - off < mss else mss
-            while True:
-                skb = await k.skb.alloc_skb(seg + MAX_TCP_HEADER, self.sk_allocation, 0, task)
-                if skb is not None:
-                    break
-                # sk_stream_wait_memory: sleep a little, then retry.
-                await task.sleep(k.hz(0.1), wchan=f"sk_stream_wait_memory({self.name})")
-                if self.error:
-                    for s in skbs:
-                        k.skb.kfree_skb(s, task)
-                    raise ConnectionError(self.error)
-            skb.sk = self
-            skbs.append(skb)
+        while True:
+            skb = await k.skb.alloc_skb(SELECT_SIZE + MAX_TCP_HEADER, self.sk_allocation, 0, task)
+            if skb is not None:
+                break
+            await self._wait_memory(task)
+        skb.sk = self
+        skb.frags = []
+        linear = min(len(data), SELECT_SIZE)
+        rest = len(data) - linear
+        try:
+            while rest:
+                page = self.sndmsg_page
+                if page is None or self.sndmsg_off >= PAGE_SIZE:
+                    if page is not None:
+                        self._put_sndmsg_page()
+                    page = await self._alloc_sndmsg_page(task)
+                copy = min(rest, PAGE_SIZE - self.sndmsg_off)
+                page.private[0] += 1  # get_page() for the skb's fragment
+                skb.frags.append(page)
+                skb.truesize += copy
+                self.sndmsg_off += copy
+                rest -= copy
+        except BaseException:
+            self._free_tx_skb(skb, task)
+            raise
         await self._send_all(task, data)
-        self.write_queue.extend(skbs)
-        for s in skbs:
-            self.wmem_queued += s.truesize
-        k.vmstat["skb_tx_queued"] += len(skbs)
+        self.write_queue.append(skb)
+        self.wmem_queued += skb.truesize
+        k.vmstat["skb_tx_queued"] += 1
         k.vmstat["net_bytes_in_flight"] += len(data)
         self.tx_bytes += len(data)
-        return skbs
+        return [skb]
+
+    async def _alloc_sndmsg_page(self, task: Task):
+        """sk_stream_alloc_page(): alloc_pages(sk->sk_allocation, 0), waiting for memory."""
+        k = self.k
+        while True:
+            page = await k.page_alloc.alloc_page(self.sk_allocation, task, owner=Owner.SKB)
+            if page is not None:
+                break
+            await self._wait_memory(task)
+        page.private = [1]  # page_count: the socket's own reference
+        self.sndmsg_page = page
+        self.sndmsg_off = 0
+        return page
+
+    def _put_sndmsg_page(self) -> None:
+        page = self.sndmsg_page
+        self.sndmsg_page = None
+        self._put_page(page)
+
+    def _put_page(self, page) -> None:
+        page.private[0] -= 1
+        if not page.private[0]:
+            self.k.page_alloc.free_page(page)
+
+    async def _wait_memory(self, task: Task) -> None:
+        """sk_stream_wait_memory: a short random sleep (2 jiffies .. HZ/5) before
+        retrying; fails the send if the socket broke meanwhile."""
+        k = self.k
+        await task.sleep(k.hz(0.008 + k.rng.random() * 0.192),
+                         wchan=f"sk_stream_wait_memory({self.name})")
+        if self.error:
+            raise ConnectionError(f"{self.name}: socket error {self.error}")
+
+    def _free_tx_skb(self, skb: SkBuff, task: Task) -> None:
+        for page in skb.frags or ():
+            self._put_page(page)
+        skb.frags = None
+        self.k.skb.kfree_skb(skb, task)
 
     def ack(self, skbs: list[SkBuff], nbytes: int, task: Task) -> None:
         """tcp_clean_rtx_queue: the peer acknowledged these skbs; free them."""
@@ -197,7 +256,7 @@ class Sock:
                 continue
             self.wmem_queued -= s.truesize
             k.vmstat["skb_tx_queued"] -= 1
-            k.skb.kfree_skb(s, task)
+            self._free_tx_skb(s, task)
         k.vmstat["net_bytes_in_flight"] -= nbytes
 
     async def _send_all(self, task: Task, data: bytes) -> None:
@@ -234,7 +293,9 @@ class Sock:
             skb = self.write_queue.popleft()
             self.wmem_queued -= skb.truesize
             k.vmstat["skb_tx_queued"] -= 1
-            k.skb.kfree_skb(skb, task)
+            self._free_tx_skb(skb, task)
+        if self.sndmsg_page is not None:
+            self._put_sndmsg_page()
         self.sk_clear_memalloc()
 
     def statistics(self) -> dict:

@@ -7,6 +7,9 @@ merge), __rmqueue_smallest and expand (buddy split).
 
 The node carries kswapd's wait queue and patch 15's ``pfmemalloc_wait``.
 
+The zone carries the four evictable LRU lists and their reclaim statistics
+(struct lruvec / zone_reclaim_stat).
+
 Simplified: one node with one zone (ZONE_NORMAL), so lowmem_reserve is 0 and
 zonelist fallback never happens; no migrate types, no per-cpu page lists (an
 order-0 page goes straight to and from the buddy lists, so NR_FREE_PAGES is
@@ -23,6 +26,8 @@ from emulator.mm.page import PG, PAGE_SHIFT, Owner, Page
 from emulator.wait import WaitQueue
 
 MAX_ORDER = 11  # orders 0..10
+LRU_INACTIVE_ANON, LRU_ACTIVE_ANON, LRU_INACTIVE_FILE, LRU_ACTIVE_FILE = 0, 1, 2, 3
+LRU_NAMES = ("inactive_anon", "active_anon", "inactive_file", "active_file")
 PAGE_ALLOC_COSTLY_ORDER = 3
 
 
@@ -47,11 +52,14 @@ class Zone:
         self.nr_free_pages = 0
         self.watermark = [0, 0, 0]  # WMARK_MIN, WMARK_LOW, WMARK_HIGH
         self.lowmem_reserve = [0]
-        # LRU: OrderedDict pfn -> page. Insertion end = list head (newest),
-        # first item = list tail (the next page reclaim isolates).
-        self.lru_active_anon: OrderedDict[int, Page] = OrderedDict()
-        self.lru_inactive_anon: OrderedDict[int, Page] = OrderedDict()
-        self.nr_isolated_anon = 0
+        # LRU lists indexed LRU_INACTIVE_ANON, LRU_ACTIVE_ANON, LRU_INACTIVE_FILE,
+        # LRU_ACTIVE_FILE: OrderedDict pfn -> page. Insertion end = list head
+        # (newest), first item = list tail (the next page reclaim isolates).
+        self.lru: list[OrderedDict[int, Page]] = [OrderedDict() for _ in range(4)]
+        self.nr_isolated = [0, 0]  # anon, file
+        # zone_reclaim_stat: recent_scanned / recent_rotated per type (anon, file).
+        self.recent_scanned = [0, 0]
+        self.recent_rotated = [0, 0]
         self.pages_scanned = 0
         self.all_unreclaimable = False
         self.inactive_ratio = 1
@@ -77,8 +85,33 @@ class Zone:
     def free_area_counts(self) -> list[int]:
         return [len(a) for a in self.free_area]
 
-    def zone_reclaimable_pages(self) -> int:
-        return len(self.lru_active_anon) + len(self.lru_inactive_anon) + self.nr_isolated_anon
+    # Names for the lists, as the kernel's for_each_evictable_lru sees them.
+    @property
+    def lru_inactive_anon(self) -> OrderedDict[int, Page]:
+        return self.lru[LRU_INACTIVE_ANON]
+
+    @property
+    def lru_active_anon(self) -> OrderedDict[int, Page]:
+        return self.lru[LRU_ACTIVE_ANON]
+
+    @property
+    def lru_inactive_file(self) -> OrderedDict[int, Page]:
+        return self.lru[LRU_INACTIVE_FILE]
+
+    @property
+    def lru_active_file(self) -> OrderedDict[int, Page]:
+        return self.lru[LRU_ACTIVE_FILE]
+
+    @property
+    def nr_isolated_anon(self) -> int:
+        return self.nr_isolated[0]
+
+    def zone_reclaimable_pages(self, nr_swap_pages: int = 1) -> int:
+        """zone_reclaimable_pages(): file LRU pages, plus anon ones while swap has room."""
+        nr = len(self.lru[LRU_INACTIVE_FILE]) + len(self.lru[LRU_ACTIVE_FILE]) + self.nr_isolated[1]
+        if nr_swap_pages > 0:
+            nr += len(self.lru[LRU_INACTIVE_ANON]) + len(self.lru[LRU_ACTIVE_ANON]) + self.nr_isolated[0]
+        return nr
 
     def zone_reclaimable(self) -> bool:
         """pages_scanned < 6 x reclaimable pages (mm/vmscan.c)."""

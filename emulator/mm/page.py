@@ -49,8 +49,9 @@ class Owner(enum.Enum):
 
     FREE = "free"  #: in a buddy free block
     ANON = "anon"  #: an anonymous page (mapped, swap cache or both)
+    FILE = "file"  #: a page-cache page (clean, unmapped)
     SLAB = "slab"
-    SKB = "skb"  #: RX page fragments (network.rx_buffers = "page_frag")
+    SKB = "skb"  #: network pages: RX page fragments, TX sk_sndmsg_page pages
     KERNEL = "kernel"  #: other kernel use (large kmalloc, page tables, tests)
     MEMPOOL = "mempool"
 

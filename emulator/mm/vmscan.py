@@ -11,8 +11,9 @@ wait_iff_congested); patch 15's throttle_direct_reclaim and
 pfmemalloc_watermark_ok, patch 16's pgscan_direct_throttle; and from
 mm/backing-dev.c congestion_wait / wait_iff_congested.
 
-Simplified: anonymous memory only (no page cache, so get_scan_count scans anon
-lists only and shrink_slab has nothing reclaimable); no memcg; no lumpy
+Page cache pages are clean and unmapped (read at boot, never written), so
+reclaiming one needs no I/O. Simplified: shrink_slab has nothing reclaimable;
+no memcg; no lumpy
 reclaim or compaction; one zone, so the zonelist loops are one step; page
 "locking" during reclaim is the PG_locked bit, waited on through the hashed
 page wait table. One emulator addition: when kswapd finds nothing at all on
@@ -29,6 +30,9 @@ import structlog
 import trio
 
 from emulator.flags import GFP, GFP_KERNEL, PF
+from emulator.mm.mmzone import (
+    LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE, LRU_NAMES,
+)
 from emulator.mm.page import PG, Page
 from emulator.task import Task
 from emulator.wait import WaitQueue
@@ -41,6 +45,8 @@ log = structlog.get_logger("swapnbd.vmscan")
 
 SWAP_CLUSTER_MAX = 32
 DEF_PRIORITY = 12
+VM_SWAPPINESS = 60
+_NR_LRU = tuple(f"nr_{name}" for name in LRU_NAMES)
 
 
 class ScanControl:
@@ -120,78 +126,104 @@ class VMScan:
         tasks are woken by kswapd as in the kernel."""
 
     # -- LRU helpers --------------------------------------------------------------------
+    @staticmethod
+    def page_lru(page: Page) -> int:
+        """page_lru(): which list the page belongs on."""
+        lru = LRU_INACTIVE_ANON if page.flags & PG.swapbacked else LRU_INACTIVE_FILE
+        return lru + 1 if page.flags & PG.active else lru
+
+    def add_page_to_lru(self, page: Page, lru: int) -> None:
+        page.flags |= PG.lru
+        if lru & 1:
+            page.flags |= PG.active
+        else:
+            page.flags &= ~PG.active
+        page.zone.lru[lru][page.pfn] = page
+        self.vmstat[_NR_LRU[lru]] += 1
+
     def lru_cache_add_active(self, page: Page) -> None:
-        zone = page.zone
-        page.flags |= PG.lru | PG.active
-        zone.lru_active_anon[page.pfn] = page
-        self.vmstat["nr_active_anon"] += 1
+        """lru_cache_add_lru(page, LRU_ACTIVE_ANON): a new anonymous page."""
+        self.add_page_to_lru(page, LRU_ACTIVE_ANON)
 
     def lru_cache_add_inactive(self, page: Page) -> None:
-        zone = page.zone
-        page.flags |= PG.lru
-        page.flags &= ~PG.active
-        zone.lru_inactive_anon[page.pfn] = page
-        self.vmstat["nr_inactive_anon"] += 1
+        """lru_cache_add_anon(): a page read in from swap."""
+        self.add_page_to_lru(page, LRU_INACTIVE_ANON)
+
+    def lru_cache_add_file(self, page: Page) -> None:
+        """lru_cache_add_file(): a page cache page starts on the inactive file list."""
+        self.add_page_to_lru(page, LRU_INACTIVE_FILE)
 
     def del_page_from_lru(self, page: Page) -> None:
         if not page.flags & PG.lru:
             return
-        zone = page.zone
-        if page.flags & PG.active:
-            del zone.lru_active_anon[page.pfn]
-            self.vmstat["nr_active_anon"] -= 1
-        else:
-            del zone.lru_inactive_anon[page.pfn]
-            self.vmstat["nr_inactive_anon"] -= 1
+        lru = self.page_lru(page)
+        del page.zone.lru[lru][page.pfn]
+        self.vmstat[_NR_LRU[lru]] -= 1
         page.flags &= ~(PG.lru | PG.active)
 
     def rotate_reclaimable_page(self, page: Page) -> None:
         """rotate_reclaimable_page(): a page whose writeback finished goes to the
         inactive list's tail, to be freed by the next scan."""
         if page.flags & PG.lru and not page.flags & PG.active:
-            page.zone.lru_inactive_anon.move_to_end(page.pfn, last=False)
+            page.zone.lru[self.page_lru(page)].move_to_end(page.pfn, last=False)
             self.vmstat["pgrotated"] += 1
 
+    def inactive_list_is_low(self, zone: Zone, file: int) -> bool:
+        """inactive_anon_is_low (inactive * inactive_ratio < active) and
+        inactive_file_is_low (inactive < active)."""
+        if file:
+            return len(zone.lru[LRU_INACTIVE_FILE]) < len(zone.lru[LRU_ACTIVE_FILE])
+        return len(zone.lru[LRU_INACTIVE_ANON]) * zone.inactive_ratio < len(zone.lru[LRU_ACTIVE_ANON])
+
     def inactive_anon_is_low(self, zone: Zone) -> bool:
-        return len(zone.lru_inactive_anon) * zone.inactive_ratio < len(zone.lru_active_anon)
+        return self.inactive_list_is_low(zone, 0)
 
     # -- shrink_active_list -------------------------------------------------------------
-    def shrink_active_list(self, nr_to_scan: int, zone: Zone, sc: ScanControl) -> None:
-        """Deactivate up to nr_to_scan pages from the active list's tail (anon pages
-        are deactivated even when referenced; page_referenced clears the young bit)."""
+    def shrink_active_list(self, nr_to_scan: int, zone: Zone, sc: ScanControl,
+                           lru: int = LRU_ACTIVE_ANON) -> None:
+        """Move up to nr_to_scan pages from the active list's tail to the inactive
+        list. page_referenced() clears the young bit; anon pages are deactivated
+        even when referenced, and so are file pages (no VM_EXEC text here)."""
         k = self.k
+        file = lru >= LRU_INACTIVE_FILE
         with k.lock:
-            active = zone.lru_active_anon
-            inactive = zone.lru_inactive_anon
+            active = zone.lru[lru]
+            inactive = zone.lru[lru - 1]
             n = min(nr_to_scan, len(active))
-            moved = 0
+            rotated = 0
             for _ in range(n):
                 pfn, page = active.popitem(last=False)
-                page.young = False  # page_referenced()
+                if page.young:
+                    page.young = False  # page_referenced()
+                    rotated += 1
                 page.flags &= ~PG.active
                 inactive[pfn] = page
-                moved += 1
             zone.pages_scanned += n
-            self.vmstat["nr_active_anon"] -= moved
-            self.vmstat["nr_inactive_anon"] += moved
+            zone.recent_scanned[file] += n
+            zone.recent_rotated[file] += rotated
+            self.vmstat[_NR_LRU[lru]] -= n
+            self.vmstat[_NR_LRU[lru - 1]] += n
             self.vmstat["pgrefill_normal"] += n
-            self.vmstat["pgdeactivate"] += moved
+            self.vmstat["pgdeactivate"] += n
 
     # -- shrink_inactive_list -----------------------------------------------------------
-    def too_many_isolated(self, zone: Zone, task: Task) -> bool:
+    def too_many_isolated(self, zone: Zone, file: int, task: Task) -> bool:
         if task.flags & PF.KSWAPD:
             return False
-        return zone.nr_isolated_anon > len(zone.lru_inactive_anon)
+        inactive = len(zone.lru[LRU_INACTIVE_FILE if file else LRU_INACTIVE_ANON])
+        return zone.nr_isolated[file] > inactive
 
     async def shrink_inactive_list(self, nr_to_scan: int, zone: Zone, sc: ScanControl,
-                                   task: Task) -> int:
+                                   task: Task, lru: int = LRU_INACTIVE_ANON) -> int:
         k = self.k
-        while self.too_many_isolated(zone, task):
+        file = int(lru >= LRU_INACTIVE_FILE)
+        while self.too_many_isolated(zone, file, task):
             await self.congestion_wait(task, k.hz(0.1))
             if task.fatal_signal:
                 return SWAP_CLUSTER_MAX
+        isolated_name = "nr_isolated_file" if file else "nr_isolated_anon"
         with k.lock:
-            inactive = zone.lru_inactive_anon
+            inactive = zone.lru[lru]
             n = min(nr_to_scan, len(inactive))
             page_list = []
             for _ in range(n):
@@ -199,10 +231,11 @@ class VMScan:
                 page.flags &= ~PG.lru
                 page_list.append(page)
             nr_taken = len(page_list)
-            zone.nr_isolated_anon += nr_taken
-            self.vmstat["nr_isolated_anon"] += nr_taken
-            self.vmstat["nr_inactive_anon"] -= nr_taken
+            zone.nr_isolated[file] += nr_taken
+            self.vmstat[isolated_name] += nr_taken
+            self.vmstat[_NR_LRU[lru]] -= nr_taken
             zone.pages_scanned += n
+            zone.recent_scanned[file] += n
             self.vmstat["pgscan_kswapd_normal" if sc.kswapd else "pgscan_direct_normal"] += n
         sc.nr_scanned += n
         if not nr_taken:
@@ -212,16 +245,11 @@ class VMScan:
             self.vmstat["pgsteal_kswapd_normal" if sc.kswapd else "pgsteal_direct_normal"] += nr_reclaimed
             for page in survivors:  # putback_inactive_pages
                 if page.flags & PG.active:
-                    page.flags |= PG.lru
-                    zone.lru_active_anon[page.pfn] = page
-                    self.vmstat["nr_active_anon"] += 1
+                    zone.recent_rotated[file] += 1
                     self.vmstat["pgactivate"] += 1
-                else:
-                    page.flags |= PG.lru
-                    zone.lru_inactive_anon[page.pfn] = page
-                    self.vmstat["nr_inactive_anon"] += 1
-            zone.nr_isolated_anon -= nr_taken
-            self.vmstat["nr_isolated_anon"] -= nr_taken
+                self.add_page_to_lru(page, self.page_lru(page))
+            zone.nr_isolated[file] -= nr_taken
+            self.vmstat[isolated_name] -= nr_taken
         if nr_writeback and nr_writeback >= (nr_taken >> (DEF_PRIORITY - sc.priority)):
             await self.wait_iff_congested(task, k.hz(0.1))
         return nr_reclaimed
@@ -244,6 +272,19 @@ class VMScan:
                 nr_writeback += 1
                 survivors.append(page)
                 continue
+            if not page.flags & PG.swapbacked:
+                # A clean, unmapped page-cache page: PAGEREF_RECLAIM_CLEAN, then
+                # __remove_mapping. No I/O is needed, so even GFP_NOIO reclaim frees it.
+                if page.young:
+                    page.young = False
+                    page.flags |= PG.active
+                    survivors.append(page)
+                    continue
+                with k.lock:
+                    k.page_cache_remove(page)
+                    k.page_alloc.free_page(page)
+                nr_reclaimed += 1
+                continue
             if page.young:  # page_check_references: referenced -> activate
                 page.young = False
                 page.flags |= PG.active
@@ -262,7 +303,8 @@ class VMScan:
                 if page.mm is not None:
                     swap.try_to_unmap(page)
                 if page.flags & PG.dirty:
-                    if not sc.may_writepage:
+                    # may_enter_fs for a swap-cache page needs __GFP_IO.
+                    if not sc.may_writepage or not sc.gfp_mask & GFP.IO:
                         survivors.append(page)
                         continue
                     # pageout(): clear dirty, SetPageReclaim, swap_writepage.
@@ -280,6 +322,7 @@ class VMScan:
                 with k.lock:
                     swap.delete_from_swap_cache(page, task)
                     page.flags &= ~PG.locked
+                    self.del_page_from_lru(page)
                     k.page_alloc.free_page(page)
                 nr_reclaimed += 1
                 page = None
@@ -290,40 +333,68 @@ class VMScan:
         return nr_reclaimed, nr_writeback, survivors
 
     # -- shrink_zone ------------------------------------------------------------------
-    def get_scan_count(self, zone: Zone, sc: ScanControl, priority: int) -> tuple[int, int]:
-        """Anon-only get_scan_count: list size >> priority, SWAP_CLUSTER_MAX when
-        forced (kswapd on an all_unreclaimable zone)."""
+    def get_scan_count(self, zone: Zone, sc: ScanControl, priority: int) -> list[int]:
+        """get_scan_count() (3.6): how many pages of each LRU to scan at this priority.
+
+        Anon and file are balanced by swappiness (anon_prio 60, file_prio 140)
+        weighted by each type's recent_scanned / recent_rotated; file only without
+        swap space; anon only when file + free <= the high watermark."""
+        k = self.k
+        lists = zone.lru
+        anon = len(lists[LRU_INACTIVE_ANON]) + len(lists[LRU_ACTIVE_ANON])
+        file = len(lists[LRU_INACTIVE_FILE]) + len(lists[LRU_ACTIVE_FILE])
         force_scan = sc.kswapd and zone.all_unreclaimable
-        if not self.k.swap.nr_swap_pages():
-            return 0, 0
-        out = []
-        for size in (len(zone.lru_inactive_anon), len(zone.lru_active_anon)):
-            scan = size >> priority
-            if not scan and force_scan:
-                scan = min(size, SWAP_CLUSTER_MAX)
-            out.append(scan)
-        return out[0], out[1]
+        noswap = not sc.may_swap or k.swap.nr_swap_pages() <= 0
+        if noswap:
+            fraction, denominator = (0, 1), 1
+        elif file + zone.nr_free_pages <= zone.high_wmark_pages:
+            fraction, denominator = (1, 0), 1
+        else:
+            anon_prio = VM_SWAPPINESS
+            file_prio = 200 - anon_prio
+            rs, rr = zone.recent_scanned, zone.recent_rotated
+            if rs[0] > anon // 4:
+                rs[0] //= 2
+                rr[0] //= 2
+            if rs[1] > file // 4:
+                rs[1] //= 2
+                rr[1] //= 2
+            ap = (anon_prio + 1) * (rs[0] + 1) // (rr[0] + 1)
+            fp = (file_prio + 1) * (rs[1] + 1) // (rr[1] + 1)
+            fraction, denominator = (ap, fp), ap + fp + 1
+        nr = []
+        for lru in range(4):
+            scan = len(lists[lru])
+            if priority or noswap:
+                scan >>= priority
+                if not scan and force_scan:
+                    scan = SWAP_CLUSTER_MAX
+                scan = scan * fraction[lru >> 1] // denominator
+            nr.append(scan)
+        return nr
 
     async def shrink_zone(self, zone: Zone, sc: ScanControl, priority: int, task: Task) -> None:
-        """shrink_zone -> shrink_lruvec for the anon lists."""
+        """shrink_zone -> shrink_lruvec: SWAP_CLUSTER_MAX-sized bites of each list
+        (shrink_list: active lists are only aged when their inactive list is low)."""
         sc.priority = priority
-        nr_inactive, nr_active = self.get_scan_count(zone, sc, priority)
+        nr = self.get_scan_count(zone, sc, priority)
         nr_reclaimed = 0
-        while nr_inactive or nr_active:
-            if nr_inactive:
-                n = min(nr_inactive, SWAP_CLUSTER_MAX)
-                nr_inactive -= n
-                nr_reclaimed += await self.shrink_inactive_list(n, zone, sc, task)
-            if nr_active:
-                n = min(nr_active, SWAP_CLUSTER_MAX)
-                nr_active -= n
-                if self.inactive_anon_is_low(zone):
-                    self.shrink_active_list(n, zone, sc)
+        while nr[LRU_INACTIVE_ANON] or nr[LRU_ACTIVE_FILE] or nr[LRU_INACTIVE_FILE]:
+            for lru in range(4):
+                if not nr[lru]:
+                    continue
+                n = min(nr[lru], SWAP_CLUSTER_MAX)
+                nr[lru] -= n
+                if lru & 1:
+                    if self.inactive_list_is_low(zone, lru >> 1):
+                        self.shrink_active_list(n, zone, sc, lru)
+                else:
+                    nr_reclaimed += await self.shrink_inactive_list(n, zone, sc, task, lru)
             if nr_reclaimed >= sc.nr_to_reclaim and priority < DEF_PRIORITY:
                 break
             await task.cond_resched()
         if self.inactive_anon_is_low(zone):
-            self.shrink_active_list(SWAP_CLUSTER_MAX, zone, sc)
+            self.shrink_active_list(SWAP_CLUSTER_MAX, zone, sc, LRU_ACTIVE_ANON)
 
     # -- patch 15 ------------------------------------------------------------------------
     def pfmemalloc_watermark_ok(self) -> bool:
@@ -465,7 +536,7 @@ class VMScan:
                 all_zones_ok = True
                 has_under_min = False
                 if self.inactive_anon_is_low(zone):
-                    self.shrink_active_list(SWAP_CLUSTER_MAX, zone, sc)
+                    self.shrink_active_list(SWAP_CLUSTER_MAX, zone, sc, LRU_ACTIVE_ANON)
                 if self.zone_balanced(zone, order):
                     break  # end_zone not found: the node is balanced
                 if not (zone.all_unreclaimable and priority != DEF_PRIORITY):
@@ -474,7 +545,8 @@ class VMScan:
                         before = sc.nr_scanned
                         await self.shrink_zone(zone, sc, priority, task)
                         total_scanned += sc.nr_scanned - before
-                        if not zone.zone_reclaimable():
+                        if not zone.pages_scanned < zone.zone_reclaimable_pages(
+                                k.swap.nr_swap_pages()) * 6:
                             zone.all_unreclaimable = True
                 if not self.zone_balanced(zone, order):
                     all_zones_ok = False

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 #: /proc/vmstat names this model maintains.
 KERNEL = (
-    "nr_free_pages", "nr_inactive_anon", "nr_active_anon", "nr_anon_pages",
+    "nr_free_pages", "nr_inactive_anon", "nr_active_anon", "nr_inactive_file",
+    "nr_active_file", "nr_anon_pages",
     "nr_mapped", "nr_file_pages", "nr_writeback", "nr_slab_reclaimable",
-    "nr_slab_unreclaimable", "nr_isolated_anon", "nr_vmscan_write",
+    "nr_slab_unreclaimable", "nr_isolated_anon", "nr_isolated_file", "nr_vmscan_write",
     "nr_swapcache",
     "pgpgin", "pgpgout", "pswpin", "pswpout", "pgalloc_normal", "pgfree",
     "pgactivate", "pgdeactivate", "pgfault", "pgmajfault", "pgrefill_normal",

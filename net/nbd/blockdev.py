@@ -125,7 +125,7 @@ class NBDDevice(BlockDevice):
         if patched:
             task.flags |= PF.MEMALLOC
         try:
-            return await sock.sendmsg(task, data, self.mss)
+            return await sock.sendmsg(task, data)
         finally:
             task.flags = (task.flags & ~PF.MEMALLOC) | saved
 

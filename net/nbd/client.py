@@ -132,7 +132,8 @@ class NBDClient:
         self.stream = stream
         self.info = info
         self._tc = P.TransmissionClient(structured_replies=info.structured_replies)
-        self._send_lock = trio.StrictFIFOLock()
+        self._outbuf = bytearray()
+        self._sending = False
         self._waiters: dict[int, list] = {}
         self._next_cookie = 1
         self._closed = False
@@ -202,9 +203,18 @@ class NBDClient:
         self._next_cookie = (cookie + 1) & 0xFFFFFFFFFFFFFFFF or 1
         w = [trio.Event(), None]
         self._waiters[cookie] = w
-        data = self._tc.send_request(cmd, cookie, offset, length, flags, payload)
-        async with self._send_lock:
-            await self.stream.send_all(data)
+        self._outbuf += self._tc.send_request(cmd, cookie, offset, length, flags, payload)
+        if not self._sending:
+            # Become the sender: flush everything queued, including requests
+            # that other tasks add while this send is in progress (batching).
+            self._sending = True
+            try:
+                while self._outbuf:
+                    buf = self._outbuf
+                    self._outbuf = bytearray()
+                    await self.stream.send_all(buf)
+            finally:
+                self._sending = False
         await w[0].wait()
         rep = w[1]
         if isinstance(rep, BaseException):
@@ -288,5 +298,8 @@ class NBDClient:
         self._closed = True
         if self._error is None:
             with trio.move_on_after(2), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                async with self._send_lock:
-                    await self.stream.send_all(P.encode_request(P.NBD_CMD_DISC, 0, 0, 0))
+                while self._sending:
+                    await trio.sleep(0.001)
+                self._outbuf += P.encode_request(P.NBD_CMD_DISC, 0, 0, 0)
+                buf, self._outbuf = self._outbuf, bytearray()
+                await self.stream.send_all(buf)
