@@ -142,7 +142,8 @@ async def test_cases_that_are_never_throttled(autojump_clock, why):
     t = k.new_task("nbd0" if why == "kthread" else "usemem",
                    PF.KTHREAD if why == "kthread" else PF(0), cpu=0)
     start = trio.current_time()
-    await k.vmscan.throttle_direct_reclaim(GFP_KERNEL, t)
+    with trio.fail_after(10):  # virtual seconds: a wrong wait fails instead of hanging
+        await k.vmscan.throttle_direct_reclaim(GFP_KERNEL, t)
     assert trio.current_time() == start
     assert k.vmstat["pgscan_direct_throttle"] == 0 and k.vmscan.throttle_events == 0
 
@@ -156,7 +157,8 @@ async def test_non_fs_caller_returns_after_one_second(autojump_clock, gfp):
     h.set_free(threshold(k))
     t = k.new_task("nofs", cpu=0)
     start = trio.current_time()
-    await k.vmscan.throttle_direct_reclaim(gfp, t)
+    with trio.fail_after(10):
+        await k.vmscan.throttle_direct_reclaim(gfp, t)
     assert trio.current_time() - start == pytest.approx(k.hz(1.0))
     assert k.vmstat["pgscan_direct_throttle"] == 1
     assert t.pid not in k.vmscan.throttled
