@@ -11,9 +11,10 @@ project that has ``swapnbd`` installed gets two fixtures:
     ``.export``, ``.size``, ``.thread``). Stopped after the test.
 
 ``machine``
-    A factory (an async function) that boots an emulated machine in the test's
-    nursery (pytest-trio's ``nursery`` fixture) and returns a
-    :class:`MachineHandle` once the machine is up::
+    A factory (an async function) that boots an emulated machine
+    (``emulator.machine.Machine``, started with ``await nursery.start(m.run)``
+    in pytest-trio's ``nursery`` fixture, which lives as long as the test) and
+    returns a :class:`MachineHandle` once the machine is up::
 
         m = await machine("configs/quick.toml", "machine.cpus=2", "workload.passes=3")
         m = await machine(config_object)            # an emulator.config.Config
