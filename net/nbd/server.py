@@ -78,6 +78,7 @@ DEFAULT_MAX_REQUEST = 32 * MiB
 DEFAULT_MAX_INFLIGHT = 64
 CHUNK = 65536
 _ZERO_CHUNK = bytes(CHUNK)
+_OUT_HIGH = 1024 * 1024  # send queued replies once they reach this size
 _simple_pack = struct.Struct(">IIQ").pack
 
 
@@ -709,6 +710,8 @@ class NBDServer:
                 while True:
                     disc = False
                     while True:
+                        if len(out) >= _OUT_HIGH:
+                            await flush_out()  # bound memory: a client may pipeline many big READs
                         req = parser.next_event()
                         if req is NEED_DATA:
                             break
@@ -857,6 +860,10 @@ class NBDServer:
             while True:
                 disc = False
                 while True:
+                    if len(out) >= _OUT_HIGH:
+                        with send_lock:
+                            sendall(out)  # bound memory: a client may pipeline many big READs
+                        out = bytearray()
                     req = parser.next_event()
                     if req is NEED_DATA:
                         break

@@ -247,3 +247,19 @@ _request = st.builds(
 @given(st.lists(st.one_of(_request, st.binary(min_size=1, max_size=64)), min_size=1, max_size=8))
 def test_fuzz_transmission(fuzz_server, good_client, raw_client, parts):
     _must_close(raw_client, fuzz_server.port, b"".join(parts), after_go=True)
+
+
+@pytest.mark.parametrize("io_mode", ["thread", "trio"])
+def test_many_pipelined_big_reads_with_slow_reader(server_factory, raw_client, io_mode):
+    """128 pipelined 1 MiB READs while the client does not read: the server
+    sends as it goes (bounded memory) and every reply arrives intact."""
+    srv = server_factory([ExportSpec("", 8 * MiB)], io_mode=io_mode)
+    c = raw_client(srv.port, timeout=20)
+    c.go("")
+    pattern = bytes(range(256)) * 4096
+    c.request(P.NBD_CMD_WRITE, 1, 0, MiB, payload=pattern)
+    assert c.simple_reply() == (0, 1, b"")
+    c.sock.sendall(b"".join(P.encode_request(P.NBD_CMD_READ, 100 + i, 0, MiB) for i in range(128)))
+    time.sleep(0.2)  # let the server hit a full socket buffer
+    for i in range(128):
+        assert c.simple_reply(MiB) == (0, 100 + i, pattern)
