@@ -11,14 +11,12 @@ lockup detector and the vmstat sampler — every one a task in the nursery
 Outcomes: "completed" (every process finished its passes with intact data),
 "failed" (the workload finished but data was wrong or processes were
 OOM-killed), "lockup" (the watchdog fired), "timeout" (``run.max_duration_s``
-passed while still making progress), "error" (an exception in the emulator:
-a bug). Nothing decides the outcome but those observations.
+passed while still making progress), "stopped" (ended from outside, e.g. by a
+test), "error" (an exception in the emulator: a bug). Nothing decides the outcome but those observations.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import attrs
@@ -37,7 +35,6 @@ from emulator.config import Config, ConfigError
 from emulator.diagnosis import diagnose
 from emulator.flags import PF
 from emulator.kernel import Kernel
-from emulator.mm.page import PAGE_SIZE
 from net.nbd.blockdev import NBDDevice
 from net.nbd.client import NBDHandshakeError, nbd_handshake, parse_nbd_url
 from net.nbd.server import ExportSpec
@@ -47,7 +44,7 @@ from net.sock import Sock, connect_raw
 
 log = structlog.get_logger("swapnbd")
 
-EXIT_STATUS = {"completed": 0, "error": 1, "lockup": 3, "failed": 4, "timeout": 5}
+EXIT_STATUS = {"completed": 0, "error": 1, "lockup": 3, "failed": 4, "timeout": 5, "stopped": 6}
 
 
 @attrs.define
@@ -88,6 +85,7 @@ class Machine:
         self._boot = 0.0
         self._stop: trio.CancelScope | None = None
         self._file: logs.JsonLinesFile | None = None
+        self._senders: list = []  # background traffic sender threads
 
     # -- the run ------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> RunResult:
@@ -118,6 +116,8 @@ class Machine:
             self._finish()
             return self.result
         finally:
+            for sender in self._senders:
+                await trio.to_thread.run_sync(sender.stop)
             if self.server is not None:
                 await trio.to_thread.run_sync(self.server.stop)
             logs.sink.files.remove(self._file)
@@ -214,7 +214,8 @@ class Machine:
         if bg.streams and bg.rate_kib_s:
             from actors.netload import start_background_traffic
 
-            socks = await start_background_traffic(self.k, nursery, bg, self.cfg.network.mss)
+            socks = await start_background_traffic(self.k, nursery, bg, self.cfg.network.mss,
+                                                   self._senders)
             self.sockets.extend(socks)
 
     # -- observers ----------------------------------------------------------------
@@ -231,7 +232,10 @@ class Machine:
         self._stop.cancel()
 
     def stop(self) -> None:
-        """End the run now (tests); the outcome is whatever was observed so far."""
+        """End the run now (tests, Ctrl-C): the outcome is "stopped" unless one was
+        already observed."""
+        if self._outcome is None:
+            self._outcome = "stopped"
         if self._stop is not None:
             self._stop.cancel()
 
@@ -278,8 +282,4 @@ async def run_machine(cfg: Config, log_path: str | None = None, **kw) -> RunResu
     return await Machine(cfg, log_path, **kw).run()
 
 
-def pages_to_mib(pages: int) -> float:
-    return pages * PAGE_SIZE / (1 << 20)
-
-
-__all__ = ["EXIT_STATUS", "Machine", "RunResult", "run_machine", "math", "time"]
+__all__ = ["EXIT_STATUS", "Machine", "RunResult", "run_machine"]

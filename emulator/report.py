@@ -66,7 +66,7 @@ def print_run_summary(cfg: Config, r: RunResult, console: Console | None = None)
     console = console or Console()
     label = {"completed": "[green]completed[/]", "lockup": "[red]LOCKED UP[/]",
              "failed": "[red]FAILED[/]", "timeout": "[yellow]timeout[/]",
-             "error": "[red]internal error[/]"}[r.outcome]
+             "stopped": "[yellow]stopped[/]", "error": "[red]internal error[/]"}[r.outcome]
     console.print(f"{cfg.kernel.patches.name}-{cfg.machine.slab}: {label} after "
                   f"{r.elapsed_s:.1f} s  (exit status {r.exit_status})")
     if r.error:

@@ -86,12 +86,17 @@ class PageAllocator:
             if page is None:
                 return None
             self._prep_new_page(page, order, owner)
-            if self.k.patches.has(5):
+            if self.k.patches.has(5) and alloc_flags & ALLOC_NO_WATERMARKS:
                 # Patch 5: marked only when this very attempt ignored the watermarks.
-                page.pfmemalloc = bool(alloc_flags & ALLOC_NO_WATERMARKS)
+                self._mark_pfmemalloc(page)
             if alloc_flags & ALLOC_NO_WATERMARKS:
                 self.vmstat["pgalloc_pfmemalloc"] += 1 << order
             return page
+
+    def _mark_pfmemalloc(self, page: Page) -> None:
+        if not page.pfmemalloc:
+            page.pfmemalloc = True
+            self.vmstat["nr_pfmemalloc_pages"] += 1 << page.order
 
     def _prep_new_page(self, page: Page, order: int, owner: Owner) -> None:
         page.order = order
@@ -111,8 +116,6 @@ class PageAllocator:
         page = self.get_page_from_freelist(gfp, order, ALLOC_WMARK_LOW | ALLOC_CPUSET, owner)
         if page is None:
             page = await self._alloc_pages_slowpath(gfp, order, task, owner)
-        if page is not None and page.pfmemalloc:
-            self.vmstat["nr_pfmemalloc_pages"] += 1 << order
         return page
 
     async def alloc_page(self, gfp: GFP, task: Task, owner: Owner = Owner.KERNEL) -> Page | None:
@@ -137,7 +140,7 @@ class PageAllocator:
                 if page is not None:
                     if not k.patches.has(5) and entitled and k.patches.has(1):
                         # Patch 1 alone: any slow-path page of an entitled caller is marked.
-                        page.pfmemalloc = True
+                        self._mark_pfmemalloc(page)
                     return page
                 if not wait:
                     return self._nopage(gfp, order, task, "atomic")
