@@ -1130,9 +1130,16 @@ class RequestParser:
     ``oversized=True`` and ``payload=None`` is returned.  Raises
     :class:`ProtocolError` on a bad request magic (framing is lost).
     ``partial`` tells whether a request is half received (for timeouts).
+
+    Large WRITE payloads (≥ ``LARGE_PAYLOAD``) are assembled in their own
+    bytearray; while one is incomplete, ``payload_buffer()`` returns a
+    memoryview of its missing part so that the I/O layer can ``recv_into``
+    it directly (then call ``payload_received(n)``), saving a copy.
     """
 
-    __slots__ = ("_buf", "_pos", "max_payload", "_drain", "_drain_req")
+    LARGE_PAYLOAD = 65536
+
+    __slots__ = ("_buf", "_pos", "max_payload", "_drain", "_drain_req", "_payload", "_pfill", "_preq")
 
     def __init__(self, max_payload: int = NBD_DEFAULT_MAX_BLOCK) -> None:
         self._buf = bytearray()
@@ -1140,16 +1147,37 @@ class RequestParser:
         self.max_payload = max_payload
         self._drain = 0
         self._drain_req: Request | None = None
+        self._payload: bytearray | None = None
+        self._pfill = 0
+        self._preq: tuple | None = None
 
     @property
     def partial(self) -> bool:
-        return self._drain > 0 or len(self._buf) > self._pos
+        return self._drain > 0 or self._payload is not None or len(self._buf) > self._pos
 
-    def receive_data(self, data: bytes) -> None:
+    def payload_buffer(self) -> memoryview | None:
+        if self._payload is None or self._pfill == len(self._payload):
+            return None
+        return memoryview(self._payload)[self._pfill :]
+
+    def payload_received(self, n: int) -> None:
+        self._pfill += n
+
+    def receive_data(self, data) -> None:
         if self._drain:
             n = min(self._drain, len(data))
             self._drain -= n
             data = data[n:]
+            if not data:
+                return
+        payload = self._payload
+        if payload is not None:
+            fill = self._pfill
+            n = min(len(payload) - fill, len(data))
+            if n:
+                payload[fill : fill + n] = data[:n]
+                self._pfill = fill + n
+                data = data[n:]
             if not data:
                 return
         buf = self._buf
@@ -1168,6 +1196,14 @@ class RequestParser:
                 return NEED_DATA
             req = self._drain_req
             self._drain_req = None
+            return req
+        if self._payload is not None:
+            if self._pfill < len(self._payload):
+                return NEED_DATA
+            flags, cmd, cookie, offset, length = self._preq  # type: ignore[misc]
+            req = Request(cmd, flags, cookie, offset, length, self._payload)
+            self._payload = None
+            self._preq = None
             return req
         buf = self._buf
         pos = self._pos
@@ -1189,6 +1225,16 @@ class RequestParser:
                     return NEED_DATA
                 return req
             if avail < 28 + length:
+                if length >= self.LARGE_PAYLOAD:
+                    # Assemble in place; the rest of the buffer is all payload.
+                    have = avail - 28
+                    payload = bytearray(length)
+                    with memoryview(buf) as mv:
+                        payload[:have] = mv[pos + 28 : pos + 28 + have]
+                    self._pos = len(buf)
+                    self._payload = payload
+                    self._pfill = have
+                    self._preq = (flags, cmd, cookie, offset, length)
                 return NEED_DATA
             with memoryview(buf) as mv:
                 payload = bytes(mv[pos + 28 : pos + 28 + length])

@@ -133,7 +133,8 @@ class MemoryBackend:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.chunks: dict[int, bytearray] = {}
+        # chunk index -> bytearray, or a writable memoryview of CHUNK bytes
+        self.chunks: dict[int, bytearray | memoryview] = {}
         self.lock = threading.Lock()
 
     def read_into(self, out: bytearray, offset: int, length: int) -> None:
@@ -185,13 +186,17 @@ class MemoryBackend:
                     c = chunks[idx] = bytearray(CHUNK)
                 c[off : off + length] = data
                 return
+            # A bytearray payload is taken over, not copied (the parser hands over
+            # a private one for large WRITEs):
+            # whole chunks become writable views into it instead of copies.
+            own = isinstance(data, bytearray)
             with memoryview(data) as mv:
                 pos = 0
                 while pos < length:
                     idx, off = divmod(offset + pos, CHUNK)
                     n = min(CHUNK - off, length - pos)
                     if n == CHUNK:
-                        chunks[idx] = bytearray(mv[pos : pos + n])
+                        chunks[idx] = mv[pos : pos + n] if own else bytearray(mv[pos : pos + n])
                     else:
                         c = chunks.get(idx)
                         if c is None:
@@ -918,6 +923,16 @@ class NBDServer:
                 elif timeout_set:
                     sock.settimeout(None)
                     timeout_set = False
+                pbuf = parser.payload_buffer()
+                if pbuf is not None:
+                    # Large WRITE payload: receive straight into its buffer.
+                    n = sock.recv_into(pbuf)
+                    pbuf.release()
+                    if not n:
+                        reason = "eof_partial_request"
+                        break
+                    parser.payload_received(n)
+                    continue
                 n = sock.recv_into(rbuf)
                 if not n:
                     reason = "eof_partial_request" if parser.partial else "eof"

@@ -345,3 +345,21 @@ def test_client_fuzz_never_crashes(data):
                 break
     except P.HandshakeFailed:
         pass
+
+
+def test_request_parser_large_payload_in_place():
+    data = bytes(range(256)) * 1024  # 256 KiB
+    p = P.RequestParser()
+    p.receive_data(P.encode_request(P.NBD_CMD_WRITE, 5, 0, len(data)) + data[:1000])
+    assert p.next_event() is P.NEED_DATA and p.partial
+    view = p.payload_buffer()
+    assert len(view) == len(data) - 1000
+    view[:50000] = data[1000:51000]  # as recv_into would
+    p.payload_received(50000)
+    del view
+    p.receive_data(data[51000:] + P.encode_request(P.NBD_CMD_FLUSH, 6, 0, 0))
+    assert p.payload_buffer() is None
+    req = p.next_event()
+    assert (req.cookie, bytes(req.payload)) == (5, data)
+    assert p.next_event() == P.Request(P.NBD_CMD_FLUSH, 0, 6, 0, 0)
+    assert not p.partial
