@@ -38,9 +38,10 @@ def server_factory(tmp_path):
         srv.stop()
 
 
-@pytest.fixture
-def nbd_server(server_factory) -> NBDServerThread:
-    return server_factory()
+@pytest.fixture(params=["thread", "trio"])
+def nbd_server(server_factory, request) -> NBDServerThread:
+    """The default exports, served in both transmission I/O modes."""
+    return server_factory(io_mode=request.param)
 
 
 class RawClient:

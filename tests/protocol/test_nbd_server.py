@@ -169,6 +169,7 @@ async def test_list_exports(nbd_server):
 async def test_client_does_not_send_flush_when_not_offered():
     """A fake server without SEND_FLUSH: flush() must not put anything on the wire."""
     received = []
+    finished = trio.Event()
 
     async def fake(stream):
         await stream.send_all(P.encode_greeting())
@@ -184,6 +185,7 @@ async def test_client_does_not_send_flush_when_not_offered():
         )
         while data := await stream.receive_some(4096):
             received.append(data)
+        finished.set()
 
     async with trio.open_nursery() as n:
         listeners = await n.start(functools.partial(trio.serve_tcp, fake, 0, host="127.0.0.1"))
@@ -192,7 +194,8 @@ async def test_client_does_not_send_flush_when_not_offered():
             assert not c.info.can_flush
             await c.flush()
             await c.trim(0, 4096)
-        await trio.sleep(0.1)
+        with trio.fail_after(10):
+            await finished.wait()  # the fake server saw the client close
         n.cancel_scope.cancel()
     wire = b"".join(received)
     assert wire == P.encode_request(P.NBD_CMD_DISC, 0, 0, 0)  # only the DISC
