@@ -126,8 +126,7 @@ class Machine:
 
     async def _boot_and_run(self, task_status) -> None:
         cfg = self.cfg
-        k = self.k = Kernel(cfg)
-        k.skb = SkbAllocator(k)
+        k = self.k = boot_kernel(cfg)
         swap_bytes = cfg.swap.size_mib << 20
         if cfg.swap.server == "embedded":
             spec = ExportSpec(name="swap", size=swap_bytes, backend=cfg.swap.backend,
@@ -137,20 +136,11 @@ class Machine:
             host, port, export = "127.0.0.1", self.server.port, "swap"
         else:
             host, port, export = parse_nbd_url(cfg.swap.server)
-        raw = await connect_raw(host, port)
-        self._handshake_stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
-        with trio.fail_after(10):
-            info = await nbd_handshake(self._handshake_stream, export)
-        if info.size < swap_bytes:
-            raise ConfigError("swap.size_mib",
-                              f"{cfg.swap.size_mib} MiB is larger than the NBD export "
-                              f"{export!r} at {host}:{port} ({info.size} bytes)")
-        if info.read_only:
-            raise ConfigError("swap.server", f"the NBD export {export!r} is read-only")
-        sock = Sock(k, raw, "nbd0")
+        self.nbd, self._handshake_stream = await attach_nbd_swap(
+            k, host, port, export, swap_bytes, cfg.network.mss)
+        sock = self.nbd.sock
+        info = self.nbd.info
         self.sockets.append(sock)
-        self.nbd = NBDDevice(k, sock, info, cfg.network.mss)
-        k.swap.bdev = self.nbd
 
         zone = k.pgdat.zone
         log.info("run_start", t=0.0, schema=logs.SCHEMA_VERSION, config=cfg.to_dict(),
@@ -178,16 +168,11 @@ class Machine:
         per_proc = max(1, cfg.workload_pages // nprocs)
         workload = WORKLOADS[cfg.workload.kind]
         kswapd_task = create_kswapd(k)
-        nbd_thread = k.new_task("nbd0", PF.KTHREAD)
-        nbd_client = k.new_task("nbd-client")
-        rx_ctx = k.new_task("ksoftirqd/nbd0", cpu=0, in_softirq=True)
         self.processes = [UserProcess(k, "usemem", per_proc) for _ in range(nprocs)]
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(kswapd, k, kswapd_task)
-            nursery.start_soon(self._kthread, nbd_thread, self.nbd.nbd_thread)
-            nursery.start_soon(self._kthread, nbd_client, self.nbd.nbd_do_it)
-            nursery.start_soon(net_rx_action, k, sock, rx_ctx, cfg.network.mss)
+            start_nbd_device(k, nursery, self.nbd)
             await self._start_background(nursery)
             nursery.start_soon(k.slab.reap_loop)
             nursery.start_soon(sampler, k, cfg.run.sample_interval_ms / 1000, self._extra)
@@ -204,10 +189,6 @@ class Machine:
                     killed = sum(p.outcome == "killed" for p in self.processes)
                     self._outcome = "failed" if (killed or k.integrity_errors) else "completed"
             nursery.cancel_scope.cancel()
-
-    async def _kthread(self, task, fn) -> None:
-        async with running(task):
-            await fn(task)
 
     async def _start_background(self, nursery) -> None:
         bg = self.cfg.network.background
@@ -276,6 +257,45 @@ class Machine:
 
     def _any_task(self):
         return next(iter(self.k.tasks.values()))
+
+
+def boot_kernel(cfg: Config) -> Kernel:
+    """The kernel with its network buffer allocator (call inside trio)."""
+    k = Kernel(cfg)
+    k.skb = SkbAllocator(k)
+    return k
+
+
+async def attach_nbd_swap(k: Kernel, host: str, port: int, export: str, swap_bytes: int,
+                          mss: int) -> tuple[NBDDevice, trio.SocketStream]:
+    """What nbd-client does: connect, negotiate the export, hand the socket to the
+    NBD driver (NBD_SET_SOCK), which becomes the swap device."""
+    raw = await connect_raw(host, port)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+    with trio.fail_after(10):
+        info = await nbd_handshake(stream, export)
+    if info.size < swap_bytes:
+        raise ConfigError("swap.size_mib",
+                          f"{swap_bytes >> 20} MiB is larger than the NBD export "
+                          f"{export!r} at {host}:{port} ({info.size} bytes)")
+    if info.read_only:
+        raise ConfigError("swap.server", f"the NBD export {export!r} is read-only")
+    dev = NBDDevice(k, Sock(k, raw, "nbd0"), info, mss)
+    k.swap.bdev = dev
+    return dev, stream
+
+
+def start_nbd_device(k: Kernel, nursery: trio.Nursery, dev: NBDDevice) -> None:
+    """NBD_DO_IT: the nbd0 kernel thread, the receiver in nbd-client's context, and the
+    NET_RX handler of the NBD socket (on CPU 0)."""
+    async def kthread(task, fn) -> None:
+        async with running(task):
+            await fn(task)
+
+    nursery.start_soon(kthread, k.new_task("nbd0", PF.KTHREAD), dev.nbd_thread)
+    nursery.start_soon(kthread, k.new_task("nbd-client"), dev.nbd_do_it)
+    rx_ctx = k.new_task("ksoftirqd/nbd0", cpu=0, in_softirq=True)
+    nursery.start_soon(net_rx_action, k, dev.sock, rx_ctx, dev.mss)
 
 
 async def run_machine(cfg: Config, log_path: str | None = None, **kw) -> RunResult:
