@@ -145,14 +145,19 @@ class NBDClient:
         cls, url: str, *, structured_replies: bool = False, timeout: float = 10.0
     ) -> AsyncIterator["NBDClient"]:
         host, port, name = parse_nbd_url(url)
-        with trio.fail_after(timeout):
-            try:
-                stream = await trio.open_tcp_stream(host, port)
-            except OSError as exc:
-                raise NBDHandshakeError(f"cannot connect to {host}:{port}: {exc}") from None
-        async with stream:
+        try:
             with trio.fail_after(timeout):
-                info = await nbd_handshake(stream, name, structured_replies=structured_replies)
+                stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise NBDHandshakeError(f"cannot connect to {host}:{port}: {exc}") from None
+        except trio.TooSlowError:
+            raise NBDHandshakeError(f"cannot connect to {host}:{port}: timed out after {timeout} s") from None
+        async with stream:
+            try:
+                with trio.fail_after(timeout):
+                    info = await nbd_handshake(stream, name, structured_replies=structured_replies)
+            except trio.TooSlowError:
+                raise NBDHandshakeError(f"NBD handshake with {host}:{port} timed out after {timeout} s") from None
             client = cls(stream, info)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)

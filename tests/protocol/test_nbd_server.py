@@ -293,3 +293,19 @@ def test_server_thread_start_failure_raises():
     with NBDServerThread([ExportSpec("", MiB)]) as srv:
         with pytest.raises(RuntimeError, match="failed to start"):
             NBDServerThread([ExportSpec("", MiB)], port=srv.port).start()
+
+
+async def test_client_handshake_timeout_and_refused():
+    async def silent(stream):
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with pytest.raises(NBDHandshakeError, match="timed out"):
+            async with NBDClient.connect(f"nbd://127.0.0.1:{port}/", timeout=0.3):
+                pass
+        n.cancel_scope.cancel()
+    with pytest.raises(NBDHandshakeError, match="cannot connect"):
+        async with NBDClient.connect(f"nbd://127.0.0.1:{port}/"):
+            pass
