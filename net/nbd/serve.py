@@ -115,13 +115,13 @@ def _build_exports(args) -> list[ExportSpec]:
     return exports
 
 
-async def _serve(server: NBDServer, host: str, port: int) -> None:
+async def _serve(server: NBDServer, host: str, port: int, announce) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
             h = f"[{host}]" if ":" in host else host
             urls = " ".join(f"nbd://{h}:{bound}/{urllib.parse.quote(s.name)}" for s in server.specs)
-            print(f"swapnbd serve: listening on {urls}", flush=True)
+            announce(f"swapnbd serve: listening on {urls}")
             async for signum in signals:
                 structlog.get_logger("net.nbd.serve").info("nbd_serve_signal", signal=signal.Signals(signum).name)
                 server.request_shutdown()
@@ -150,7 +150,7 @@ def serve_main(args) -> int:
         return 2
     _configure_logging(getattr(args, "log_level", "info"))
     try:
-        trio.run(_serve, server, args.host, args.port)
+        trio.run(_serve, server, args.host, args.port, lambda line: print(line, flush=True))
     except (OSError, BaseExceptionGroup) as exc:
         oserr = _find_oserror(exc)
         if oserr is None:
