@@ -251,7 +251,10 @@ class Machine:
                                 procs, diagnosis=self._diagnosis, error=self._error,
                                 log_path=self.log_path, nbd_latency=lat, throttle=throttle)
         log_vmstat(k, self._extra)
-        log.info("run_end", outcome=outcome, elapsed_s=round(elapsed, 3),
+        tasks = [{"pid": t.pid, "comm": t.comm, "user_s": round(t.utime, 3),
+                  "sys_s": round(t.stime, 3), "softirq_s": round(t.sirqtime, 3),
+                  "allocstall": t.allocstall} for t in k.tasks.values()]
+        log.info("run_end", tasks=tasks, outcome=outcome, elapsed_s=round(elapsed, 3),
                  integrity_errors=k.integrity_errors, vm=self.result.vm, cpus=cpus, time=times,
                  processes=procs, nbd_latency=lat, throttle=throttle, error=self._error)
 

@@ -37,7 +37,7 @@ class Task:
     __slots__ = (
         "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
         "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start",
-        "on_cpu", "mm", "exited", "__weakref__",
+        "on_cpu", "mm", "exited", "allocstall", "__weakref__",
     )
 
     def __init__(self, pid: int, comm: str, cpu: CPU, flags: PF = PF(0), *,
@@ -59,6 +59,7 @@ class Task:
         self.on_cpu = False
         self.mm = None  #: the task's MMStruct (user processes only)
         self.exited = False
+        self.allocstall = 0  #: times this task entered direct reclaim
 
     # -- context predicates (include/linux/hardirq.h) --------------------------
     def in_interrupt(self) -> bool:
@@ -128,6 +129,8 @@ class Task:
              "flags": [f.name for f in PF if f & self.flags]}
         if self.memdie:
             d["memdie"] = True
+        if self.allocstall:
+            d["allocstall"] = self.allocstall
         if self.wchan is not None:
             d["wchan"] = self.wchan
             d["waiting_s"] = round(trio.current_time() - self.wait_since, 3)

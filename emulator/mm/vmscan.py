@@ -455,6 +455,7 @@ class VMScan:
             return 1
         sc = ScanControl(gfp, SWAP_CLUSTER_MAX, order, kswapd=False)
         self.vmstat["allocstall"] += 1
+        task.allocstall += 1
         log.debug("direct_reclaim_begin", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
                   free=self.zone.nr_free_pages)
         zone = self.zone

@@ -1,0 +1,83 @@
+"""An NBD round trip over real loopback TCP with memory held at a quarter of min.
+
+At that level GFP_ATOMIC (floor 3/8 of min) cannot allocate, so without the
+series neither the request (the sender's GFP_NOIO allocations loop in direct
+reclaim that cannot start I/O) nor the reply (NET_RX drops it) can get
+memory; with it, the NBD socket is SOCK_MEMALLOC, the sender runs with
+PF_MEMALLOC, and both directions use the reserves — while a packet for an
+ordinary socket that could only land in the reserves is dropped by sk_filter.
+
+Timeouts here bound how long the test waits for something that must not
+happen; they are not performance thresholds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from actors.cpu import running
+from actors.netload import start_background_traffic
+from emulator.config import BackgroundConfig
+from emulator.flags import GFP_NOIO, PF
+from emulator.machine import attach_nbd_swap, start_nbd_device
+from net.nbd.server import ExportSpec
+from net.nbd.thread import NBDServerThread
+from netmem_helpers import hold_free_at, kernel, release
+
+SWAP = 96 << 20
+
+
+@pytest.mark.parametrize("patches", ["swapnbd", "vanilla"])
+async def test_nbd_read_at_quarter_min(patches):
+    k = kernel(patches, "slub")
+    srv = NBDServerThread([ExportSpec(name="swap", size=SWAP)])
+    await trio.to_thread.run_sync(srv.start)
+    senders: list = []
+    try:
+        dev, stream = await attach_nbd_swap(k, "127.0.0.1", srv.port, "swap", SWAP, 1448)
+        init = k.new_task("swapper", PF.KTHREAD, cpu=0)
+        async with running(init):
+            await dev.init_pools(init)
+        async with trio.open_nursery() as nursery:
+            start_nbd_device(k, nursery, dev)
+            bg = BackgroundConfig(streams=1, rate_kib_s=512, reader_rate_kib_s=64)
+            (bg_sock,) = await start_background_traffic(k, nursery, bg, 1448, senders)
+            with trio.fail_after(10):
+                while patches == "swapnbd" and not k.sk_memalloc_socks():
+                    await trio.sleep(0.01)  # nbd-client's NBD_DO_IT runs sk_set_memalloc
+            held = hold_free_at(k, k.pgdat.zone.watermark[0] // 4)
+            done = trio.Event()
+            result: dict = {}
+
+            def end_io(bio, error):
+                result["error"] = error
+                result["data"] = bio.data
+                done.set()
+
+            task = k.new_task("reader")
+            async with running(task):
+                bio = await dev.bio_alloc(GFP_NOIO, task)  # from the bio mempool
+                bio.prepare_read(4096, 4096, None, end_io)
+                await dev.submit_bio(bio, task)
+            with trio.move_on_after(5):
+                await done.wait()
+            if patches == "swapnbd":
+                assert done.is_set(), "the NBD read did not complete with the series applied"
+                assert result["error"] == 0 and result["data"] == bytes(4096)
+                assert k.vmstat["pgalloc_pfmemalloc"] > 0  # it needed the reserves
+                with trio.fail_after(20):
+                    while not k.vmstat["skb_drop_pfmemalloc"]:
+                        await trio.sleep(0.05)
+                assert bg_sock.drops["pfmemalloc"] > 0
+                assert dev.sock.drops["pfmemalloc"] == 0
+            else:
+                assert not done.is_set(), "vanilla completed an NBD read at a quarter of min"
+                assert dev.requests == 0  # the request never left: TX could not allocate
+                assert k.vmstat["skb_drop_pfmemalloc"] == 0
+            nursery.cancel_scope.cancel()
+        release(k, held)
+    finally:
+        for s in senders:
+            await trio.to_thread.run_sync(s.stop)
+        await trio.to_thread.run_sync(srv.stop)
