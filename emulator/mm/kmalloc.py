@@ -10,7 +10,10 @@ Size classes, as each allocator has them on x86_64 with 64-byte cache lines:
   SLAB: 32 64 128 192 256 512 1024 2048 4096 8192   (kmalloc(8) uses the 32-byte
         class; there is no 96 because L1_CACHE_BYTES is not below 64)
 Both are named ``kmalloc-N`` here (3.6 SLAB called them ``size-N``) so that the
-two allocators' slabinfo lines compare directly.
+two allocators' slabinfo lines compare directly. Under SLUB (merging on, the
+default) kmalloc-192 is also the ``bio`` cache and kmalloc-256 also
+``skbuff_head_cache``: kmalloc(129..192) and bios, kmalloc(193..256) and skb
+heads, share one cache and its per-CPU slabs (mm/slub.py, find_mergeable).
 
 Requests above 8192 bytes go straight to the page allocator
 (kmalloc_large: ``alloc_pages(gfp | __GFP_COMP, get_order(size))``, owner

@@ -20,12 +20,25 @@ Patch gates: 1 (PFMEMALLOC slab rules, both allocators), 2 (SLUB fast path),
 13 (no behavioural effect: the model gates SLAB's checks on
 ``sk_memalloc_socks()`` with or without the static key).
 
+Cache merging: ``kmem_cache_create`` first asks the allocator for an existing
+cache to alias (``_kmem_cache_alias``; 3.6 SLUB does this in its
+__kmem_cache_create via find_mergeable, later kernels call it
+__kmem_cache_alias). SLAB never merges; SLUB does, by default, as 3.6 does
+(see mm/slub.py): the caller gets the existing cache itself, as the kernel
+returns the existing ``struct kmem_cache *``, its ``refcount`` goes up and
+the new name is added to its ``aliases``. So under SLUB
+``k.slab.skbuff_head_cache is k.slab.kmalloc_caches[256]`` and
+``k.slab.bio_cache is k.slab.kmalloc_caches[192]``. ``caches`` holds each
+real cache once, so slabinfo() lists a merged cache once, under its first
+name (as /proc/slabinfo does), with an ``aliases`` field, and check() /
+shrink_all() visit it once.
+
 Simplified: one NUMA node and CONFIG_NUMA off (no alien caches, no
 ____cache_alloc_node fallback, no remote partial lists); no slab debugging,
 no constructors' work (``ctor`` only moves SLUB's free pointer as in
-calculate_sizes), no SLUB cache merging (the kernel would merge
-skbuff_head_cache into kmalloc-256 and bio into kmalloc-192; here they keep
-their own slabs), no RCU-deferred slab freeing, no kmemcheck/kmemleak.
+calculate_sizes and keeps the cache out of SLUB merging), no
+kmem_cache_destroy (so no alias refcount drops), no RCU-deferred slab
+freeing, no kmemcheck/kmemleak.
 """
 
 from __future__ import annotations
@@ -42,11 +55,21 @@ if TYPE_CHECKING:
     from emulator.task import Task
 
 # -- include/linux/slab.h creation flags (3.6 values) ------------------------------
+SLAB_DEBUG_FREE = 0x00000100
+SLAB_RED_ZONE = 0x00000400
+SLAB_POISON = 0x00000800
 SLAB_HWCACHE_ALIGN = 0x00002000
 SLAB_CACHE_DMA = 0x00004000
+SLAB_STORE_USER = 0x00010000
 SLAB_RECLAIM_ACCOUNT = 0x00020000
 SLAB_PANIC = 0x00040000
 SLAB_DESTROY_BY_RCU = 0x00080000
+SLAB_MEM_SPREAD = 0x00100000
+SLAB_TRACE = 0x00200000
+SLAB_DEBUG_OBJECTS = 0x00400000  #: 0 without CONFIG_DEBUG_OBJECTS
+SLAB_NOLEAKTRACE = 0x00800000
+SLAB_NOTRACK = 0x01000000  #: 0 without CONFIG_KMEMCHECK
+SLAB_FAILSLAB = 0x02000000  #: 0 without CONFIG_FAILSLAB
 
 #: cache_line_size() on x86_64.
 CACHE_LINE_SIZE = 64
@@ -116,6 +139,10 @@ class KmemCacheBase:
         self.ctor = ctor
         self.size = object_size  # the aligned per-object footprint
         self.nr_allocated = 0  #: objects handed out and not yet freed (exact)
+        #: kmem_cache_create() calls that returned this cache (SLUB aliases add one).
+        self.refcount = 1
+        #: names of the kmem_cache_create() calls merged into this cache (SLUB only).
+        self.aliases: list[str] = []
 
     @property
     def reclaim_account(self) -> bool:
@@ -160,12 +187,22 @@ class SlabAllocator:
     # -- the interface ------------------------------------------------------------
     def kmem_cache_create(self, name: str, size: int, align: int = 8, *, flags: int = 0,
                           ctor: bool = False):
-        """kmem_cache_create(): a new cache of ``size``-byte objects."""
+        """kmem_cache_create(): a cache of ``size``-byte objects — an existing one if the
+        allocator merges this request into it (SLUB), else a new one."""
         if size <= 0 or size > KMALLOC_MAX_CACHE_SIZE:
             raise ValueError(f"kmem_cache_create({name!r}): size {size} not in 1..8192")
-        cache = self._create(name, size, align, flags, ctor)
-        self.caches.append(cache)
-        return cache
+        with self.lock:
+            cache = self._kmem_cache_alias(name, size, align, flags, ctor)
+            if cache is not None:
+                return cache
+            cache = self._create(name, size, align, flags, ctor)
+            self.caches.append(cache)
+            return cache
+
+    def _kmem_cache_alias(self, name, size, align, flags, ctor):
+        """An existing cache to merge this request into, its refcount and aliases
+        updated; None for a new cache. SLAB never merges."""
+        return None
 
     def _create(self, name, size, align, flags, ctor):  # pragma: no cover
         raise NotImplementedError
@@ -204,8 +241,15 @@ class SlabAllocator:
             kmalloc_mod.kfree(self, obj, task)
 
     def slabinfo(self) -> list[dict]:
+        """One dict per cache, as /proc/slabinfo lists them: a merged SLUB cache once,
+        under its first name, with the merged names in ``aliases``."""
         with self.lock:
-            return [self._slabinfo(c) for c in self.caches]
+            out = []
+            for c in self.caches:
+                d = self._slabinfo(c)
+                d["aliases"] = list(c.aliases)
+                out.append(d)
+            return out
 
     def _slabinfo(self, cache) -> dict:  # pragma: no cover
         raise NotImplementedError
@@ -216,6 +260,8 @@ class SlabAllocator:
             pages = 0
             reclaimable = 0
             for cache in self.caches:
+                assert cache.refcount == 1 + len(cache.aliases), (
+                    f"{cache.name}: refcount {cache.refcount}, aliases {cache.aliases}")
                 n = self._check_cache(cache)
                 pages += n
                 if cache.reclaim_account:
@@ -288,12 +334,14 @@ class SlabAllocator:
                 f"{p!r}: PageSlabPfmemalloc disagrees with {slab!r}")
 
 
-def create_slab_allocator(k: Kernel, kind: str) -> SlabAllocator:
-    """The slab allocator the kernel was built with: "slab" (CONFIG_SLAB) or "slub"."""
+def create_slab_allocator(k: Kernel, kind: str, *, slub_nomerge: bool = False) -> SlabAllocator:
+    """The slab allocator the kernel was built with: "slab" (CONFIG_SLAB) or "slub".
+    ``slub_nomerge`` is the boot parameter of that name: SLUB merges no caches (SLAB
+    ignores it; it never merges)."""
     if kind == "slab":
         from emulator.mm.slab import SlabAllocatorSLAB
         return SlabAllocatorSLAB(k)
     if kind == "slub":
         from emulator.mm.slub import SlabAllocatorSLUB
-        return SlabAllocatorSLUB(k)
+        return SlabAllocatorSLUB(k, slub_nomerge=slub_nomerge)
     raise ValueError(f"machine.slab: {kind!r} is not 'slab' or 'slub'")

@@ -29,10 +29,25 @@ Models mm/slub.c (3.6, CONFIG_NUMA off, no slub_debug):
     without patch 2 the fast path also checks pfmemalloc_match. Without patch 1:
     3.5, no marks, no checks.
 
+  * Cache merging (3.6 __kmem_cache_create -> find_mergeable, on by default):
+    a kmem_cache_create() whose flags have no SLUB_NEVER_MERGE bit and which
+    has no constructor is served by the most recently created existing cache
+    that is mergeable itself (no SLUB_NEVER_MERGE flag, no ctor, refcount >= 0)
+    and has the same SLUB_MERGE_SAME flags, an s->size at least the request's
+    size (word-aligned, then aligned to calculate_alignment()) and less than a
+    word larger, and an s->size that is a multiple of that alignment. The
+    caller gets that cache itself; its refcount goes up, object_size and inuse
+    grow to cover the new size, and the name is recorded in ``aliases`` (the
+    sysfs_slab_alias() symlink). ``slub_nomerge`` (the boot parameter; the
+    constructor argument) turns it off. With the model's standard caches:
+    skbuff_head_cache (256, HWCACHE_ALIGN) is kmalloc-256, bio (192,
+    HWCACHE_ALIGN) is kmalloc-192; radix_tree_node (ctor) and blkdev_requests
+    (352: no 352..359-byte cache) stay separate.
+
 Simplified: no cmpxchg_double (the machine lock serialises every section, so
-``tid`` is bookkeeping only); no full list (debug only in the kernel); no
-cache merging; slabs are never sorted by kmem_cache_shrink beyond discarding
-the empty ones.
+``tid`` is bookkeeping only); no full list (debug only in the kernel); slabs
+are never sorted by kmem_cache_shrink beyond discarding the empty ones; no
+slub_debug, so kmem_cache_flags() adds nothing before merging.
 """
 
 from __future__ import annotations
@@ -44,8 +59,10 @@ from emulator.flags import GFP, GFP_CONSTRAINT_MASK, GFP_RECLAIM_MASK
 from emulator.mm.mmzone import MAX_ORDER, PAGE_ALLOC_COSTLY_ORDER
 from emulator.mm.page import PAGE_SHIFT, PAGE_SIZE, Owner, Page
 from emulator.mm.slab_common import (
-    ALIGN, ARCH_SLAB_MINALIGN, BYTES_PER_WORD, CACHE_LINE_SIZE, SLAB_DESTROY_BY_RCU,
-    SLAB_HWCACHE_ALIGN, KmemCacheBase, SlabAllocator, SlabObj, fls, get_order,
+    ALIGN, ARCH_SLAB_MINALIGN, BYTES_PER_WORD, CACHE_LINE_SIZE, SLAB_CACHE_DMA,
+    SLAB_DEBUG_FREE, SLAB_DESTROY_BY_RCU, SLAB_FAILSLAB, SLAB_HWCACHE_ALIGN, SLAB_NOLEAKTRACE,
+    SLAB_NOTRACK, SLAB_POISON, SLAB_RECLAIM_ACCOUNT, SLAB_RED_ZONE, SLAB_STORE_USER,
+    SLAB_TRACE, KmemCacheBase, SlabAllocator, SlabObj, fls, get_order,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +75,12 @@ MAX_OBJS_PER_PAGE = 32767
 slub_min_order = 0
 slub_max_order = PAGE_ALLOC_COSTLY_ORDER
 slub_min_objects = 0
+
+#: Flags that keep a cache out of merging, either way (3.6 mm/slub.c).
+SLUB_NEVER_MERGE = (SLAB_RED_ZONE | SLAB_POISON | SLAB_STORE_USER | SLAB_TRACE
+                    | SLAB_DESTROY_BY_RCU | SLAB_NOLEAKTRACE | SLAB_FAILSLAB)
+#: Flags two caches must agree on to merge.
+SLUB_MERGE_SAME = SLAB_DEBUG_FREE | SLAB_RECLAIM_ACCOUNT | SLAB_CACHE_DMA | SLAB_NOTRACK
 
 _SLAB_PAGE_GFP_MASK = int(GFP_RECLAIM_MASK | GFP_CONSTRAINT_MASK)
 _NOWARN_NORETRY = int(GFP.NOWARN | GFP.NORETRY)
@@ -201,14 +224,76 @@ def cpu_partial_for(size: int) -> int:
     return 30
 
 
+def create_unique_id(s: KmemCache) -> str:
+    """create_unique_id(): the /sys/kernel/slab directory of a mergeable cache, e.g.
+    ":t-0000256" (its names are symlinks to it). 't': SLAB_NOTRACK is clear."""
+    tags = ""
+    if s.flags & SLAB_CACHE_DMA:
+        tags += "d"
+    if s.flags & SLAB_RECLAIM_ACCOUNT:
+        tags += "a"
+    if s.flags & SLAB_DEBUG_FREE:
+        tags += "F"
+    if not s.flags & SLAB_NOTRACK:
+        tags += "t"
+    return f":{tags}{'-' if tags else ''}{s.size:07d}"
+
+
 class SlabAllocatorSLUB(SlabAllocator):
     kind = "slub"
     kmalloc_flags = 0
 
-    def __init__(self, k: Kernel) -> None:
+    def __init__(self, k: Kernel, *, slub_nomerge: bool = False) -> None:
         #: patch 2 absent (with patch 1): the fast path checks pfmemalloc_match too.
         self.fastpath_check = k.patches.has(1) and not k.patches.has(2)
+        #: the ``slub_nomerge`` boot parameter: no cache merging. It must be given to
+        #: the constructor to affect the standard caches (created here, at "boot");
+        #: changing it later affects later kmem_cache_create() calls only.
+        self.slub_nomerge = slub_nomerge
         super().__init__(k)
+
+    # -- cache merging (find_mergeable / slab_unmergeable) ----------------------------
+    def slab_unmergeable(self, s: KmemCache) -> bool:
+        """slab_unmergeable(): may ``s`` take aliases?"""
+        return bool(self.slub_nomerge or s.flags & SLUB_NEVER_MERGE or s.ctor
+                    or s.refcount < 0)
+
+    def find_mergeable(self, size: int, align: int, flags: int, name: str,
+                       ctor: bool) -> KmemCache | None:
+        """find_mergeable(): an existing cache that can serve this kmem_cache_create().
+        slab_caches is a list_add()ed list, so the newest cache is tried first."""
+        if self.slub_nomerge or flags & SLUB_NEVER_MERGE:
+            return None
+        if ctor:
+            return None
+        size = ALIGN(size, BYTES_PER_WORD)
+        align = calculate_alignment(flags, align, size)
+        size = ALIGN(size, align)
+        for s in reversed(self.caches):
+            if self.slab_unmergeable(s):
+                continue
+            if size > s.size:
+                continue
+            if flags & SLUB_MERGE_SAME != s.flags & SLUB_MERGE_SAME:
+                continue
+            if s.size & ~(align - 1) != s.size:  # alignment compatible
+                continue
+            if s.size - size >= BYTES_PER_WORD:
+                continue
+            return s
+        return None
+
+    def _kmem_cache_alias(self, name, size, align, flags, ctor) -> KmemCache | None:
+        """The merging half of 3.6's __kmem_cache_create: refcount++, grow object_size
+        and inuse to cover the new user's objects, record the alias name."""
+        s = self.find_mergeable(size, align, flags, name, ctor)
+        if s is None:
+            return None
+        s.refcount += 1
+        s.object_size = max(s.object_size, size)
+        s.inuse = max(s.inuse, ALIGN(size, BYTES_PER_WORD))
+        s.aliases.append(name)
+        return s
 
     # -- kmem_cache_open / calculate_sizes -------------------------------------------
     def _create(self, name, size, align, flags, ctor) -> KmemCache:
@@ -535,6 +620,7 @@ class SlabAllocatorSLUB(SlabAllocator):
             "cpu_partial_slabs": cpu_partial_slabs, "min_partial": s.min_partial,
             "cpu_partial": s.cpu_partial, "order_fallback": s.order_fallback,
             "pages": sum(1 << p.order for p in n.slabs),
+            "sysfs_name": s.name if self.slab_unmergeable(s) else create_unique_id(s),
         }
 
     def _check_cache(self, s: KmemCache) -> int:

@@ -2,7 +2,9 @@
 
 ``make_kernel(kind, patches, ...)`` builds just what the slab allocators and the
 page allocator touch: the lock, vmstat, one node, CPUs, the memalloc_socks count,
-stubbed reclaim (never makes progress) and OOM (never kills).
+stubbed reclaim (never makes progress) and OOM (never kills). SLUB merges caches
+as the kernel does by default; ``slub_nomerge=True`` boots it with the
+``slub_nomerge`` parameter.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class TestKernel:
     __test__ = False
 
     def __init__(self, kind: str = "slub", patches=ALL, *, cpus: int = 2,
-                 memory_mib: int = 64, min_free_kbytes: int | None = None) -> None:
+                 memory_mib: int = 64, min_free_kbytes: int | None = None,
+                 slub_nomerge: bool = False) -> None:
         self.patches = patches if isinstance(patches, PatchSet) else PatchSet.of(patches)
         self.hz_scale = 1.0
         self.lock = threading.RLock()
@@ -62,7 +65,7 @@ class TestKernel:
         self.vmscan = _VMScanStub()
         self.oom = _OOMStub()
         self.page_alloc = PageAllocator(self)
-        self.slab = create_slab_allocator(self, kind)
+        self.slab = create_slab_allocator(self, kind, slub_nomerge=slub_nomerge)
         self._pid = 0
 
     def hz(self, seconds: float) -> float:

@@ -1,9 +1,12 @@
 """Conservation under random alloc/free sequences on several CPUs, both allocators.
 
-Every object is free exactly once or allocated; every slab page is owned by SLAB,
-carries PG_slab and points at its slab; NR_SLAB_* equal the pages the slabs hold;
-and when everything is freed and the caches shrink (SLAB: also by cache_reap
-alone), every page goes back to the buddy allocator.
+Objects come from kmalloc and from the standard caches (under SLUB merged into
+kmalloc-256 / kmalloc-192 by default; also run with slub_nomerge) and are freed
+with kmem_cache_free or kfree. Every object is free exactly once or allocated;
+every slab page is owned by SLAB, carries PG_slab and points at its slab;
+NR_SLAB_* equal the pages the slabs hold; and when everything is freed and the
+caches shrink (SLAB: also by cache_reap alone), every page goes back to the
+buddy allocator.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from emulator.flags import ALLOC_NO_WATERMARKS, GFP_ATOMIC, GFP_KERNEL, PF
 from emulator.mm.page import Owner
 
 SIZES = [8, 60, 200, 256, 500, 1000, 2048, 3000, 4096, 8192, 9000]
+#: the standard caches (under SLUB, skbuff_head_cache and bio are kmalloc-256/-192).
+CACHES = ["skbuff_head_cache", "bio_cache", "request_cache", "radix_tree_node"]
 
 op = st.one_of(
     st.tuples(st.just("alloc"), st.sampled_from(SIZES), st.integers(0, 2), st.integers(1, 40)),
+    st.tuples(st.just("cache"), st.sampled_from(CACHES), st.integers(0, 2), st.integers(1, 40)),
     st.tuples(st.just("free"), st.integers(0, 10_000), st.integers(0, 2), st.integers(1, 40)),
     st.tuples(st.just("reap"), st.integers(0, 2), st.just(0), st.just(0)),
     st.tuples(st.just("shrink"), st.just(0), st.just(0), st.just(0)),
@@ -28,7 +34,9 @@ op = st.one_of(
 
 
 async def run_ops(kind: str, ops, memalloc: bool) -> None:
-    k = make_kernel(kind, ALL, cpus=3, memory_mib=32)
+    nomerge = kind == "slub-nomerge"
+    kind = "slub" if nomerge else kind
+    k = make_kernel(kind, ALL, cpus=3, memory_mib=32, slub_nomerge=nomerge)
     k.memalloc_socks = 1 if memalloc else 0
     s = k.slab
     free0 = k.pgdat.zone.nr_free_pages
@@ -42,27 +50,42 @@ async def run_ops(kind: str, ops, memalloc: bool) -> None:
                 task = kswapd[cpu] if i % 3 == 0 else tasks[cpu]
                 obj = await s.kmalloc(a, GFP_KERNEL, task)
                 assert obj is not None
-                live.append(obj)
+                live.append((obj, None))
+        elif what == "cache":
+            cache = getattr(s, a)
+            for i in range(n):
+                task = kswapd[cpu] if i % 3 == 0 else tasks[cpu]
+                obj = await s.kmem_cache_alloc(cache, GFP_KERNEL, task)
+                assert obj is not None and obj.cache is cache
+                live.append((obj, cache))
         elif what == "free":
-            for _ in range(min(n, len(live))):
-                s.kfree(live.pop(a % len(live)), tasks[cpu])
+            for i in range(min(n, len(live))):
+                obj, cache = live.pop(a % len(live))
+                if cache is not None and i % 2:
+                    s.kmem_cache_free(cache, obj, tasks[cpu])
+                else:
+                    s.kfree(obj, tasks[cpu])  # kfree() works on any slab object
         elif what == "reap":
             now += 2.0
             s.cache_reap(a, now)
         else:
             s.shrink_all()
         s.check()
-    for obj in live:
+    for obj, _ in live:
         s.kfree(obj, tasks[0])
     s.check()
     s.shrink_all()
     s.check()
     assert k.vmstat["nr_slab_unreclaimable"] == 0 and k.vmstat["nr_slab_reclaimable"] == 0
     assert k.pgdat.zone.nr_free_pages == free0
-    assert all(d["num_objs"] == 0 for d in s.slabinfo())
+    info = s.slabinfo()
+    assert all(d["num_objs"] == 0 for d in info)
+    merged = kind == "slub" and not nomerge
+    assert (s.skbuff_head_cache is s.kmalloc_caches[256]) == merged
+    assert sum(len(d["aliases"]) for d in info) == (2 if merged else 0)
 
 
-@pytest.mark.parametrize("kind", ["slab", "slub"])
+@pytest.mark.parametrize("kind", ["slab", "slub", "slub-nomerge"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, max_size=30), memalloc=st.booleans())
 def test_conservation_random_sequences(kind, ops, memalloc):
