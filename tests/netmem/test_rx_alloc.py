@@ -93,23 +93,25 @@ async def test_ack_carries_memalloc_only_with_patch_7(patches):
 
 
 @pytest.mark.parametrize("patches,task_flags,memalloc_bit,expect", [
-    # sk_allocation = GFP_NOIO|__GFP_MEMALLOC (patches 8/14) from a task without
-    # PF_MEMALLOC: patch 3 grants the reserves.
-    ("swapnbd", PF.KTHREAD, True, "reserves"),
-    # 3.6's sock_xmit also sets PF_MEMALLOC: the reserves, whatever the mask.
+    # 3.6's sock_xmit: sk_allocation GFP_NOIO|__GFP_MEMALLOC under PF_MEMALLOC.
+    ("swapnbd", PF.KTHREAD | PF.MEMALLOC, True, "reserves"),
+    # PF_MEMALLOC alone grants the reserves, whatever the mask and kernel.
     ("swapnbd", PF.KTHREAD | PF.MEMALLOC, False, "reserves"),
     ("vanilla", PF.KTHREAD | PF.MEMALLOC, True, "reserves"),
 ])
 async def test_tx_alloc_below_min_with_reserve_rights(patches, task_flags, memalloc_bit, expect):
-    """An NBD-sender-like allocation below the min watermark."""
+    """An NBD-sender-like allocation below the min watermark. (Without PF_MEMALLOC,
+    __kmalloc_reserve's first, __GFP_NOMEMALLOC attempt with a __GFP_WAIT mask would
+    enter direct reclaim and loop: 3.6 relies on sock_xmit's PF_MEMALLOC.)"""
     k = kernel(patches)
     task = k.new_task("nbd0", task_flags)
     await task.cpu.acquire(task)
     held = hold_free_at(k, k.pgdat.zone.watermark[0] // 4)
+    before = k.vmstat["pgalloc_pfmemalloc"]
     gfp = GFP_NOIO | (GFP.MEMALLOC if memalloc_bit else GFP(0))
     skb = await k.skb.alloc_skb(1408, gfp, 0, task)
     assert skb is not None and expect == "reserves"
-    assert k.vmstat["pgalloc_pfmemalloc"] > 0
+    assert k.vmstat["pgalloc_pfmemalloc"] > before
     k.skb.kfree_skb(skb, task)
     release(k, held)
 
@@ -126,9 +128,10 @@ async def test_vanilla_nbd_sender_below_min_loops_in_direct_reclaim(memalloc_bit
     await task.cpu.acquire(task)
     held = hold_free_at(k, k.pgdat.zone.watermark[0] // 4)
     gfp = GFP_NOIO | (GFP.MEMALLOC if memalloc_bit else GFP(0))
+    before = k.vmstat["pgalloc_pfmemalloc"]
     with trio.move_on_after(0.5) as scope:
         await k.skb.alloc_skb(1408, gfp, 0, task)
     assert scope.cancelled_caught
     assert k.vmstat["allocstall"] > 1  # it kept reclaiming
-    assert k.vmstat["pgalloc_pfmemalloc"] == 0
+    assert k.vmstat["pgalloc_pfmemalloc"] == before  # never touched the reserves
     release(k, held)

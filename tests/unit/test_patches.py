@@ -72,9 +72,12 @@ class Holder:
         while zone.nr_free_pages > target:
             page = pa.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
             assert page is not None
-            # Test-held pages are not counted as pfmemalloc users (alloc_pages
-            # counts nr_pfmemalloc_pages; this bypasses it).
-            page.pfmemalloc = False
+            # Test-held pages are not counted as pfmemalloc users: drop the mark
+            # (and the gauge get_page_from_freelist raised with it).
+            if page.pfmemalloc:
+                page.pfmemalloc = False
+                k_vm = self.k.vmstat
+                k_vm["nr_pfmemalloc_pages"] -= 1
             self.held.append(page)
         while zone.nr_free_pages < target:
             pa.free_pages(self.held.pop(), 0)
