@@ -233,3 +233,9 @@ async def machine(nursery, tmp_path, request):
     stuck = [h for h in handles if not h.done]
     if stuck:
         raise AssertionError(f"{len(stuck)} machine(s) did not stop within {STOP_TIMEOUT_S} s")
+
+
+def pytest_configure(config) -> None:
+    """Route structlog through the run-log sink for the whole session, so that
+    events logged outside a running machine are not printed to the terminal."""
+    logs.configure()
