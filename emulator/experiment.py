@@ -38,9 +38,9 @@ PUBLISHED = {
 }
 
 ROWS = [
-    ("Sys s", lambda r: r.time.get("sys_s")),
-    ("User+Sys s", lambda r: r.time and round(r.time["user_s"] + r.time["sys_s"], 2)),
-    ("Elapsed s", lambda r: round(r.elapsed_s, 2)),
+    ("Sys s", lambda r: r.time and round(r.time["sys_s"], 1)),
+    ("User+Sys s", lambda r: r.time and round(r.time["user_s"] + r.time["sys_s"], 1)),
+    ("Elapsed s", lambda r: round(r.elapsed_s, 1)),
     ("pswpin", lambda r: r.vm.get("pswpin")),
     ("pswpout", lambda r: r.vm.get("pswpout")),
     ("Direct pages scanned", lambda r: r.vm.get("pgscan_direct")),
@@ -141,7 +141,7 @@ def experiment_main(args: argparse.Namespace) -> int:
 
 def print_seed_table(results: dict, console: Console) -> None:
     t = Table(title="swap over NBD: the seed's four kernels (emulated; published in brackets)")
-    t.add_column("")
+    t.add_column("", no_wrap=True)
     for name in results:
         t.add_column(name, justify="right")
     t.add_row("Outcome", *[f"{_outcome_text(r)} [{PUBLISHED[n]['outcome']}]"
@@ -155,6 +155,8 @@ def print_seed_table(results: dict, console: Console) -> None:
             cells.append(f"{v}" + (f" [{pub}]" if pub is not None else ""))
         t.add_row(label, *cells)
     console.print(t)
+    console.print("Published: 2 GB RAM, 8 processes/CPU, mappings 4x RAM, MMTests "
+                  "vmscan-anon-mmap-write (V15 cover letter). Emulated: see the configs.")
 
 
 def print_ablation_table(results: dict, console: Console) -> None:
