@@ -91,22 +91,31 @@ def explain(d: dict) -> str:
     waits: dict[str, list[str]] = {}
     for t in d["tasks"]:
         key = t.get("wchan") or t.get("state", "?")
+        if t.get("activity"):
+            key = f"{key}: {t['activity']}"
         waits.setdefault(key.split("(")[0] if "lock_page" not in key else "lock_page (swap-in)",
                          []).append(f"{t['comm']}/{t['pid']}")
     lines.append("Tasks:")
     for key, who in sorted(waits.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"  {len(who):3d} in {key}: {', '.join(who[:6])}{' ...' if len(who) > 6 else ''}")
     cycle = []
+    sender = next((t for t in d["tasks"] if t["comm"] == "nbd0"), None)
+    sender_reclaims = bool(sender and "direct reclaim" in (sender.get("activity") or ""))
+    if nbd and nbd["queued"] and sender_reclaims:
+        cycle.append(f"{nbd['queued']} swap writes wait to be sent, but the NBD sender (nbd0) "
+                     f"needs memory to send them: it is in direct reclaim "
+                     f"({sender.get('activity')}), which cannot start swap I/O and finds no "
+                     f"clean page to free — every reclaimable page waits for writeback that "
+                     f"only the sender can start")
     if nbd and nbd["inflight"]:
-        cycle.append("swap writeback waits for NBD replies")
         drops = sum(sum(s["drops"].values()) for s in d["sockets"] if s["sock"].startswith("nbd"))
         if drops:
-            cycle.append("the replies are dropped because receiving them needs memory")
+            cycle.append("swap writeback waits for NBD replies, and the replies are dropped "
+                         "because receiving them needs memory that only writeback can free")
         else:
-            cycle.append("the replies are not being received")
-        cycle.append("and memory can only come back when writeback completes")
+            cycle.append("swap writeback waits for NBD replies that are not arriving")
     if cycle:
-        lines.append("Cycle: " + ", ".join(cycle) + ".")
+        lines.append("Cycle: " + "; ".join(cycle) + ".")
     return "\n".join(lines)
 
 

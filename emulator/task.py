@@ -37,7 +37,7 @@ class Task:
     __slots__ = (
         "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
         "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start",
-        "on_cpu", "mm", "exited", "allocstall", "__weakref__",
+        "on_cpu", "mm", "exited", "allocstall", "activity", "__weakref__",
     )
 
     def __init__(self, pid: int, comm: str, cpu: CPU, flags: PF = PF(0), *,
@@ -60,6 +60,7 @@ class Task:
         self.mm = None  #: the task's MMStruct (user processes only)
         self.exited = False
         self.allocstall = 0  #: times this task entered direct reclaim
+        self.activity: str | None = None  #: what a running task is busy with (diagnosis)
 
     # -- context predicates (include/linux/hardirq.h) --------------------------
     def in_interrupt(self) -> bool:
@@ -138,6 +139,8 @@ class Task:
             d["state"] = "running"
         else:
             d["state"] = "runnable" if not self.exited else "exited"
+        if self.activity and self.wchan is None:
+            d["activity"] = self.activity
         return d
 
     def __repr__(self) -> str:

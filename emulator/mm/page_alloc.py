@@ -115,7 +115,10 @@ class PageAllocator:
         """alloc_pages(): the fast path at the low watermark, else the slow path."""
         page = self.get_page_from_freelist(gfp, order, ALLOC_WMARK_LOW | ALLOC_CPUSET, owner)
         if page is None:
-            page = await self._alloc_pages_slowpath(gfp, order, task, owner)
+            try:
+                page = await self._alloc_pages_slowpath(gfp, order, task, owner)
+            finally:
+                task.activity = None
         return page
 
     async def alloc_page(self, gfp: GFP, task: Task, owner: Owner = Owner.KERNEL) -> Page | None:
@@ -187,6 +190,7 @@ class PageAllocator:
         then one more attempt (drain_all_pages has no per-cpu lists to drain)."""
         saved = task.flags & PF.MEMALLOC
         task.flags |= PF.MEMALLOC
+        task.activity = f"direct reclaim for a {gfp_name(gfp)} order-{order} allocation"
         try:
             progress = await self.k.vmscan.try_to_free_pages(gfp, order, task)
         finally:
