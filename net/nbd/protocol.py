@@ -282,6 +282,15 @@ class _NeedData:
 NEED_DATA = _NeedData()
 
 
+def _transmission_flag(bit: int) -> property:
+    """A read-only ``bool`` property: is ``bit`` set in ``self.flags``?"""
+
+    def is_set(self) -> bool:
+        return bool(self.flags & bit)
+
+    return property(is_set)
+
+
 @attrs.frozen
 class ExportInfo:
     """What a client knows about an export after the handshake."""
@@ -295,29 +304,12 @@ class ExportInfo:
     description: str = ""
     structured_replies: bool = False
 
-    @property
-    def can_flush(self) -> bool:
-        return bool(self.flags & NBD_FLAG_SEND_FLUSH)
-
-    @property
-    def can_fua(self) -> bool:
-        return bool(self.flags & NBD_FLAG_SEND_FUA)
-
-    @property
-    def can_trim(self) -> bool:
-        return bool(self.flags & NBD_FLAG_SEND_TRIM)
-
-    @property
-    def can_write_zeroes(self) -> bool:
-        return bool(self.flags & NBD_FLAG_SEND_WRITE_ZEROES)
-
-    @property
-    def can_multi_conn(self) -> bool:
-        return bool(self.flags & NBD_FLAG_CAN_MULTI_CONN)
-
-    @property
-    def read_only(self) -> bool:
-        return bool(self.flags & NBD_FLAG_READ_ONLY)
+    can_flush = _transmission_flag(NBD_FLAG_SEND_FLUSH)
+    can_fua = _transmission_flag(NBD_FLAG_SEND_FUA)
+    can_trim = _transmission_flag(NBD_FLAG_SEND_TRIM)
+    can_write_zeroes = _transmission_flag(NBD_FLAG_SEND_WRITE_ZEROES)
+    can_multi_conn = _transmission_flag(NBD_FLAG_CAN_MULTI_CONN)
+    read_only = _transmission_flag(NBD_FLAG_READ_ONLY)
 
 
 @attrs.frozen
