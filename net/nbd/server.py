@@ -678,13 +678,6 @@ class NBDServer:
 
     async def _transmission_loop(self, io, parser, exp: _Export, structured: bool, clog) -> str:
         sem = trio.Semaphore(self.max_inflight_per_client)
-        backend = exp.backend
-        size = exp.size
-        read_only = exp.read_only
-        max_request = self.max_request
-        inline_ok = backend.inline_ok
-        read_into = backend.read_into
-        bwrite = backend.write
         stats = self.stats
         out = bytearray()
         nreq = 0
@@ -725,32 +718,7 @@ class NBDServer:
                         if cmd == NBD_CMD_DISC:
                             disc = True
                             break
-                        if self.shutting_down:
-                            self._reply_error(out, req, NBD_ESHUTDOWN, structured)
-                            continue
-                        flags = req.flags
-                        # Hot path: plain READ / WRITE in range, inline backend.
-                        if flags == 0 and req.length and req.offset + req.length <= size and req.length <= max_request:
-                            if cmd == NBD_CMD_READ and not structured and inline_ok(cmd, 0, req.length):
-                                mark = len(out)
-                                out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
-                                try:
-                                    read_into(out, req.offset, req.length)
-                                except OSError:
-                                    # Header already queued: undo it and send an error.
-                                    del out[mark:]
-                                    self._reply_error(out, req, NBD_EIO, structured)
-                                continue
-                            if cmd == NBD_CMD_WRITE and not read_only and not req.oversized and inline_ok(cmd, 0, req.length):
-                                try:
-                                    bwrite(req.offset, req.payload)
-                                    err = 0
-                                except OSError:
-                                    err = NBD_EIO
-                                out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, err, req.cookie)
-                                continue
-                        if inline_ok(cmd, flags, req.length) or self._is_trivial_error(req, exp):
-                            self._execute(out, req, exp, structured)
+                        if self._answer_inline(out, req, exp, structured):
                             continue
                         # Blocking work: run in a thread, bounded per client.
                         try:
@@ -820,13 +788,6 @@ class NBDServer:
         return reason
 
     def _blocking_loop(self, sock: socket.socket, parser, exp: _Export, structured: bool) -> str:
-        backend = exp.backend
-        size = exp.size
-        read_only = exp.read_only
-        max_request = self.max_request
-        inline_ok = backend.inline_ok
-        read_into = backend.read_into
-        bwrite = backend.write
         stats = self.stats
         rbuf = bytearray(self.receive_size)
         rview = memoryview(rbuf)
@@ -877,30 +838,7 @@ class NBDServer:
                     if cmd == NBD_CMD_DISC:
                         disc = True
                         break
-                    if self.shutting_down:
-                        self._reply_error(out, req, NBD_ESHUTDOWN, structured)
-                        continue
-                    flags = req.flags
-                    if flags == 0 and req.length and req.offset + req.length <= size and req.length <= max_request:
-                        if cmd == NBD_CMD_READ and not structured and inline_ok(cmd, 0, req.length):
-                            mark = len(out)
-                            out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
-                            try:
-                                read_into(out, req.offset, req.length)
-                            except OSError:
-                                del out[mark:]
-                                self._reply_error(out, req, NBD_EIO, structured)
-                            continue
-                        if cmd == NBD_CMD_WRITE and not read_only and inline_ok(cmd, 0, req.length):
-                            try:
-                                bwrite(req.offset, req.payload)
-                                err = 0
-                            except OSError:
-                                err = NBD_EIO
-                            out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, err, req.cookie)
-                            continue
-                    if inline_ok(cmd, flags, req.length) or self._is_trivial_error(req, exp):
-                        self._execute(out, req, exp, structured)
+                    if self._answer_inline(out, req, exp, structured):
                         continue
                     if not inflight.acquire(blocking=False):
                         if out:
@@ -957,6 +895,44 @@ class NBDServer:
         return reason
 
     # -- request execution (also runs in worker threads: no trio calls here)
+    def _answer_inline(self, out: bytearray, req: P.Request, exp: _Export, structured: bool) -> bool:
+        """Answer ``req`` into ``out`` if it needs no blocking work: refusal
+        while shutting down, the plain READ / WRITE hot path, an inline
+        backend, or a request that fails validation.  False: the caller hands
+        it to a worker.  Shared by both transmission loops (DISC is theirs)."""
+        if self.shutting_down:
+            self._reply_error(out, req, NBD_ESHUTDOWN, structured)
+            return True
+        cmd = req.cmd
+        flags = req.flags
+        length = req.length
+        backend = exp.backend
+        inline_ok = backend.inline_ok
+        # Hot path: plain READ / WRITE in range, inline backend.
+        if flags == 0 and length and req.offset + length <= exp.size and length <= self.max_request:
+            if cmd == NBD_CMD_READ and not structured and inline_ok(cmd, 0, length):
+                mark = len(out)
+                out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
+                try:
+                    backend.read_into(out, req.offset, length)
+                except OSError:
+                    # Header already queued: undo it and send an error.
+                    del out[mark:]
+                    self._reply_error(out, req, NBD_EIO, structured)
+                return True
+            if cmd == NBD_CMD_WRITE and not exp.read_only and not req.oversized and inline_ok(cmd, 0, length):
+                try:
+                    backend.write(req.offset, req.payload)
+                    err = 0
+                except OSError:
+                    err = NBD_EIO
+                out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, err, req.cookie)
+                return True
+        if inline_ok(cmd, flags, length) or self._is_trivial_error(req, exp):
+            self._execute(out, req, exp, structured)
+            return True
+        return False
+
     def _is_trivial_error(self, req: P.Request, exp: _Export) -> bool:
         return self._validate(req, exp, False) != 0
 
