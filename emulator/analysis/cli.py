@@ -43,6 +43,14 @@ def _error(cmd: str, msg: str) -> int:
     return EXIT_BAD_INPUT
 
 
+def _name_count_error(names: Sequence[str] | None, logs: Sequence[str]) -> str | None:
+    """compare / plot take ``--name`` once per LOG or not at all: the message
+    when they got another number, else None."""
+    if names and len(names) != len(logs):
+        return f"{len(names)} --name labels for {len(logs)} logs; give one --name per LOG or none"
+    return None
+
+
 # -- analyze ----------------------------------------------------------------
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,9 +96,9 @@ def compare_main(args: argparse.Namespace) -> int:
 
     logs: Sequence[str] = args.logs
     names = getattr(args, "names", None)
-    if names and len(names) != len(logs):
-        return _error("compare", f"{len(names)} --name labels for {len(logs)} logs; "
-                                 "give one --name per LOG or none")
+    bad_names = _name_count_error(names, logs)
+    if bad_names:
+        return _error("compare", bad_names)
     summaries = []
     for path in logs:
         try:
@@ -124,9 +132,9 @@ def plot_main(args: argparse.Namespace) -> int:
 
     logs: Sequence[str] = args.logs
     names = getattr(args, "names", None)
-    if names and len(names) != len(logs):
-        return _error("plot", f"{len(names)} --name labels for {len(logs)} logs; "
-                              "give one --name per LOG or none")
+    bad_names = _name_count_error(names, logs)
+    if bad_names:
+        return _error("plot", bad_names)
     output = getattr(args, "output", None) or (
         os.path.splitext(os.path.basename(logs[0]))[0] + ".png")
     out_dir = os.path.dirname(os.path.abspath(output))
