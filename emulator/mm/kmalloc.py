@@ -88,6 +88,7 @@ class KmallocLarge:
 
 
 def get_order(size: int) -> int:
+    """get_order(): the smallest order whose block holds ``size`` bytes."""
     order = 0
     size = (size - 1) >> 12
     while size:

@@ -94,16 +94,6 @@ def fls(x: int) -> int:
     return x.bit_length()
 
 
-def get_order(size: int) -> int:
-    """get_order(): the smallest order whose block holds ``size`` bytes."""
-    order = 0
-    size = (size - 1) >> 12
-    while size:
-        order += 1
-        size >>= 1
-    return order
-
-
 def ALIGN(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
