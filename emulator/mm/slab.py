@@ -619,10 +619,7 @@ class SlabAllocatorSLAB(SlabAllocator):
                 free_objs += len(slabp.free)
                 inuse += slabp.inuse
                 slabs.append(slabp)
-                for o in slabp.free:
-                    assert o.slab is slabp and not o.allocated, f"{name}: bad free object {o!r}"
-                    assert id(o) not in seen, f"{name}: {o!r} free twice"
-                    seen.add(id(o))
+                self.check_free_objects(name, slabp, slabp.free, seen)
         assert l3.free_objects == free_objs, (
             f"{cachep.name}: free_objects {l3.free_objects} != {free_objs}")
         cached = 0
@@ -636,14 +633,7 @@ class SlabAllocatorSLAB(SlabAllocator):
                 assert id(o) not in seen, f"{cachep.name}: {o!r} cached twice"
                 seen.add(id(o))
                 cached += 1
-        allocated = 0
-        for slabp in slabs:
-            for o in slabp.objs:
-                if o.allocated:
-                    allocated += 1
-                    assert id(o) not in seen, f"{cachep.name}: {o!r} allocated and free"
-                else:
-                    assert id(o) in seen, f"{cachep.name}: {o!r} lost (neither free nor allocated)"
+        allocated = sum(self.count_allocated(cachep.name, slabp.objs, seen) for slabp in slabs)
         assert allocated == cachep.nr_allocated, (
             f"{cachep.name}: {allocated} allocated objects, counter says {cachep.nr_allocated}")
         assert inuse == allocated + cached, (

@@ -323,6 +323,28 @@ class SlabAllocator:
             assert bool(p.flags & PG.slab_pfmemalloc) == pfmemalloc, (
                 f"{p!r}: PageSlabPfmemalloc disagrees with {slab!r}")
 
+    @staticmethod
+    def check_free_objects(name: str, slab, free, seen: set[int], what: str = "free object") -> None:
+        """Each object of the free list ``free`` belongs to ``slab``, is not
+        allocated and is free only once (``seen`` collects the ids)."""
+        for o in free:
+            assert o.slab is slab and not o.allocated, f"{name}: bad {what} {o!r}"
+            assert id(o) not in seen, f"{name}: {o!r} free twice"
+            seen.add(id(o))
+
+    @staticmethod
+    def count_allocated(name: str, objs, seen: set[int]) -> int:
+        """How many of a slab's ``objs`` are allocated; each is either that or in
+        ``seen`` (free or cached), never both."""
+        allocated = 0
+        for o in objs:
+            if o.allocated:
+                allocated += 1
+                assert id(o) not in seen, f"{name}: {o!r} allocated and free"
+            else:
+                assert id(o) in seen, f"{name}: {o!r} lost (neither free nor allocated)"
+        return allocated
+
 
 def create_slab_allocator(k: Kernel, kind: str, *, slub_nomerge: bool = False) -> SlabAllocator:
     """The slab allocator the kernel was built with: "slab" (CONFIG_SLAB) or "slub".

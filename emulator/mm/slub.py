@@ -637,10 +637,7 @@ class SlabAllocatorSLUB(SlabAllocator):
                 assert p not in n.partial, f"{name}: cpu{cpu} slab {p!r} on the node list"
                 assert id(p) not in owner, f"{name}: {p!r} is cpu slab and {owner[id(p)]}"
                 owner[id(p)] = f"cpu{cpu} slab"
-                for o in c.freelist:
-                    assert o.slab is p and not o.allocated, f"{name}: bad cpu freelist {o!r}"
-                    assert id(o) not in seen, f"{name}: {o!r} free twice"
-                    seen.add(id(o))
+                self.check_free_objects(name, p, c.freelist, seen, "cpu freelist")
             else:
                 assert not c.freelist, f"{name}: cpu{cpu} freelist without a cpu slab"
             for p in c.partial:
@@ -663,16 +660,8 @@ class SlabAllocatorSLUB(SlabAllocator):
             self.check_slab_pages(p, p.page, p.order, p.pfmemalloc)
             assert not p.pfmemalloc or p.page.pfmemalloc, f"{name}: {p!r} mark without reserve"
             pages += 1 << p.order
-            for o in p.freelist:
-                assert o.slab is p and not o.allocated, f"{name}: bad free object {o!r}"
-                assert id(o) not in seen, f"{name}: {o!r} free twice"
-                seen.add(id(o))
-            for o in p.objs:
-                if o.allocated:
-                    allocated += 1
-                    assert id(o) not in seen, f"{name}: {o!r} allocated and free"
-                else:
-                    assert id(o) in seen, f"{name}: {o!r} lost (neither free nor allocated)"
+            self.check_free_objects(name, p, p.freelist, seen)
+            allocated += self.count_allocated(name, p.objs, seen)
         assert allocated == s.nr_allocated, (
             f"{name}: {allocated} allocated objects, counter says {s.nr_allocated}")
         return pages
