@@ -15,11 +15,11 @@ ALLOC_NO_WATERMARKS; then a PF_MEMALLOC task allocates:
 from __future__ import annotations
 
 import pytest
+from page_holder import Holder
 
 from emulator.config import ConfigError, from_dict
-from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL, GFP_NOIO, PF
+from emulator.flags import GFP, GFP_ATOMIC, GFP_KERNEL, GFP_NOIO, PF
 from emulator.kernel import Kernel
-from emulator.mm.page import Owner
 from emulator.patches import PATCHES, PRESETS, PatchSet
 
 ALL = frozenset(range(1, 17))
@@ -57,31 +57,6 @@ def test_unknown_patch_numbers_are_rejected():
 def make_kernel(patches) -> Kernel:
     return Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1},
                              "kernel": {"patches": sorted(patches)}}))
-
-
-class Holder:
-    """Holds pages so that the zone's free count sits exactly where a test wants it."""
-
-    def __init__(self, k: Kernel) -> None:
-        self.k = k
-        self.held = []
-
-    def set_free(self, target: int) -> None:
-        zone = self.k.pgdat.zone
-        pa = self.k.page_alloc
-        while zone.nr_free_pages > target:
-            page = pa.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
-            assert page is not None
-            # Test-held pages are not counted as pfmemalloc users: drop the mark
-            # (and the gauge get_page_from_freelist raised with it).
-            if page.pfmemalloc:
-                page.pfmemalloc = False
-                k_vm = self.k.vmstat
-                k_vm["nr_pfmemalloc_pages"] -= 1
-            self.held.append(page)
-        while zone.nr_free_pages < target:
-            pa.free_pages(self.held.pop(), 0)
-        assert zone.nr_free_pages == target
 
 
 async def alloc_at(k: Kernel, holder: Holder, free: int, gfp, flags=PF.MEMALLOC):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import trio
+from page_holder import Holder
 
 from emulator.config import from_dict
-from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_KERNEL, GFP_NOFS, GFP_NOIO, PF
+from emulator.flags import GFP_KERNEL, GFP_NOFS, GFP_NOIO, PF
 from emulator.kernel import Kernel
-from emulator.mm.page import Owner
 
 ALL = list(range(1, 17))
 HZ_SCALE = 0.01
@@ -24,23 +24,6 @@ def make_kernel(patches=ALL) -> Kernel:
     return Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 2},
                              "kernel": {"patches": sorted(patches)},
                              "time": {"hz_scale": HZ_SCALE}}))
-
-
-class Holder:
-    def __init__(self, k: Kernel) -> None:
-        self.k = k
-        self.held = []
-
-    def set_free(self, target: int) -> None:
-        zone = self.k.pgdat.zone
-        pa = self.k.page_alloc
-        while zone.nr_free_pages > target:
-            page = pa.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
-            page.pfmemalloc = False
-            self.held.append(page)
-        while zone.nr_free_pages < target:
-            pa.free_pages(self.held.pop(), 0)
-        assert zone.nr_free_pages == target
 
 
 def threshold(k: Kernel) -> int:
