@@ -67,27 +67,6 @@ async def test_slab_patch1_normal_caller_refused_pfmemalloc_object():
     release(k, held)
 
 
-async def test_slab_without_patch1_anyone_gets_the_reserve_object():
-    k, t, cache, x, tobj, held = await slab_setup(ALL - {1})
-    s = k.slab
-    assert not tobj.slab.pfmemalloc  # 3.5: no PageSlabPfmemalloc
-    got = await s.kmem_cache_alloc(cache, GFP_ATOMIC, t["normal"])
-    assert got is tobj  # LIFO: the reserve object goes to an ordinary caller
-    assert k.vmstat["slab_pfmemalloc_refused"] == 0
-    s.check()
-    release(k, held)
-
-
-@pytest.mark.parametrize(("patches", "allowed"), [(ALL, True), (ALL - {3}, False)])
-async def test_slab_softirq_gfp_memalloc_needs_patch3(patches, allowed):
-    k, t, cache, x, tobj, held = await slab_setup(patches)
-    s = k.slab
-    got = await s.kmem_cache_alloc(cache, SOFTIRQ_MEMALLOC, t["softirq"])
-    assert got is (tobj if allowed else x)
-    s.check()
-    release(k, held)
-
-
 @pytest.mark.parametrize(("patches", "allowed"), [(ALL, True), (ALL - {4}, False)])
 async def test_slab_softirq_with_pf_memalloc_needs_patch4(patches, allowed):
     k, t, cache, x, tobj, held = await slab_setup(patches)
@@ -184,30 +163,6 @@ async def test_slub_patch1_mismatched_cpu_slab_is_deactivated():
     s.check()
 
 
-async def test_slub_without_patch1_normal_caller_gets_reserve_object():
-    k, t, cache, p, objs, held = await slub_setup(ALL - {1})
-    s = k.slab
-    assert not p.pfmemalloc
-    freed = objs.pop()
-    s.kmem_cache_free(cache, freed, t["normal1"])
-    assert await s.kmem_cache_alloc(cache, GFP_ATOMIC, t["normal"]) is freed
-    assert k.vmstat["slab_pfmemalloc_refused"] == 0
-    s.check()
-    release(k, held)
-
-
-@pytest.mark.parametrize(("patches", "allowed"), [(ALL, True), (ALL - {3}, False)])
-async def test_slub_softirq_gfp_memalloc_needs_patch3(patches, allowed):
-    k, t, cache, p, objs, held = await slub_setup(patches)
-    s = k.slab
-    freed = objs.pop()
-    s.kmem_cache_free(cache, freed, t["normal1"])
-    got = await s.kmem_cache_alloc(cache, SOFTIRQ_MEMALLOC, t["softirq"])
-    assert got is (freed if allowed else None)
-    s.check()
-    release(k, held)
-
-
 async def test_slub_patch2_fast_path_leaks_the_reserve_slab():
     """Patch 2's documented leak: the per-CPU freelist of a pfmemalloc cpu slab serves
     anyone; without patch 2 the fast path checks and deactivates the slab."""
@@ -244,5 +199,43 @@ async def test_slub_partial_slab_reused_by_entitled_caller_only():
     # A PF_MEMALLOC task on CPU 1 gets P from the partial list.
     got = await s.kmem_cache_alloc(cache, GFP_KERNEL, k.new_task("kswapd1", PF.MEMALLOC, cpu=1))
     assert got.slab is p and cache.cpu_slab[1].page is p
+    s.check()
+    release(k, held)
+
+
+# -- both allocators --------------------------------------------------------------------------
+async def reserve_setup(kind, patches):
+    """Either allocator's setting as (k, t, cache, reserve, other, held): ``reserve`` is
+    the object of a reserve slab that the next allocation on CPU 0 finds (SLAB: the
+    tagged T on top of the array; SLUB: an object of P freed back from CPU 1), ``other``
+    what a caller refused it gets instead (SLAB: X; SLUB: nothing, NULL)."""
+    if kind == "slab":
+        k, t, cache, x, tobj, held = await slab_setup(patches)
+        return k, t, cache, tobj, x, held
+    k, t, cache, p, objs, held = await slub_setup(patches)
+    freed = objs.pop()
+    k.slab.kmem_cache_free(cache, freed, t["normal1"])
+    return k, t, cache, freed, None, held
+
+
+@pytest.mark.parametrize("kind", ["slab", "slub"])
+async def test_without_patch1_normal_caller_gets_the_reserve_object(kind):
+    k, t, cache, reserve, other, held = await reserve_setup(kind, ALL - {1})
+    s = k.slab
+    assert not reserve.slab.pfmemalloc  # 3.5: no PageSlabPfmemalloc
+    got = await s.kmem_cache_alloc(cache, GFP_ATOMIC, t["normal"])
+    assert got is reserve  # SLAB's LIFO array, SLUB's freelist: it goes to an ordinary caller
+    assert k.vmstat["slab_pfmemalloc_refused"] == 0
+    s.check()
+    release(k, held)
+
+
+@pytest.mark.parametrize("kind", ["slab", "slub"])
+@pytest.mark.parametrize(("patches", "allowed"), [(ALL, True), (ALL - {3}, False)])
+async def test_softirq_gfp_memalloc_needs_patch3(kind, patches, allowed):
+    k, t, cache, reserve, other, held = await reserve_setup(kind, patches)
+    s = k.slab
+    got = await s.kmem_cache_alloc(cache, SOFTIRQ_MEMALLOC, t["softirq"])
+    assert got is (reserve if allowed else other)
     s.check()
     release(k, held)
