@@ -22,7 +22,6 @@ from emulator.mm.memory import MMStruct, exit_mmap
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
-    from emulator.task import Task
 
 log = structlog.get_logger("swapnbd.process")
 

@@ -91,10 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -119,9 +115,5 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def entry() -> None:  # pragma: no cover
-    sys.exit(main())
-
-
 if __name__ == "__main__":  # pragma: no cover
-    entry()
+    sys.exit(main())

@@ -91,7 +91,6 @@ class Machine:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> RunResult:
         """Boot, run the workload to an outcome, shut down. ``task_status.started()``
         is called once the machine is up (processes about to start)."""
-        cfg = self.cfg
         logs.configure(debug=self.debug_log)
         self._file = logs.JsonLinesFile(self.log_path)
         logs.sink.files.append(self._file)

@@ -101,7 +101,6 @@ class VMScan:
         flagged congested. Swap pages never set ZONE_CONGESTED (reference 8.4), so
         this is a cond_resched() in practice."""
         await task.cond_resched()
-        await trio.lowlevel.checkpoint()
 
     # -- kswapd wake-up ----------------------------------------------------------------
     def wake_all_kswapd(self, order: int) -> None:

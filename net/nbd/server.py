@@ -398,11 +398,6 @@ class _StreamIO:
     def __init__(self, stream: trio.abc.Stream, receive_size: int) -> None:
         self.stream = stream
         self.receive_size = receive_size
-        if io_mode not in ("thread", "trio"):
-            raise ValueError(f"io_mode must be 'thread' or 'trio', not {io_mode!r}")
-        self.io_mode = io_mode
-        self._thread_limiter = trio.CapacityLimiter(max_clients + 1)
-        self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbd-io")
         self.lock = trio.StrictFIFOLock()
 
     async def receive(self):
@@ -536,9 +531,15 @@ class NBDServer:
         """Begin a graceful shutdown (call from the server's trio thread)."""
         self._shutdown_event.set()
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    def open_exports(self) -> None:
+        """Open every export's backend (idempotent). ``serve`` calls it; a caller that
+        drives ``handle_stream`` itself (e.g. over an in-memory stream) calls it first."""
         for spec in self.specs:
-            self._exports[spec.name] = _Export(spec, _open_backend(spec), self.max_request)
+            if spec.name not in self._exports:
+                self._exports[spec.name] = _Export(spec, _open_backend(spec), self.max_request)
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.open_exports()
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
             self.port = listeners[0].socket.getsockname()[1]
