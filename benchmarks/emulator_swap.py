@@ -56,11 +56,11 @@ async def main_async(args) -> int:
     faults = vm["pgfault"] / wall
     swap = (vm["pswpin"] + vm["pswpout"]) / wall
     srv = NBDServerThread([ExportSpec(name="swap", size=cfg.swap.size_mib << 20)])
-    srv.start()
+    await trio.to_thread.run_sync(srv.start)
     try:
         floor = await roundtrip_rate(srv.url("swap"), args.seconds, qd)
     finally:
-        srv.stop()
+        await trio.to_thread.run_sync(srv.stop)
     print(f"config              {args.config} {' '.join(args.overrides)}")
     print(f"outcome             {result.outcome} ({result.integrity_errors} integrity errors)")
     print(f"wall time           {wall:.2f} s")
