@@ -17,8 +17,17 @@ SCALE = ("machine.memory_mib=32", "machine.page_cache_mib=4", "swap.size_mib=140
 
 
 async def test_vanilla_slub_locks_up(machine):
-    m = await machine("configs/vanilla-slub.toml", *SCALE)
-    result = await m.wait_done(timeout=900)
+    # The lockup emerges from a race (the sender against 16 reclaimers for the
+    # pages the last replies free), so it is probable, not certain, in any one
+    # run: docs/EXPERIMENT.md measured 3 of 3 at this workload. Up to three
+    # seeds are tried; the machine must lock up in one of them and never fail.
+    for seed in (1, 2, 3):
+        m = await machine("configs/vanilla-slub.toml", *SCALE, f"run.seed={seed}")
+        result = await m.wait_done(timeout=900)
+        assert result.outcome in ("lockup", "completed"), result.outcome
+        assert result.integrity_errors == 0
+        if result.outcome == "lockup":
+            break
     assert result.outcome == "lockup"
     d = result.diagnosis
     assert d["free"] <= d["wmark"]["min"]  # the machine is out of ordinary memory
