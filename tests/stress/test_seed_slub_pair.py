@@ -20,9 +20,11 @@ async def test_vanilla_slub_locks_up(machine):
     # The lockup emerges from a race (the sender against 16 reclaimers for the
     # pages the last replies free), so it is probable, not certain, in any one
     # run: it locked up in all 5 runs of this config measured for
-    # docs/EXPERIMENT.md, but in only 1 of 3 runs of a 32 MiB version of it.
-    # Up to three seeds are tried; the machine must lock up in one of them.
-    for seed in (1, 2, 3):
+    # docs/EXPERIMENT.md, but it has also completed here (once, run under this
+    # fixture), and a 32 MiB version of it locked up in only 1 of 3 runs. Up to
+    # five seeds are tried; the machine must lock up in one of them and must
+    # never lose data.
+    for seed in (1, 2, 3, 4, 5):
         m = await machine("configs/vanilla-slub.toml", *SCALE, f"run.seed={seed}")
         result = await m.wait_done(timeout=900)
         assert result.outcome in ("lockup", "completed"), result.outcome
