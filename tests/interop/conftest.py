@@ -162,9 +162,14 @@ def nbd_server_peer(tmp_path):
     )
     subprocess.run(["nbd-server", "-C", str(conf), "-p", str(pidfile)], check=True, capture_output=True, timeout=10)
     deadline = time.monotonic() + 10
-    while not pidfile.exists() and time.monotonic() < deadline:
+    text = ""
+    while time.monotonic() < deadline:
+        # The daemon creates the pid file before it writes the pid into it.
+        text = pidfile.read_text().strip() if pidfile.exists() else ""
+        if text:
+            break
         time.sleep(0.05)
-    pid = int(pidfile.read_text().strip())  # read it now: nbd-server deletes it on exit
+    pid = int(text)  # read it now: nbd-server deletes it on exit
     peer = Peer("nbd-server", f"nbd://127.0.0.1:{port}/disk", pid=pid)
     peer.image = img  # type: ignore[attr-defined]
     try:
