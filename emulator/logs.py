@@ -39,7 +39,6 @@ run_end                outcome, elapsed_s, integrity_errors, vmstat, cpu, tasks
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -158,7 +157,3 @@ def configure(debug: bool = False) -> None:
         cache_logger_on_first_use=False,
     )
     _configured = True
-
-
-def text_stream() -> io.StringIO:  # pragma: no cover - convenience for notebooks
-    return io.StringIO()

@@ -226,7 +226,6 @@ class PgData:
         self.pfmemalloc_wait = WaitQueue("pfmemalloc_wait")
         self.kswapd_max_order = 0
         self.classzone_idx = 0
-        self.kswapd_sleeping = False
 
     @property
     def zone(self) -> Zone:

@@ -168,11 +168,8 @@ class PageAllocator:
                 if not self.should_alloc_retry(gfp, order, progress):
                     return self._nopage(gfp, order, task, "noretry")
                 await k.vmscan.wait_iff_congested(task, k.hz(1 / 50))
-                if task.fatal_signal and not task.memdie:
-                    # A killed task's allocation gets TIF_MEMDIE from the OOM killer
-                    # path; without it, it keeps trying like the kernel does.
-                    pass
-                if task.memdie:
+                if task.memdie:  # chosen by the OOM killer meanwhile: reserves now
+
                     alloc_flags = gfp_to_alloc_flags(gfp, task, k.patches)
                     entitled = bool(alloc_flags & ALLOC_NO_WATERMARKS)
 
@@ -246,7 +243,6 @@ class PageAllocator:
             # A freed page resets the reclaim failure heuristics (free_pcppages_bulk).
             zone.pages_scanned = 0
             zone.all_unreclaimable = False
-        self.k.vmscan.on_pages_freed()
 
     def free_page(self, page: Page) -> None:
         self.free_pages(page, 0)

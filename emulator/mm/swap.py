@@ -319,25 +319,20 @@ class SwapInfo:
             new_page = await k.page_alloc.alloc_page(gfp, task, owner=Owner.ANON)
             if new_page is None:
                 return None
-            ok_nodes = await self.radix_tree_insert(entry, gfp & GFP_KERNEL, task)
-            with k.lock:
-                if not ok_nodes or not self.swapcache_prepare(entry):
-                    if ok_nodes:
-                        self.radix_tree_delete(entry, task)
+            if not await self.radix_tree_insert(entry, gfp & GFP_KERNEL, task):
+                with k.lock:
                     k.page_alloc.free_page(new_page)
-                    if not ok_nodes:
-                        return None
-                    await_again = True
+                return None
+            with k.lock:
+                raced = not self.swapcache_prepare(entry)
+                if raced:  # another task added it (or the slot went): look again
+                    self.radix_tree_delete(entry, task)
+                    k.page_alloc.free_page(new_page)
                 else:
-                    await_again = False
-                    new_page.flags |= PG.locked | PG.swapbacked
-                    new_page.swap = entry
-                    new_page.flags |= PG.swapcache
-                    self.swap_cache[entry] = new_page
-                    k.vmstat["nr_swapcache"] += 1
-                    k.vmstat["nr_file_pages"] += 1
+                    new_page.flags |= PG.locked
+                    self._add_to_swap_cache(new_page, entry)
                     k.vmscan.lru_cache_add_inactive(new_page)
-            if await_again:
+            if raced:
                 await trio.lowlevel.checkpoint()
                 continue
             await self.swap_readpage(new_page, task)

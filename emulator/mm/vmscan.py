@@ -120,10 +120,6 @@ class VMScan:
         self.kswapd_woken = True
         self.pgdat.kswapd_wait.wake_up()
 
-    def on_pages_freed(self) -> None:
-        """Pages went back to the buddy allocator: nothing to do eagerly; throttled
-        tasks are woken by kswapd as in the kernel."""
-
     # -- LRU helpers --------------------------------------------------------------------
     @staticmethod
     def page_lru(page: Page) -> int:
@@ -498,13 +494,11 @@ class VMScan:
             woke = await task.sleep_on(pgdat.kswapd_wait, lambda: self.kswapd_woken,
                                        timeout=self.k.hz(0.1), wchan="kswapd_try_to_sleep")
             if not woke and self.prepare_kswapd_sleep(order, 0):
-                pgdat.kswapd_sleeping = True
                 log.info("kswapd_sleep", pid=task.pid, comm=task.comm,
                          free=self.zone.nr_free_pages)
                 self.kswapd_woken = False
                 await task.sleep_on(pgdat.kswapd_wait, lambda: self.kswapd_woken,
                                     wchan="kswapd")
-                pgdat.kswapd_sleeping = False
                 log.info("kswapd_wake", pid=task.pid, comm=task.comm,
                          order=pgdat.kswapd_max_order, free=self.zone.nr_free_pages)
                 return

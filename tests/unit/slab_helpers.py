@@ -28,8 +28,6 @@ class _VMScanStub:
     def wake_all_kswapd(self, order: int) -> None:
         pass
 
-    def on_pages_freed(self) -> None:
-        pass
 
     async def try_to_free_pages(self, gfp, order, task) -> int:
         return 0
