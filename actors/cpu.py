@@ -6,9 +6,20 @@ slices (kernel/softirq.c), and the per-CPU time accounting /proc/stat shows
 (user, system, softirq, idle, iowait).
 
 An emulated task (user process, kswapd, NBD driver thread, NET_RX handler)
-executes emulated code only while it holds its CPU. ``acquire`` queues it
-FIFO; softirq contexts queue ahead of tasks, as pending softirqs run before the
-next task is picked. ``release`` hands the CPU directly to the next waiter.
+executes emulated code only while it holds its CPU. ``acquire`` queues it;
+``release`` hands the CPU directly to the next waiter, picked in this order:
+
+1. softirq contexts, as pending softirqs run before the next task is picked;
+2. tasks waking from a sleep, FIFO. This is CFS's sleeper placement
+   (place_entity: a woken task's vruntime is raised to at most
+   min_vruntime - sched_latency/2, so it is leftmost in the tree and runs
+   next), and check_preempt_wakeup: the running task is asked to reschedule
+   once it has run for sysctl_sched_wakeup_granularity;
+3. tasks whose slice ran out (cond_resched), FIFO, as CPU-bound tasks of
+   equal weight take turns.
+
+Without (2) a woken NBD sender or kswapd would wait behind every CPU hog's
+full slice, which CFS does not do.
 Per-CPU state (slab array caches, per-cpu slabs, page-fragment caches) is
 therefore used by exactly one task at a time, like the kernel's
 preempt-disabled sections.
@@ -23,7 +34,8 @@ the task's mode (user, sys, softirq) and to the CPU; time with no holder is
 idle, or iowait while a task of this CPU sleeps on I/O.
 
 Simplified: no preemption inside emulated code (a task runs until it sleeps or
-calls cond_resched after its slice), no load balancing (tasks are placed
+reaches cond_resched), no vruntime bookkeeping (the three FIFO classes above
+stand in for the red-black tree), no load balancing (tasks are placed
 round-robin at creation), one time slice for all tasks.
 """
 
@@ -33,18 +45,30 @@ from collections import deque
 
 import trio
 
-from emulator.task import Task
+from emulator.task import Task, current
 
 #: sched_latency-sized slice; cond_resched yields once it is used up.
 TIMESLICE_S = 0.004
+#: sysctl_sched_wakeup_granularity before its CPU-count scaling: how long the running
+#: task may go on once a woken task or a softirq is waiting.
+WAKEUP_GRANULARITY_S = 0.001
+
+
+def sched_wakeup_granularity(nr_cpus: int) -> float:
+    """sysctl_sched_wakeup_granularity as update_sysctl() scales it by default
+    (SCHED_TUNABLESCALING_LOG): 1 ms x (1 + ilog2(min(nr_cpus, 8)))."""
+    return WAKEUP_GRANULARITY_S * (1 + (min(max(nr_cpus, 1), 8).bit_length() - 1))
 
 
 class CPU:
-    def __init__(self, cpu_id: int, timeslice: float = TIMESLICE_S) -> None:
+    def __init__(self, cpu_id: int, timeslice: float = TIMESLICE_S,
+                 wakeup_granularity: float = WAKEUP_GRANULARITY_S) -> None:
         self.id = cpu_id
         self.timeslice = timeslice
+        self.wakeup_granularity = wakeup_granularity
         self.current: Task | None = None
         self._tasks: deque[tuple[Task, trio.Event]] = deque()
+        self._woken: deque[tuple[Task, trio.Event]] = deque()
         self._softirqs: deque[tuple[Task, trio.Event]] = deque()
         self.nr_iowait = 0
         self.nr_switches = 0
@@ -83,18 +107,27 @@ class CPU:
             cur.stime += dt
 
     def nr_running(self) -> int:
-        return len(self._tasks) + len(self._softirqs) + (self.current is not None)
+        return (len(self._tasks) + len(self._woken) + len(self._softirqs)
+                + (self.current is not None))
 
     # -- the run queue ---------------------------------------------------------
-    async def acquire(self, task: Task) -> None:
-        """Become runnable and wait until this CPU is granted."""
-        if self.current is None and not self._tasks and not self._softirqs:
+    async def acquire(self, task: Task, *, wakeup: bool = False) -> None:
+        """Become runnable and wait until this CPU is granted.
+
+        ``wakeup``: the task comes back from a sleep (try_to_wake_up), rather than
+        from the end of its slice; it is queued ahead of the slice-expired tasks."""
+        if self.current is None and not (self._tasks or self._woken or self._softirqs):
             self._grant(task)
             await trio.lowlevel.checkpoint()
             return
         ev = trio.Event()
         entry = (task, ev)
-        queue = self._softirqs if task.in_softirq else self._tasks
+        if task.in_softirq:
+            queue = self._softirqs
+        elif wakeup:
+            queue = self._woken
+        else:
+            queue = self._tasks
         queue.append(entry)
         try:
             await ev.wait()
@@ -119,14 +152,18 @@ class CPU:
         self.account()
         task.on_cpu = False
         self.current = None
-        queue = self._softirqs or self._tasks
+        queue = self._softirqs or self._woken or self._tasks
         if queue:
             nxt, ev = queue.popleft()
             self._grant(nxt)
             ev.set()
 
     def need_resched(self, task: Task) -> bool:
-        return bool(self._tasks or self._softirqs) and (
+        """TIF_NEED_RESCHED: a softirq or a woken task waits and the running task
+        has had its wake-up granularity, or a task waits and the slice is over."""
+        if self._softirqs or self._woken:
+            return trio.current_time() - task.slice_start >= self.wakeup_granularity
+        return bool(self._tasks) and (
             trio.current_time() - task.slice_start >= self.timeslice
         )
 
@@ -142,17 +179,21 @@ class CPU:
 
 
 class running:
-    """``async with running(task):`` hold the task's CPU for the body's duration."""
+    """``async with running(task):`` hold the task's CPU for the body's duration, with
+    ``task`` as ``current``."""
 
-    __slots__ = ("task",)
+    __slots__ = ("task", "_token")
 
     def __init__(self, task: Task) -> None:
         self.task = task
+        self._token = None
 
     async def __aenter__(self) -> Task:
+        self._token = current.set(self.task)
         await self.task.cpu.acquire(self.task)
         return self.task
 
     async def __aexit__(self, *exc) -> None:
         self.task.cpu.release(self.task)
         self.task.exited = True
+        current.reset(self._token)

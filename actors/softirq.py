@@ -36,7 +36,7 @@ import structlog
 import trio
 
 from emulator.flags import GFP_ATOMIC, PF
-from emulator.task import Task
+from emulator.task import Task, current
 from net.sock import Sock
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ async def net_rx_action(k: Kernel, sock: Sock, ctx: Task, mss: int) -> None:
     """The receive handler of one socket, forever (until the socket closes)."""
     raw = sock.raw
     cpu = ctx.cpu
+    current.set(ctx)  # this trio task runs only the softirq context's code
     while not sock.eof:
         await trio.lowlevel.wait_readable(raw)
         if not sock.rcv_space_ok():

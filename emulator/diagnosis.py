@@ -30,6 +30,7 @@ def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
     d = {
         "stalled_s": round(stalled_s, 3),
         "free": free,
+        "pcp": z.nr_pcp_pages,
         "wmark": {"min": wmin, "low": wlow, "high": whigh},
         "atomic_floor": atomic_floor,
         "throttle_threshold": k.pgdat.reserve_pages() // 2,
@@ -56,7 +57,7 @@ def explain(d: dict) -> str:
     w = d["wmark"]
     lines = [
         f"LOCKUP: no page accessed and no I/O completed for {d['stalled_s']:.1f} s.",
-        f"Memory: {d['free']} pages free; watermarks min {w['min']} / low {w['low']} / "
+        f"Memory: {d['free']} pages free (+{d.get('pcp', 0)} on per-cpu lists); watermarks min {w['min']} / low {w['low']} / "
         f"high {w['high']}; GFP_ATOMIC may go down to {d['atomic_floor']}; "
         f"direct reclaimers are throttled below {d['throttle_threshold']}.",
     ]

@@ -20,7 +20,7 @@ import itertools
 import random
 import threading
 
-from actors.cpu import CPU
+from actors.cpu import CPU, sched_wakeup_granularity
 from emulator.config import Config
 from emulator.flags import GFP, PF
 from emulator.mm.mmzone import PgData
@@ -44,9 +44,10 @@ class Kernel:
         self.rng = random.Random(cfg.run.seed)
         self.vmstat = VMStat()
         nr_pages = cfg.machine.memory_mib << (20 - PAGE_SHIFT)
-        self.pgdat = PgData(nr_pages, cfg.machine.min_free_kbytes)
+        self.pgdat = PgData(nr_pages, cfg.machine.min_free_kbytes, cfg.machine.cpus)
         self.vmstat["nr_free_pages"] = self.pgdat.nr_free_pages()
-        self.cpus = [CPU(i) for i in range(cfg.machine.cpus)]
+        gran = sched_wakeup_granularity(cfg.machine.cpus)
+        self.cpus = [CPU(i, wakeup_granularity=gran) for i in range(cfg.machine.cpus)]
         self.tasks: dict[int, Task] = {}
         self._pids = itertools.count(1)
         self._next_cpu = itertools.cycle(range(cfg.machine.cpus))

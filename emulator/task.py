@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import trio
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 
 class Task:
+    """struct task_struct, and what the scheduler knows of it."""
+
     __slots__ = (
         "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
         "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start",
@@ -101,7 +104,7 @@ class Task:
             ok = await wq.wait_event(condition, timeout)
         finally:
             self._sleep_end(iowait)
-        await self.cpu.acquire(self)
+        await self.cpu.acquire(self, wakeup=True)
         return ok
 
     async def sleep(self, seconds: float, *, wchan: str, iowait: bool = False) -> None:
@@ -111,7 +114,7 @@ class Task:
             await trio.sleep(seconds)
         finally:
             self._sleep_end(iowait)
-        await self.cpu.acquire(self)
+        await self.cpu.acquire(self, wakeup=True)
 
     def _sleep_begin(self, wchan: str, iowait: bool) -> None:
         self.wchan = wchan
@@ -145,3 +148,10 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.pid} {self.comm} cpu{self.cpu.id}>"
+
+
+#: ``current``: the emulated task whose code this trio task is executing. Set by
+#: actors.cpu.running() (and by each NET_RX handler for its softirq context);
+#: code that has no task argument, such as __free_pages, reads it to find the
+#: CPU it runs on. None outside any emulated task (boot, tests).
+current: ContextVar[Task | None] = ContextVar("current", default=None)

@@ -278,7 +278,7 @@ class Sock:
                     await trio.lowlevel.wait_writable(raw)
                 finally:
                     task._sleep_end(False)
-                await task.cpu.acquire(task)
+                await task.cpu.acquire(task, wakeup=True)
 
     # -- teardown --------------------------------------------------------------------------
     def release(self, task: Task) -> None:

@@ -10,16 +10,23 @@ The node carries kswapd's wait queue and patch 15's ``pfmemalloc_wait``.
 The zone carries the four evictable LRU lists and their reclaim statistics
 (struct lruvec / zone_reclaim_stat).
 
+Per-cpu page lists (struct per_cpu_pages, zone_batchsize, setup_pageset,
+buffered_rmqueue's order-0 branch with rmqueue_bulk, free_hot_cold_page,
+free_pcppages_bulk, drain_pages): order-0 pages are allocated from and freed to
+the running CPU's list, which the buddy allocator refills and drains ``batch``
+pages at a time. Pages on those lists are free but not in NR_FREE_PAGES, so
+the watermark checks do not see them until they spill (``high``) or are
+drained (drain_all_pages, after a failed direct-reclaim attempt).
+
 Simplified: one node with one zone (ZONE_NORMAL), so lowmem_reserve is 0 and
-zonelist fallback never happens; no migrate types, no per-cpu page lists (an
-order-0 page goes straight to and from the buddy lists, so NR_FREE_PAGES is
-exact); no memory hotplug, no CMA.
+zonelist fallback never happens; no migrate types (one per-cpu list per CPU
+instead of MIGRATE_PCPTYPES); no memory hotplug, no CMA.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from emulator.flags import ALLOC_HARDER, ALLOC_HIGH
 from emulator.mm.page import PG, PAGE_SHIFT, Owner, Page
@@ -40,6 +47,38 @@ def default_min_free_kbytes(lowmem_kbytes: int) -> int:
     return max(128, min(65536, int_sqrt(lowmem_kbytes * 16)))
 
 
+def zone_batchsize(present_pages: int) -> int:
+    """zone_batchsize(): about a quarter of a thousandth of the zone, at most 512 KiB's
+    worth before the quartering, rounded to 2^n - 1 (0 for very small zones)."""
+    batch = present_pages // 1024
+    if batch << PAGE_SHIFT > 512 * 1024:
+        batch = (512 * 1024) >> PAGE_SHIFT
+    batch //= 4
+    if batch < 1:
+        batch = 1
+    return (1 << ((batch + batch // 2).bit_length() - 1)) - 1  # rounddown_pow_of_two - 1
+
+
+class PerCpuPages:
+    """struct per_cpu_pages: one CPU's cache of free order-0 pages.
+
+    ``pages``' left end is the list head (hot pages, taken first); cold frees go
+    to the right end, which free_pcppages_bulk empties first."""
+
+    __slots__ = ("cpu", "high", "batch", "pages")
+
+    def __init__(self, cpu: int, batch: int) -> None:
+        # setup_pageset(): high = 6 * batch, batch at least 1.
+        self.cpu = cpu
+        self.high = 6 * batch
+        self.batch = max(1, batch)
+        self.pages: deque[Page] = deque()
+
+    @property
+    def count(self) -> int:
+        return len(self.pages)
+
+
 class Zone:
     """struct zone: free area, watermarks, LRU lists, reclaim state."""
 
@@ -57,6 +96,7 @@ class Zone:
         # (newest), first item = list tail (the next page reclaim isolates).
         self.lru: list[OrderedDict[int, Page]] = [OrderedDict() for _ in range(4)]
         self.nr_isolated = [0, 0]  # anon, file
+        self.pageset: list[PerCpuPages] = []  # per CPU; set up by setup_pagesets
         # zone_reclaim_stat: recent_scanned / recent_rotated per type (anon, file).
         self.recent_scanned = [0, 0]
         self.recent_rotated = [0, 0]
@@ -116,6 +156,63 @@ class Zone:
     def zone_reclaimable(self) -> bool:
         """pages_scanned < 6 x reclaimable pages (mm/vmscan.c)."""
         return self.pages_scanned < self.zone_reclaimable_pages() * 6
+
+    # -- per-cpu page lists --------------------------------------------------------
+    def setup_pagesets(self, nr_cpus: int) -> None:
+        batch = zone_batchsize(self.present_pages)
+        self.pageset = [PerCpuPages(cpu, batch) for cpu in range(nr_cpus)]
+
+    @property
+    def nr_pcp_pages(self) -> int:
+        return sum(len(pcp.pages) for pcp in self.pageset)
+
+    def buffered_rmqueue(self, order: int, cpu: int | None) -> Page | None:
+        """buffered_rmqueue(): order 0 from ``cpu``'s list (refilled by rmqueue_bulk
+        when empty), higher orders, or no CPU context, straight from the buddy lists."""
+        if order or cpu is None or not self.pageset:
+            return self.rmqueue_smallest(order)
+        pages = self.pageset[cpu].pages
+        if not pages:
+            for _ in range(self.pageset[cpu].batch):  # rmqueue_bulk
+                page = self.rmqueue_smallest(0)
+                if page is None:
+                    break
+                page.owner = Owner.PCP
+                pages.append(page)
+            if not pages:
+                return None
+        return pages.popleft()
+
+    def free_hot_cold_page(self, page: Page, cpu: int, cold: bool) -> None:
+        """free_hot_cold_page(): onto ``cpu``'s list (head if hot, tail if cold); a
+        list that reaches ``high`` gives ``batch`` pages back to the buddy lists."""
+        pcp = self.pageset[cpu]
+        page.owner = Owner.PCP
+        page.order = 0
+        if cold:
+            pcp.pages.append(page)
+        else:
+            pcp.pages.appendleft(page)
+        if len(pcp.pages) >= pcp.high:
+            self.free_pcppages_bulk(pcp, pcp.batch)
+
+    def free_pcppages_bulk(self, pcp: PerCpuPages, count: int) -> None:
+        """free_pcppages_bulk(): ``count`` pages from the list's tail to the buddy lists."""
+        pages = pcp.pages
+        for _ in range(min(count, len(pages))):
+            page = pages.pop()
+            page.owner = Owner.FREE
+            self.free_one_page(page, 0)
+        self.all_unreclaimable = False
+        self.pages_scanned = 0
+
+    def drain_pages(self, cpu: int) -> int:
+        """drain_pages(): empty one CPU's list; returns how many pages it held."""
+        pcp = self.pageset[cpu]
+        n = len(pcp.pages)
+        if n:
+            self.free_pcppages_bulk(pcp, n)
+        return n
 
     # -- buddy allocator -----------------------------------------------------------
     def add_free_block(self, page: Page, order: int) -> None:
@@ -203,7 +300,7 @@ def setup_per_zone_wmarks(zones: list[Zone], min_free_kbytes: int) -> None:
 class PgData:
     """pg_data_t: the node. Owns the zone(s), the frame array and kswapd's queues."""
 
-    def __init__(self, nr_pages: int, min_free_kbytes: int | None) -> None:
+    def __init__(self, nr_pages: int, min_free_kbytes: int | None, nr_cpus: int = 1) -> None:
         self.mem_map: list[Page] = []
         self.node_zones: list[Zone] = []
         zone = Zone("Normal", 0, nr_pages, self.mem_map)
@@ -222,6 +319,8 @@ class PgData:
             min_free_kbytes = default_min_free_kbytes(nr_pages << (PAGE_SHIFT - 10))
         self.min_free_kbytes = min_free_kbytes
         setup_per_zone_wmarks(self.node_zones, min_free_kbytes)
+        for z in self.node_zones:
+            z.setup_pagesets(nr_cpus)
         self.kswapd_wait = WaitQueue("kswapd_wait")
         self.pfmemalloc_wait = WaitQueue("pfmemalloc_wait")
         self.kswapd_max_order = 0
@@ -236,7 +335,11 @@ class PgData:
         return sum(z.present_pages for z in self.node_zones)
 
     def nr_free_pages(self) -> int:
+        """NR_FREE_PAGES: the buddy lists only (per-cpu lists are not counted)."""
         return sum(z.nr_free_pages for z in self.node_zones)
+
+    def nr_pcp_pages(self) -> int:
+        return sum(z.nr_pcp_pages for z in self.node_zones)
 
     def reserve_pages(self) -> int:
         """Σ WMARK_MIN over zones <= ZONE_NORMAL (pfmemalloc_watermark_ok's reserve)."""

@@ -48,7 +48,8 @@ class OOMKiller:
         self.zonelist_oom_locked = True
         try:
             page = k.page_alloc.get_page_from_freelist(gfp, order,
-                                                       ALLOC_WMARK_HIGH | ALLOC_CPUSET, owner)
+                                                       ALLOC_WMARK_HIGH | ALLOC_CPUSET, owner,
+                                                       task.cpu.id)
             if page is not None:
                 return page
             if not gfp & GFP.NOFAIL and order > 3:

@@ -48,6 +48,7 @@ class Owner(enum.Enum):
     """Where a frame is (the conservation invariant's places)."""
 
     FREE = "free"  #: in a buddy free block
+    PCP = "pcp"  #: free, on a CPU's per-cpu page list (not counted in NR_FREE_PAGES)
     ANON = "anon"  #: an anonymous page (mapped, swap cache or both)
     FILE = "file"  #: a page-cache page (clean, unmapped)
     SLAB = "slab"

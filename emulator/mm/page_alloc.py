@@ -12,8 +12,12 @@ ALLOC_NO_WATERMARKS), 4 (softirq with PF_MEMALLOC may use the reserves),
 every page a reserve-entitled caller gets from the slow path is marked, as
 patch 1 alone did).
 
-Simplified: no per-cpu page lists (drain_all_pages has nothing to drain), no
-compaction (order > 0 requests rely on the buddy lists and reclaim), no
+Per-cpu page lists (mmzone.py): order-0 pages come from and go to the running
+CPU's list; __free_pages finds that CPU through ``current``. A direct reclaimer
+whose first attempt after reclaim fails drains every CPU's list
+(drain_all_pages) and tries once more, as 3.6 does.
+
+Simplified: no compaction (order > 0 requests rely on the buddy lists and reclaim), no
 cpusets or mempolicies (ALLOC_CPUSET is computed but has no effect), one zone
 so the zonelist walk is one step.
 """
@@ -31,7 +35,7 @@ from emulator.flags import (
 from emulator.mm.mmzone import MAX_ORDER, PAGE_ALLOC_COSTLY_ORDER
 from emulator.mm.page import PG, Owner, Page
 from emulator.patches import PatchSet
-from emulator.task import Task
+from emulator.task import Task, current
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
@@ -75,14 +79,16 @@ class PageAllocator:
 
     # -- get_page_from_freelist -----------------------------------------------------
     def get_page_from_freelist(self, gfp: GFP, order: int, alloc_flags: int,
-                               owner: Owner) -> Page | None:
+                               owner: Owner, cpu: int | None = None) -> Page | None:
+        """The watermark check, then buffered_rmqueue on ``cpu`` (None: no CPU
+        context, straight from the buddy lists)."""
         zone = self.zone
         with self.k.lock:
             if not alloc_flags & ALLOC_NO_WATERMARKS:
                 mark = zone.watermark[alloc_flags & ALLOC_WMARK_MASK]
                 if not zone.zone_watermark_ok(order, mark, 0, alloc_flags):
                     return None
-            page = zone.rmqueue_smallest(order)
+            page = zone.buffered_rmqueue(order, cpu)
             if page is None:
                 return None
             self._prep_new_page(page, order, owner)
@@ -108,12 +114,14 @@ class PageAllocator:
             p.flags = PG(0)
         self.vmstat["pgalloc_normal"] += 1 << order
         self.vmstat["nr_free_pages"] = self.zone.nr_free_pages
+        self.vmstat["nr_pcp_pages"] = self.zone.nr_pcp_pages
 
     # -- __alloc_pages_nodemask -------------------------------------------------------
     async def alloc_pages(self, gfp: GFP, order: int, task: Task,
                           owner: Owner = Owner.KERNEL) -> Page | None:
         """alloc_pages(): the fast path at the low watermark, else the slow path."""
-        page = self.get_page_from_freelist(gfp, order, ALLOC_WMARK_LOW | ALLOC_CPUSET, owner)
+        page = self.get_page_from_freelist(gfp, order, ALLOC_WMARK_LOW | ALLOC_CPUSET, owner,
+                                           task.cpu.id)
         if page is None:
             try:
                 page = await self._alloc_pages_slowpath(gfp, order, task, owner)
@@ -137,7 +145,7 @@ class PageAllocator:
             entitled = bool(alloc_flags & ALLOC_NO_WATERMARKS)
             while True:  # rebalance:
                 page = self.get_page_from_freelist(gfp, order, alloc_flags & ~ALLOC_NO_WATERMARKS,
-                                                   owner)
+                                                   owner, task.cpu.id)
                 if page is None and entitled:
                     page = await self._alloc_pages_high_priority(gfp, order, task, owner)
                 if page is not None:
@@ -177,14 +185,15 @@ class PageAllocator:
         """__alloc_pages_high_priority(): ignore the watermarks (patch 6's local
         zonelist is the only zonelist here)."""
         while True:
-            page = self.get_page_from_freelist(gfp, order, ALLOC_NO_WATERMARKS, owner)
+            page = self.get_page_from_freelist(gfp, order, ALLOC_NO_WATERMARKS, owner,
+                                               task.cpu.id)
             if page is not None or not gfp & GFP.NOFAIL:
                 return page
             await self.k.vmscan.wait_iff_congested(task, self.k.hz(1 / 50))
 
     async def _alloc_pages_direct_reclaim(self, gfp, order, task, alloc_flags, owner):
         """__alloc_pages_direct_reclaim(): __perform_reclaim with PF_MEMALLOC set,
-        then one more attempt (drain_all_pages has no per-cpu lists to drain)."""
+        then an attempt; if it fails, drain_all_pages and one more."""
         saved = task.flags & PF.MEMALLOC
         task.flags |= PF.MEMALLOC
         task.activity = f"direct reclaim for a {gfp_name(gfp)} order-{order} allocation"
@@ -194,8 +203,23 @@ class PageAllocator:
             task.flags = (task.flags & ~PF.MEMALLOC) | saved
         if not progress:
             return None, 0
-        page = self.get_page_from_freelist(gfp, order, alloc_flags & ~ALLOC_NO_WATERMARKS, owner)
+        flags = alloc_flags & ~ALLOC_NO_WATERMARKS
+        page = self.get_page_from_freelist(gfp, order, flags, owner, task.cpu.id)
+        if page is None:
+            self.drain_all_pages()
+            page = self.get_page_from_freelist(gfp, order, flags, owner, task.cpu.id)
         return page, progress
+
+    def drain_all_pages(self) -> None:
+        """drain_all_pages(): every CPU's per-cpu list back to the buddy lists (the
+        kernel sends an IPI to each CPU; here the lists are drained in place)."""
+        zone = self.zone
+        with self.k.lock:
+            drained = sum(zone.drain_pages(pcp.cpu) for pcp in zone.pageset)
+            if drained:
+                self.vmstat["pcp_drained"] += drained
+                self.vmstat["nr_free_pages"] = zone.nr_free_pages
+                self.vmstat["nr_pcp_pages"] = 0
 
     @staticmethod
     def should_alloc_retry(gfp: GFP, order: int, did_some_progress: int) -> bool:
@@ -217,7 +241,9 @@ class PageAllocator:
         return None
 
     # -- __free_pages ---------------------------------------------------------------
-    def free_pages(self, page: Page, order: int | None = None) -> None:
+    def free_pages(self, page: Page, order: int | None = None, *, cold: bool = False) -> None:
+        """__free_pages(): order 0 onto the running CPU's per-cpu list (``cold``: at
+        its tail, as reclaim frees), else, or outside any task, to the buddy lists."""
         if order is None:
             order = page.order
         zone = self.zone
@@ -237,15 +263,20 @@ class PageAllocator:
                 p.slab = None
                 p.private = None
                 p.young = False
-            zone.free_one_page(page, order)
+            task = current.get() if order == 0 else None
+            if task is not None and zone.pageset:
+                zone.free_hot_cold_page(page, task.cpu.id, cold)
+            else:
+                zone.free_one_page(page, order)
+                # Resets the reclaim failure heuristics, like free_one_page().
+                zone.pages_scanned = 0
+                zone.all_unreclaimable = False
             self.vmstat["pgfree"] += 1 << order
             self.vmstat["nr_free_pages"] = zone.nr_free_pages
-            # A freed page resets the reclaim failure heuristics (free_pcppages_bulk).
-            zone.pages_scanned = 0
-            zone.all_unreclaimable = False
+            self.vmstat["nr_pcp_pages"] = zone.nr_pcp_pages
 
-    def free_page(self, page: Page) -> None:
-        self.free_pages(page, 0)
+    def free_page(self, page: Page, *, cold: bool = False) -> None:
+        self.free_pages(page, 0, cold=cold)
 
 
 # Re-exported for callers that want the watermark-index names.

@@ -277,7 +277,7 @@ class VMScan:
                     continue
                 with k.lock:
                     k.page_cache_remove(page)
-                    k.page_alloc.free_page(page)
+                    k.page_alloc.free_page(page, cold=True)  # free_hot_cold_page_list(, 1)
                 nr_reclaimed += 1
                 continue
             if page.young:  # page_check_references: referenced -> activate
@@ -318,7 +318,7 @@ class VMScan:
                     swap.delete_from_swap_cache(page, task)
                     page.flags &= ~PG.locked
                     self.del_page_from_lru(page)
-                    k.page_alloc.free_page(page)
+                    k.page_alloc.free_page(page, cold=True)  # free_hot_cold_page_list(, 1)
                 nr_reclaimed += 1
                 page = None
             finally:

@@ -32,6 +32,8 @@ KERNEL = (
 
 #: Counters the emulator adds (documented in docs/MODEL.md).
 EMULATOR = (
+    "nr_pcp_pages",  # free pages on per-cpu lists (zoneinfo's pagesets "count", summed)
+    "pcp_drained",  # pages drain_all_pages moved from per-cpu lists to the buddy lists
     "nr_pfmemalloc_pages",  # pages currently held that were allocated with ALLOC_NO_WATERMARKS
     "pgalloc_pfmemalloc",  # pages ever allocated from the reserves
     "alloc_fail",  # page allocations that returned NULL

@@ -56,7 +56,7 @@ class TestKernel:
         self.hz_scale = 1.0
         self.lock = threading.RLock()
         self.vmstat = VMStat()
-        self.pgdat = PgData(memory_mib << 8, min_free_kbytes)
+        self.pgdat = PgData(memory_mib << 8, min_free_kbytes, cpus)
         self.vmstat["nr_free_pages"] = self.pgdat.nr_free_pages()
         self.cpus = [CPU(i) for i in range(cpus)]
         self.memalloc_socks = 0

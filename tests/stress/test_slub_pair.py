@@ -1,0 +1,53 @@
+"""The SLUB pair where the 3.5 deadlock is certain: no clean page cache.
+
+Same machine (configs/quick.toml without its page cache), same workload, only
+``kernel.patches`` differs. Every page the workload touches is dirty anonymous
+memory, so once memory reaches the min watermark the only pages anybody can
+free are swap-cache pages whose writeback has completed, and writeback
+completes only when the NBD sender sends it:
+
+* 3.5: the sender allocates with GFP_NOIO and no PF_MEMALLOC, so it stops at
+  the min watermark and enters direct reclaim, which may not start swap I/O
+  and finds nothing clean. Nothing decides this; the watchdog observes that no
+  page is accessed and no I/O completes, and its diagnosis shows the cycle.
+* 3.6 with the series: the NBD socket is SOCK_MEMALLOC and the sender runs
+  with PF_MEMALLOC (patch 14), so it sends from the reserves and the machine
+  swaps its way through, with every page that comes back from swap verified.
+
+The seed configs themselves (6 MiB of page cache) make the 3.5 outcome a race
+whose odds docs/EXPERIMENT.md measures; this test is the certain case.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = str(ROOT / "configs" / "quick.toml")
+NO_PAGE_CACHE = ("machine.slab=slub", "machine.page_cache_mib=0", "run.lockup_timeout_s=10")
+
+
+async def test_vanilla_slub_locks_up_when_nothing_clean_is_left(machine):
+    m = await machine(QUICK, *NO_PAGE_CACHE, "kernel.patches=vanilla")
+    result = await m.wait_done(timeout=300)
+    assert result.outcome == "lockup"
+    assert result.integrity_errors == 0
+    d = result.diagnosis
+    assert d["free"] <= d["wmark"]["min"]  # out of ordinary memory
+    assert d["nbd"]["queued"] > 0  # swap writes wait to be sent
+    sender = [t for t in d["tasks"] if t["comm"] == "nbd0"]
+    assert sender and sender[0].get("allocstall")  # 3.5's GFP_NOIO sender had to reclaim
+    assert "NBD sender (nbd0) needs memory" in d["text"]
+    assert result.vm["skb_drop_nomem"] == 0  # a transmit deadlock: no packet was lost
+
+
+async def test_swapnbd_slub_completes_with_verified_data(machine):
+    m = await machine(QUICK, *NO_PAGE_CACHE, "kernel.patches=swapnbd")
+    result = await m.wait_done(timeout=300)
+    assert result.outcome == "completed"
+    assert result.integrity_errors == 0
+    assert result.processes["completed"] == result.processes["total"]
+    assert result.vm["pswpin"] > 0 and result.vm["pswpout"] > m.k.nr_pages
+    # The sender never entered direct reclaim: it sends with PF_MEMALLOC.
+    assert all(t.allocstall == 0 for t in m.k.tasks.values() if t.comm == "nbd0")
+    assert result.vm["pgalloc_pfmemalloc"] > 0  # ... from the reserves

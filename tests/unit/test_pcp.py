@@ -1,0 +1,102 @@
+"""Per-cpu page lists: zone_batchsize, free_hot_cold_page, rmqueue_bulk, drain_all_pages.
+
+The property that matters for swap over NBD: pages on a CPU's list are free but
+not in NR_FREE_PAGES, so the watermark check refuses an allocation that the
+per-cpu lists could serve until drain_all_pages gives them back to the buddy
+lists, which is what a direct reclaimer does after its first attempt fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from emulator.flags import ALLOC_CPUSET, ALLOC_WMARK_MIN, GFP
+from emulator.mm.mmzone import PgData, zone_batchsize
+from emulator.mm.page import Owner
+from emulator.task import current
+from tests.unit.slab_helpers import make_kernel
+
+
+@pytest.mark.parametrize(("mib", "batch"), [
+    (16, 0),     # 4096 pages: 4 / 4 = 1, rounddown_pow_of_two(1) - 1 = 0
+    (24, 0),
+    (32, 1),     # 8 / 4 = 2 -> rounddown_pow_of_two(3) - 1 = 1
+    (48, 3),     # 12 / 4 = 3 -> rounddown_pow_of_two(4) - 1 = 3
+    (64, 3),
+    (2048, 31),  # capped at 512 KiB (128 pages) / 4 = 32 -> 31, the familiar "batch: 31"
+])
+def test_zone_batchsize_matches_the_kernel(mib, batch):
+    assert zone_batchsize(mib << 8) == batch
+    pcp = PgData(mib << 8, None, 2).zone.pageset[1]
+    assert (pcp.batch, pcp.high) == (max(1, batch), 6 * batch)
+
+
+def test_free_goes_to_the_running_cpus_list_and_spills_at_high():
+    k = make_kernel("slub", cpus=2, memory_mib=64)  # batch 3, high 18
+    zone, pa = k.pgdat.zone, k.page_alloc
+    task = k.new_task("t", cpu=1)
+    pages = [pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL) for _ in range(40)]
+    free0 = zone.nr_free_pages
+    token = current.set(task)
+    try:
+        for i, page in enumerate(pages[:17], 1):
+            pa.free_page(page)
+            assert zone.pageset[1].count == i and page.owner is Owner.PCP
+        assert zone.nr_free_pages == free0  # invisible to NR_FREE_PAGES
+        pa.free_page(pages[17])  # the 18th reaches high: batch (3) go to the buddy lists
+        assert zone.pageset[1].count == 15 and zone.nr_free_pages == free0 + 3
+        assert zone.pageset[0].count == 0
+    finally:
+        current.reset(token)
+    owners = k.pgdat.owners()
+    assert owners["pcp"] == 15 and sum(owners.values()) == k.nr_pages
+
+
+def test_cold_frees_leave_first_and_hot_pages_are_reused_first():
+    k = make_kernel("slub", cpus=1, memory_mib=64)
+    zone, pa = k.pgdat.zone, k.page_alloc
+    task = k.new_task("t", cpu=0)
+    hot, cold = (pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL)
+                 for _ in range(2))
+    token = current.set(task)
+    try:
+        pa.free_page(cold, cold=True)
+        pa.free_page(hot)
+    finally:
+        current.reset(token)
+    assert pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL, 0) is hot
+    zone.free_pcppages_bulk(zone.pageset[0], 1)  # from the tail: the cold page
+    assert cold.owner is Owner.FREE and zone.pageset[0].count == 0
+
+
+def test_an_empty_list_is_refilled_batch_pages_at_a_time():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    zone, pa = k.pgdat.zone, k.page_alloc
+    free0 = zone.nr_free_pages
+    page = pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL, 1)
+    assert page.owner is Owner.KERNEL
+    assert zone.pageset[1].count == 2 and zone.nr_free_pages == free0 - 3
+    pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL, 1)
+    assert zone.pageset[1].count == 1 and zone.nr_free_pages == free0 - 3
+
+
+def test_watermark_ignores_pcp_pages_until_drain_all_pages():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    zone, pa = k.pgdat.zone, k.page_alloc
+    wmin = zone.min_wmark_pages
+    held = []
+    while zone.nr_free_pages > wmin:  # down to exactly min: order 0 needs free > min
+        held.append(pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL))
+    token = current.set(k.new_task("reclaimer", cpu=0))
+    try:
+        for page in held[:5]:  # "reclaimed" on CPU 0: on its list, not in NR_FREE_PAGES
+            pa.free_page(page, cold=True)
+    finally:
+        current.reset(token)
+    flags = ALLOC_WMARK_MIN | ALLOC_CPUSET
+    assert pa.get_page_from_freelist(GFP(0), 0, flags, Owner.KERNEL, 1) is None
+    assert pa.get_page_from_freelist(GFP(0), 0, flags, Owner.KERNEL, 0) is None
+    pa.drain_all_pages()
+    assert zone.nr_pcp_pages == 0 and zone.nr_free_pages == wmin + 5
+    assert k.vmstat["pcp_drained"] == 5
+    assert pa.get_page_from_freelist(GFP(0), 0, flags, Owner.KERNEL, 1) is not None
