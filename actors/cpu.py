@@ -20,9 +20,10 @@ executes emulated code only while it holds its CPU. ``acquire`` queues it;
 
 Without (2) a woken NBD sender or kswapd would wait behind every CPU hog's
 full slice, which CFS does not do.
-Per-CPU state (slab array caches, per-cpu slabs, page-fragment caches) is
-therefore used by exactly one task at a time, like the kernel's
-preempt-disabled sections.
+
+A CPU has one holder at a time, so per-CPU state (slab array caches, per-cpu
+slabs, per-cpu page lists, page-fragment caches) is used by exactly one task
+at a time, like the kernel's preempt-disabled sections.
 
 Design note: DESIGN.md §3 has each CPU as a dispatcher trio task. Here the CPU
 is a hand-off object driven by the tasks themselves: a dispatcher task would

@@ -1,0 +1,61 @@
+"""The CPU's pick order: softirqs, then woken tasks, then tasks whose slice ran out;
+and when the running task is asked to reschedule (actors/cpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from actors.cpu import CPU, sched_wakeup_granularity
+from emulator.task import Task
+
+
+@pytest.mark.parametrize(("cpus", "ms"), [(1, 1), (2, 2), (3, 2), (4, 3), (8, 4), (64, 4)])
+def test_wakeup_granularity_is_scaled_like_update_sysctl(cpus, ms):
+    assert sched_wakeup_granularity(cpus) == pytest.approx(ms / 1000)
+
+
+async def test_woken_tasks_run_before_slice_expired_ones_and_softirqs_first():
+    cpu = CPU(0)
+    hog, expired, woken, sirq = (Task(i, name, cpu, in_softirq=name == "sirq")
+                                 for i, name in enumerate(("hog", "expired", "woken", "sirq")))
+    order = []
+
+    async def wait_for(task, **kw):
+        await cpu.acquire(task, **kw)
+        order.append(task.comm)
+        cpu.release(task)
+
+    await cpu.acquire(hog)
+    async with trio.open_nursery() as nursery:
+        # Queued in the opposite order to the one they are picked in.
+        nursery.start_soon(wait_for, expired)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(lambda: wait_for(woken, wakeup=True))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(wait_for, sirq)
+        await trio.testing.wait_all_tasks_blocked()
+        assert cpu.nr_running() == 4
+        cpu.release(hog)
+    assert order == ["sirq", "woken", "expired"]
+
+
+def test_need_resched_uses_the_wakeup_granularity_for_woken_tasks(autojump_clock):
+    async def main():
+        cpu = CPU(0, timeslice=0.004, wakeup_granularity=0.002)
+        hog, other = Task(1, "hog", cpu), Task(2, "other", cpu)
+        await cpu.acquire(hog)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cpu.acquire, other)  # slice-expired class
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.003)
+            assert not cpu.need_resched(hog)  # 3 ms < the 4 ms slice
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: cpu.acquire(other, wakeup=True))
+            await trio.testing.wait_all_tasks_blocked()
+            assert cpu.need_resched(hog)  # 3 ms >= the 2 ms wake-up granularity
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=autojump_clock)
