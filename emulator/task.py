@@ -9,6 +9,10 @@ Each Task is driven by one trio task. It executes emulated code only while it
 holds its CPU (actors/cpu.py); every sleep gives the CPU back and takes it again
 on wake-up, so at most ``cpus`` tasks run emulated code at once.
 
+``current`` (a ContextVar, like the kernel's ``current`` macro) names the
+Task whose code a trio task is running, for code with no task argument, such
+as __free_pages choosing the CPU's per-cpu page list.
+
 Softirq work runs in a Task with ``in_softirq`` set: the model gives each
 CPU's NET_RX handler its own context instead of borrowing the interrupted
 task's, which matches what patch 4's __do_softirq achieves (the interrupted
