@@ -190,8 +190,8 @@ class running:
         self._token = None
 
     async def __aenter__(self) -> Task:
-        self._token = current.set(self.task)
         await self.task.cpu.acquire(self.task)
+        self._token = current.set(self.task)
         return self.task
 
     async def __aexit__(self, *exc) -> None:

@@ -57,7 +57,8 @@ def explain(d: dict) -> str:
     w = d["wmark"]
     lines = [
         f"LOCKUP: no page accessed and no I/O completed for {d['stalled_s']:.1f} s.",
-        f"Memory: {d['free']} pages free (+{d.get('pcp', 0)} on per-cpu lists); watermarks min {w['min']} / low {w['low']} / "
+        f"Memory: {d['free']} pages free (+{d.get('pcp', 0)} on per-cpu lists); "
+        f"watermarks min {w['min']} / low {w['low']} / "
         f"high {w['high']}; GFP_ATOMIC may go down to {d['atomic_floor']}; "
         f"direct reclaimers are throttled below {d['throttle_threshold']}.",
     ]

@@ -157,5 +157,6 @@ class Task:
 #: ``current``: the emulated task whose code this trio task is executing. Set by
 #: actors.cpu.running() (and by each NET_RX handler for its softirq context);
 #: code that has no task argument, such as __free_pages, reads it to find the
-#: CPU it runs on. None outside any emulated task (boot, tests).
+#: CPU it runs on. None outside any emulated task (unit tests, SLAB's reaper
+#: timer), where frees go straight to the buddy lists.
 current: ContextVar[Task | None] = ContextVar("current", default=None)
