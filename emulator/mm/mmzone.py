@@ -97,6 +97,7 @@ class Zone:
         self.lru: list[OrderedDict[int, Page]] = [OrderedDict() for _ in range(4)]
         self.nr_isolated = [0, 0]  # anon, file
         self.pageset: list[PerCpuPages] = []  # per CPU; set up by setup_pagesets
+        self.nr_pcp_pages = 0  # pages on all the CPUs' lists (outside nr_free_pages)
         # zone_reclaim_stat: recent_scanned / recent_rotated per type (anon, file).
         self.recent_scanned = [0, 0]
         self.recent_rotated = [0, 0]
@@ -162,14 +163,10 @@ class Zone:
         batch = zone_batchsize(self.present_pages)
         self.pageset = [PerCpuPages(cpu, batch) for cpu in range(nr_cpus)]
 
-    @property
-    def nr_pcp_pages(self) -> int:
-        return sum(len(pcp.pages) for pcp in self.pageset)
-
     def buffered_rmqueue(self, order: int, cpu: int | None) -> Page | None:
         """buffered_rmqueue(): order 0 from ``cpu``'s list (refilled by rmqueue_bulk
         when empty), higher orders, or no CPU context, straight from the buddy lists."""
-        if order or cpu is None or not self.pageset:
+        if order or cpu is None:
             return self.rmqueue_smallest(order)
         pages = self.pageset[cpu].pages
         if not pages:
@@ -181,6 +178,8 @@ class Zone:
                 pages.append(page)
             if not pages:
                 return None
+            self.nr_pcp_pages += len(pages)
+        self.nr_pcp_pages -= 1
         return pages.popleft()
 
     def free_hot_cold_page(self, page: Page, cpu: int, cold: bool) -> None:
@@ -193,16 +192,19 @@ class Zone:
             pcp.pages.append(page)
         else:
             pcp.pages.appendleft(page)
+        self.nr_pcp_pages += 1
         if len(pcp.pages) >= pcp.high:
             self.free_pcppages_bulk(pcp, pcp.batch)
 
     def free_pcppages_bulk(self, pcp: PerCpuPages, count: int) -> None:
         """free_pcppages_bulk(): ``count`` pages from the list's tail to the buddy lists."""
         pages = pcp.pages
-        for _ in range(min(count, len(pages))):
+        count = min(count, len(pages))
+        for _ in range(count):
             page = pages.pop()
             page.owner = Owner.FREE
             self.free_one_page(page, 0)
+        self.nr_pcp_pages -= count
         self.all_unreclaimable = False
         self.pages_scanned = 0
 
@@ -337,9 +339,6 @@ class PgData:
     def nr_free_pages(self) -> int:
         """NR_FREE_PAGES: the buddy lists only (per-cpu lists are not counted)."""
         return sum(z.nr_free_pages for z in self.node_zones)
-
-    def nr_pcp_pages(self) -> int:
-        return sum(z.nr_pcp_pages for z in self.node_zones)
 
     def reserve_pages(self) -> int:
         """Σ WMARK_MIN over zones <= ZONE_NORMAL (pfmemalloc_watermark_ok's reserve)."""

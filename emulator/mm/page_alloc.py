@@ -219,7 +219,7 @@ class PageAllocator:
             if drained:
                 self.vmstat["pcp_drained"] += drained
                 self.vmstat["nr_free_pages"] = zone.nr_free_pages
-                self.vmstat["nr_pcp_pages"] = 0
+                self.vmstat["nr_pcp_pages"] = zone.nr_pcp_pages
 
     @staticmethod
     def should_alloc_retry(gfp: GFP, order: int, did_some_progress: int) -> bool:
@@ -264,7 +264,7 @@ class PageAllocator:
                 p.private = None
                 p.young = False
             task = current.get() if order == 0 else None
-            if task is not None and zone.pageset:
+            if task is not None:
                 zone.free_hot_cold_page(page, task.cpu.id, cold)
             else:
                 zone.free_one_page(page, order)

@@ -14,7 +14,7 @@ from emulator.flags import ALLOC_CPUSET, ALLOC_WMARK_MIN, GFP
 from emulator.mm.mmzone import PgData, zone_batchsize
 from emulator.mm.page import Owner
 from emulator.task import current
-from tests.unit.slab_helpers import make_kernel
+from slab_helpers import make_kernel
 
 
 @pytest.mark.parametrize(("mib", "batch"), [
@@ -50,6 +50,7 @@ def test_free_goes_to_the_running_cpus_list_and_spills_at_high():
         current.reset(token)
     owners = k.pgdat.owners()
     assert owners["pcp"] == 15 and sum(owners.values()) == k.nr_pages
+    assert zone.nr_pcp_pages == 15
 
 
 def test_cold_frees_leave_first_and_hot_pages_are_reused_first():
@@ -78,6 +79,7 @@ def test_an_empty_list_is_refilled_batch_pages_at_a_time():
     assert zone.pageset[1].count == 2 and zone.nr_free_pages == free0 - 3
     pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL, 1)
     assert zone.pageset[1].count == 1 and zone.nr_free_pages == free0 - 3
+    assert zone.nr_pcp_pages == 1
 
 
 def test_watermark_ignores_pcp_pages_until_drain_all_pages():
