@@ -10,13 +10,21 @@ out over NBD came back intact. A mismatch is an ``integrity_error``.
 The word is the page's (pid, virtual page, pass) triple; swap_writepage turns
 it into 4096 real bytes with a checksum (emulator/mm/swap.py).
 
+``rate_pages_s`` (0, the default, is usemem: as fast as the CPU goes) caps how
+many pages a process writes per emulated second: between stores it sleeps off
+the CPU, as a program waiting for its input would. It sets the swap load's
+*rate* apart from its *size*: the seed's deadlock needs allocations to reach
+the min watermark, which a rate that kswapd keeps up with does not do.
+
 Simplified: a store is instantaneous Python work (user time is what the loop
-costs on the host), no think time between pages.
+costs on the host); the rate limit is checked every ``PACE_EVERY`` pages.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+import trio
 
 from emulator.mm.memory import handle_mm_fault
 from emulator.mm.page import PG, Page
@@ -26,6 +34,7 @@ if TYPE_CHECKING:
     from emulator.kernel import Kernel
 
 RESCHED_EVERY = 64  # pages between cond_resched() checks
+PACE_EVERY = 4  # pages between rate-limit checks
 
 
 async def anon_mmap_write(k: Kernel, proc: UserProcess) -> bool:
@@ -35,6 +44,9 @@ async def anon_mmap_write(k: Kernel, proc: UserProcess) -> bool:
     pte = mm.pte
     pid = task.pid
     passes = k.cfg.workload.passes
+    rate = k.cfg.workload.rate_pages_s
+    interval = k.hz(PACE_EVERY / rate) if rate else 0.0
+    next_store = trio.current_time()
     for p in range(passes):
         for vpn in range(mm.nr_pages):
             while True:
@@ -56,6 +68,13 @@ async def anon_mmap_write(k: Kernel, proc: UserProcess) -> bool:
             if page.flags & PG.swapcache:
                 page.flags |= PG.dirty  # the PTE's dirty bit, moved to the page at unmap
             k.progress += 1
+            if interval and not vpn % PACE_EVERY:
+                next_store += interval
+                delay = next_store - trio.current_time()
+                if delay > 0:
+                    await task.sleep(delay, wchan="pace")
+                else:
+                    next_store -= delay  # fell behind: no burst to catch up
             if not vpn % RESCHED_EVERY:
                 await task.cond_resched()
         proc.passes_done = p + 1

@@ -60,6 +60,7 @@ class WorkloadConfig:
     processes_per_cpu: int = 2
     size_ratio: float = 2.0
     passes: int = 2
+    rate_pages_s: float = 0.0  # per process; 0 = as fast as the CPU allows (usemem)
 
 
 @attrs.frozen
@@ -181,6 +182,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "processes_per_cpu": lambda k, v: _int(k, v, 1, 64),
         "size_ratio": lambda k, v: _float(k, v, 0.01, 64.0),
         "passes": lambda k, v: _int(k, v, 1, 1000),
+        "rate_pages_s": lambda k, v: _float(k, v, 0.0, 1e7),
     },
     "run": {
         "lockup_timeout_s": lambda k, v: _float(k, v, 0.5, 86400),

@@ -66,8 +66,10 @@ def explain(d: dict) -> str:
         lines.append("  -> below the atomic floor: a softirq without the reserves cannot "
                      "allocate a receive buffer.")
     elif d["free"] <= w["min"]:
-        lines.append("  -> below the min watermark: only reserve-entitled callers "
-                     "(PF_MEMALLOC, __GFP_MEMALLOC) and atomic allocations can allocate.")
+        lines.append(f"  -> at or below the min watermark: memory above the PFMEMALLOC "
+                     f"reserve is exhausted; the {d['free']} pages left are for "
+                     f"reserve-entitled callers (PF_MEMALLOC, __GFP_MEMALLOC) and atomic "
+                     f"allocations only.")
     p = d["pages"]
     o = d["owners"]
     lines.append(
@@ -104,8 +106,11 @@ def explain(d: dict) -> str:
     sender = next((t for t in d["tasks"] if t["comm"] == "nbd0"), None)
     sender_reclaims = bool(sender and "direct reclaim" in (sender.get("activity") or ""))
     if nbd and nbd["queued"] and sender_reclaims:
+        nbd_sock = next((s for s in d["sockets"] if s["sock"].startswith("nbd")), None)
+        entitled = ("" if nbd_sock is None or nbd_sock["memalloc"] else
+                    ", is not entitled to the reserve (its socket lacks SOCK_MEMALLOC)")
         cycle.append(f"{nbd['queued']} swap writes wait to be sent, but the NBD sender (nbd0) "
-                     f"needs memory to send them: it is in direct reclaim "
+                     f"needs memory to send them{entitled}: it is in direct reclaim "
                      f"({sender.get('activity')}), which cannot start swap I/O and finds no "
                      f"clean page to free — every reclaimable page waits for writeback that "
                      f"only the sender can start")

@@ -135,6 +135,22 @@ async def test_small_machine_completes_with_swap_in_and_out(machine):
     assert last["event"] == "run_end" and last["outcome"] == "completed"
 
 
+async def test_rate_limited_workload_is_paced(machine):
+    """workload.rate_pages_s caps each process's stores per second: the run
+    cannot end before every process's pages at that rate (a lower bound the
+    sleeps guarantee, however slow the host is)."""
+    from actors.workloads import PACE_EVERY
+
+    rate = 2000.0
+    m = await machine(QUICK, *SMALL, "workload.size_ratio=0.25", "workload.passes=1",
+                      f"workload.rate_pages_s={rate}")
+    per_process = m.cfg.workload_pages // 2  # shared by 2 processes
+    r = await m.wait_done(timeout=60)
+    assert r.outcome == "completed", r.error or r.diagnosis
+    assert r.vm["pswpout"] == 0  # a quarter of memory: no swap needed
+    assert r.elapsed_s >= (per_process - PACE_EVERY) / rate
+
+
 async def test_never_replying_server_is_a_lockup(machine, nursery):
     srv = await nursery.start(TinyNBDServer("silent").serve)
     with trio.fail_after(LOCKUP_TIMEOUT_S + LOCKUP_MARGIN_S + 30):
