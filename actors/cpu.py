@@ -10,15 +10,25 @@ executes emulated code only while it holds its CPU. ``acquire`` queues it;
 ``release`` hands the CPU directly to the next waiter, picked in this order:
 
 1. softirq contexts, as pending softirqs run before the next task is picked;
-2. tasks waking from a sleep, FIFO. This is CFS's sleeper placement
+2. tasks with a negative nice level (in this model only the NBD driver thread,
+   nice -20), FIFO. Their vruntime advances weight/NICE_0_LOAD times slower
+   (87x at nice -20), so in CFS they are leftmost almost whenever they are
+   runnable; and check_preempt_wakeup scales the wake-up granularity by the
+   waking task's weight (wakeup_gran: calc_delta_fair), so such a task
+   preempts a nice-0 holder after 1024/88761 of the granularity (~23 us);
+3. tasks waking from a sleep, FIFO. This is CFS's sleeper placement
    (place_entity: a woken task's vruntime is raised to at most
    min_vruntime - sched_latency/2, so it is leftmost in the tree and runs
    next), and check_preempt_wakeup: the running task is asked to reschedule
    once it has run for sysctl_sched_wakeup_granularity;
-3. tasks whose slice ran out (cond_resched), FIFO, as CPU-bound tasks of
+4. tasks whose slice ran out (cond_resched), FIFO, as CPU-bound tasks of
    equal weight take turns.
 
-Without (2) a woken NBD sender or kswapd would wait behind every CPU hog's
+A nice -20 task whose slice runs out gives the CPU to the next waiter, which it
+then preempts at once: CPU-bound nice-0 tasks get slivers of its CPU, roughly
+the 1.1% their weight earns.
+
+Without (3) a woken NBD sender or kswapd would wait behind every CPU hog's
 full slice, which CFS does not do.
 
 A CPU has one holder at a time, so per-CPU state (slab array caches, per-cpu
@@ -36,7 +46,8 @@ idle, or iowait while a task of this CPU sleeps on I/O.
 
 Simplified: no preemption inside emulated code (a task runs until it sleeps or
 reaches cond_resched), no vruntime bookkeeping (the three FIFO classes above
-stand in for the red-black tree), no load balancing (tasks are placed
+stand in for the red-black tree; nice levels other than 0 only order the
+pick and scale the wake-up granularity), no load balancing (tasks are placed
 round-robin at creation), one time slice for all tasks.
 """
 
@@ -46,7 +57,7 @@ from collections import deque
 
 import trio
 
-from emulator.task import Task, current
+from emulator.task import NICE_0_LOAD, Task, current
 
 #: sched_latency-sized slice; cond_resched yields once it is used up.
 TIMESLICE_S = 0.004
@@ -70,6 +81,7 @@ class CPU:
         self.current: Task | None = None
         self._tasks: deque[tuple[Task, trio.Event]] = deque()
         self._woken: deque[tuple[Task, trio.Event]] = deque()
+        self._boosted: deque[tuple[Task, trio.Event]] = deque()  # nice < 0
         self._softirqs: deque[tuple[Task, trio.Event]] = deque()
         self.nr_iowait = 0
         self.nr_switches = 0
@@ -109,7 +121,7 @@ class CPU:
 
     def nr_running(self) -> int:
         return (len(self._tasks) + len(self._woken) + len(self._softirqs)
-                + (self.current is not None))
+                + len(self._boosted) + (self.current is not None))
 
     # -- the run queue ---------------------------------------------------------
     async def acquire(self, task: Task, *, wakeup: bool = False) -> None:
@@ -117,7 +129,8 @@ class CPU:
 
         ``wakeup``: the task comes back from a sleep (try_to_wake_up), rather than
         from the end of its slice; it is queued ahead of the slice-expired tasks."""
-        if self.current is None and not (self._tasks or self._woken or self._softirqs):
+        if self.current is None and not (self._tasks or self._woken or self._softirqs
+                                         or self._boosted):
             self._grant(task)
             await trio.lowlevel.checkpoint()
             return
@@ -125,6 +138,8 @@ class CPU:
         entry = (task, ev)
         if task.in_softirq:
             queue = self._softirqs
+        elif task.nice < 0:
+            queue = self._boosted
         elif wakeup:
             queue = self._woken
         else:
@@ -153,7 +168,7 @@ class CPU:
         self.account()
         task.on_cpu = False
         self.current = None
-        queue = self._softirqs or self._woken or self._tasks
+        queue = self._softirqs or self._boosted or self._woken or self._tasks
         if queue:
             nxt, ev = queue.popleft()
             self._grant(nxt)
@@ -161,12 +176,18 @@ class CPU:
 
     def need_resched(self, task: Task) -> bool:
         """TIF_NEED_RESCHED: a softirq or a woken task waits and the running task
-        has had its wake-up granularity, or a task waits and the slice is over."""
-        if self._softirqs or self._woken:
-            return trio.current_time() - task.slice_start >= self.wakeup_granularity
-        return bool(self._tasks) and (
-            trio.current_time() - task.slice_start >= self.timeslice
-        )
+        has had its wake-up granularity (scaled by the weight of a waiting task
+        of higher priority), or a task waits and the slice is over."""
+        ran = trio.current_time() - task.slice_start
+        if self._softirqs:
+            return ran >= self.wakeup_granularity
+        if self._boosted:
+            waiter = self._boosted[0][0]
+            if waiter.nice < task.nice:
+                return ran >= self.wakeup_granularity * NICE_0_LOAD / waiter.load_weight
+        if self._woken:
+            return ran >= self.wakeup_granularity
+        return bool(self._tasks or self._boosted) and ran >= self.timeslice
 
     def stat(self) -> dict:
         self.account()

@@ -18,8 +18,13 @@ CPU's NET_RX handler its own context instead of borrowing the interrupted
 task's, which matches what patch 4's __do_softirq achieves (the interrupted
 task's PF_MEMALLOC is masked while the softirq runs).
 
-Simplified: no priorities or nice levels, no migration between CPUs, signals
-are only SIGKILL from the OOM killer.
+A task has a nice level (``set_user_nice``) whose load weight is the
+kernel's prio_to_weight table (kernel/sched/sched.h); actors/cpu.py uses it
+where CFS's wake-up preemption does. Only the NBD driver thread changes it
+(nice -20, as 3.6's nbd_thread does).
+
+Simplified: no real-time classes, no migration between CPUs, signals are only
+SIGKILL from the OOM killer.
 """
 
 from __future__ import annotations
@@ -37,6 +42,20 @@ from emulator.wait import WaitQueue
 if TYPE_CHECKING:
     from actors.cpu import CPU
 
+#: kernel/sched/sched.h prio_to_weight[]: nice -20 .. 19; nice 0 is NICE_0_LOAD (1024),
+#: and each step is ~1.25x, so a CPU-bound task gets ~10% more CPU per level.
+PRIO_TO_WEIGHT = (
+    88761, 71755, 56483, 46273, 36291,
+    29154, 23254, 18705, 14949, 11916,
+    9548, 7620, 6100, 4904, 3906,
+    3121, 2501, 1991, 1586, 1277,
+    1024, 820, 655, 526, 423,
+    335, 272, 215, 172, 137,
+    110, 87, 70, 56, 45,
+    36, 29, 23, 18, 15,
+)
+NICE_0_LOAD = 1024
+
 
 class Task:
     """struct task_struct, and what the scheduler knows of it."""
@@ -44,7 +63,7 @@ class Task:
     __slots__ = (
         "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
         "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start",
-        "on_cpu", "mm", "exited", "allocstall", "activity", "__weakref__",
+        "on_cpu", "mm", "exited", "allocstall", "activity", "nice", "__weakref__",
     )
 
     def __init__(self, pid: int, comm: str, cpu: CPU, flags: PF = PF(0), *,
@@ -68,6 +87,16 @@ class Task:
         self.exited = False
         self.allocstall = 0  #: times this task entered direct reclaim
         self.activity: str | None = None  #: what a running task is busy with (diagnosis)
+        self.nice = 0
+
+    @property
+    def load_weight(self) -> int:
+        """se.load.weight: prio_to_weight[nice + 20]."""
+        return PRIO_TO_WEIGHT[self.nice + 20]
+
+    def set_user_nice(self, nice: int) -> None:
+        """set_user_nice(): clamp to [-20, 19]; takes effect at the next enqueue."""
+        self.nice = max(-20, min(19, nice))
 
     # -- context predicates (include/linux/hardirq.h) --------------------------
     def in_interrupt(self) -> bool:

@@ -1,7 +1,7 @@
 """The kernel's NBD block driver (drivers/block/nbd.c, 3.6) on an emulated socket.
 
 Models: do_nbd_request putting requests on ``waiting_queue`` and waking the
-``nbd0`` kernel thread (nbd_thread, PF_KTHREAD), which sends each request
+``nbd0`` kernel thread (nbd_thread, PF_KTHREAD, nice -20), which sends each request
 (nbd_handle_req -> nbd_send_req -> sock_xmit) and moves it to the in-flight
 list (``queue_head``); the receiver running nbd_do_it in the nbd-client
 process's context, which reads replies (nbd_read_stat), matches them to
@@ -79,7 +79,9 @@ class NBDDevice(BlockDevice):
         self.waiting_wq.wake_up()
 
     async def nbd_thread(self, task: Task) -> None:
-        """The nbd0 kernel thread: send queued requests one at a time."""
+        """The nbd0 kernel thread: send queued requests one at a time, at nice -20
+        (set_user_nice(current, -20), as nbd_thread has done since 2.6.26)."""
+        task.set_user_nice(-20)
         while True:
             await task.sleep_on(self.waiting_wq, lambda: bool(self.waiting_queue),
                                 wchan="nbd_thread(waiting_wq)")

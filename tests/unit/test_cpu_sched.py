@@ -59,3 +59,44 @@ def test_need_resched_uses_the_wakeup_granularity_for_woken_tasks(autojump_clock
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=autojump_clock)
+
+
+def test_nice_minus_20_task_is_picked_first_and_preempts_almost_at_once(autojump_clock):
+    """nbd_thread runs at nice -20: it is picked before woken and slice-expired
+    nice-0 tasks, and its wake-up granularity is scaled by its weight
+    (2 ms x 1024 / 88761, about 23 us) instead of the full 2 ms."""
+    async def main():
+        cpu = CPU(0, timeslice=0.004, wakeup_granularity=0.002)
+        hog, woken, expired = (Task(i, n, cpu) for i, n in enumerate(("hog", "woken", "exp")))
+        nbd = Task(9, "nbd0", cpu)
+        nbd.set_user_nice(-20)
+        assert nbd.load_weight == 88761 and hog.load_weight == 1024
+        order = []
+
+        async def wait_for(task, **kw):
+            await cpu.acquire(task, **kw)
+            order.append(task.comm)
+            cpu.release(task)
+
+        await cpu.acquire(hog)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for, expired)
+            nursery.start_soon(lambda: wait_for(woken, wakeup=True))
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.0001)
+            assert not cpu.need_resched(hog)  # 0.1 ms: below the 2 ms granularity
+            nursery.start_soon(lambda: wait_for(nbd, wakeup=True))
+            await trio.testing.wait_all_tasks_blocked()
+            assert cpu.need_resched(hog)  # 0.1 ms > 23 us
+            cpu.release(hog)
+        assert order == ["nbd0", "woken", "exp"]
+
+    trio.run(main, clock=autojump_clock)
+
+
+def test_set_user_nice_clamps_like_the_kernel():
+    t = Task(1, "t", CPU(0))
+    t.set_user_nice(-100)
+    assert t.nice == -20
+    t.set_user_nice(100)
+    assert t.nice == 19 and t.load_weight == 15
