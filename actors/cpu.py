@@ -22,7 +22,10 @@ executes emulated code only while it holds its CPU. ``acquire`` queues it;
    next), and check_preempt_wakeup: the running task is asked to reschedule
    once it has run for sysctl_sched_wakeup_granularity;
 4. tasks whose slice ran out (cond_resched), FIFO, as CPU-bound tasks of
-   equal weight take turns.
+   equal weight take turns. A task preempted before the end of its slice (by
+   a softirq or a woken task) goes back to the head of this queue with the
+   rest of its slice: in CFS its vruntime grew only by what it ran, so it is
+   still leftmost among its equals once the preempting task is done.
 
 A nice -20 task whose slice runs out gives the CPU to the next waiter, which it
 then preempts at once: CPU-bound nice-0 tasks get slivers of its CPU, roughly
@@ -124,11 +127,14 @@ class CPU:
                 + len(self._boosted) + (self.current is not None))
 
     # -- the run queue ---------------------------------------------------------
-    async def acquire(self, task: Task, *, wakeup: bool = False) -> None:
+    async def acquire(self, task: Task, *, wakeup: bool = False,
+                      preempted: bool = False) -> None:
         """Become runnable and wait until this CPU is granted.
 
         ``wakeup``: the task comes back from a sleep (try_to_wake_up), rather than
-        from the end of its slice; it is queued ahead of the slice-expired tasks."""
+        from the end of its slice; it is queued ahead of the slice-expired tasks.
+        ``preempted``: the task gave way before its slice ended; it is queued at
+        the head of the slice-expired tasks and resumes the rest of its slice."""
         if self.current is None and not (self._tasks or self._woken or self._softirqs
                                          or self._boosted):
             self._grant(task)
@@ -144,7 +150,10 @@ class CPU:
             queue = self._woken
         else:
             queue = self._tasks
-        queue.append(entry)
+        if preempted and queue is self._tasks:
+            queue.appendleft(entry)
+        else:
+            queue.append(entry)
         try:
             await ev.wait()
         except BaseException:
@@ -158,7 +167,8 @@ class CPU:
         self.account()
         self.current = task
         task.on_cpu = True
-        task.slice_start = self._since
+        task.slice_start = self._since - task.slice_used
+        task.slice_used = 0.0
         self.nr_switches += 1
 
     def release(self, task: Task) -> None:
@@ -173,6 +183,16 @@ class CPU:
             nxt, ev = queue.popleft()
             self._grant(nxt)
             ev.set()
+
+    async def schedule(self, task: Task) -> None:
+        """schedule() from cond_resched with TIF_NEED_RESCHED set: give the CPU to
+        the next task and queue again, keeping the rest of the slice if it was
+        not used up."""
+        ran = trio.current_time() - task.slice_start
+        preempted = ran < self.timeslice
+        self.release(task)
+        task.slice_used = ran if preempted else 0.0
+        await self.acquire(task, preempted=preempted)
 
     def need_resched(self, task: Task) -> bool:
         """TIF_NEED_RESCHED: a softirq or a woken task waits and the running task

@@ -62,7 +62,7 @@ class Task:
 
     __slots__ = (
         "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
-        "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start",
+        "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start", "slice_used",
         "on_cpu", "mm", "exited", "allocstall", "activity", "nice", "__weakref__",
     )
 
@@ -82,6 +82,7 @@ class Task:
         self.stime = 0.0
         self.sirqtime = 0.0
         self.slice_start = 0.0
+        self.slice_used = 0.0  #: slice already run when preempted before its end
         self.on_cpu = False
         self.mm = None  #: the task's MMStruct (user processes only)
         self.exited = False
@@ -113,8 +114,7 @@ class Task:
         timers, other CPUs' tasks) get to run while this task keeps its CPU."""
         cpu = self.cpu
         if cpu.need_resched(self):
-            cpu.release(self)
-            await cpu.acquire(self)
+            await cpu.schedule(self)
         else:
             await trio.lowlevel.checkpoint()
 

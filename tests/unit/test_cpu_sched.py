@@ -100,3 +100,36 @@ def test_set_user_nice_clamps_like_the_kernel():
     assert t.nice == -20
     t.set_user_nice(100)
     assert t.nice == 19 and t.load_weight == 15
+
+
+def test_a_task_preempted_by_a_wakeup_keeps_its_place_and_the_rest_of_its_slice(autojump_clock):
+    """CFS charges a preempted task only what it ran, so it stays leftmost among
+    its equals: it runs again before the tasks that waited behind it, and only
+    for the rest of its slice."""
+    async def main():
+        cpu = CPU(0, timeslice=0.004, wakeup_granularity=0.002)
+        hog, other, woken = (Task(i, n, cpu) for i, n in enumerate(("hog", "other", "woken")))
+        order = []
+
+        async def run_once(task, **kw):
+            await cpu.acquire(task, **kw)
+            order.append(task.comm)
+            cpu.release(task)
+
+        await cpu.acquire(hog)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_once, other)  # a slice-expired equal
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.003)
+            nursery.start_soon(lambda: run_once(woken, wakeup=True))
+            await trio.testing.wait_all_tasks_blocked()
+            assert cpu.need_resched(hog)  # 3 ms >= the 2 ms granularity
+            await hog.cond_resched()  # woken runs, then hog again, before other
+            order.append("hog")
+            assert trio.current_time() - hog.slice_start == pytest.approx(0.003)
+            await trio.sleep(0.0011)
+            assert cpu.need_resched(hog)  # 4.1 ms of its slice used: other's turn
+            cpu.release(hog)
+        assert order == ["woken", "hog", "other"]
+
+    trio.run(main, clock=autojump_clock)
