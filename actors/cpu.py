@@ -48,10 +48,13 @@ the task's mode (user, sys, softirq) and to the CPU; time with no holder is
 idle, or iowait while a task of this CPU sleeps on I/O.
 
 Simplified: no preemption inside emulated code (a task runs until it sleeps or
-reaches cond_resched), no vruntime bookkeeping (the three FIFO classes above
+reaches cond_resched), no vruntime bookkeeping (the four FIFO classes above
 stand in for the red-black tree; nice levels other than 0 only order the
-pick and scale the wake-up granularity), no load balancing (tasks are placed
-round-robin at creation), one time slice for all tasks.
+pick and scale the wake-up granularity), no sleeper credit (CFS places a
+long sleeper sched_latency/2 behind min_vruntime, which usually lets it
+preempt at once; here a nice-0 sleeper waits for the granularity), no load
+balancing (tasks are placed round-robin at creation), one time slice for all
+tasks.
 """
 
 from __future__ import annotations
