@@ -108,9 +108,9 @@ def explain(d: dict) -> str:
     if nbd and nbd["queued"] and sender_reclaims:
         nbd_sock = next((s for s in d["sockets"] if s["sock"].startswith("nbd")), None)
         entitled = ("" if nbd_sock is None or nbd_sock["memalloc"] else
-                    ", is not entitled to the reserve (its socket lacks SOCK_MEMALLOC)")
+                    " and is not entitled to the reserve (its socket lacks SOCK_MEMALLOC)")
         cycle.append(f"{nbd['queued']} swap writes wait to be sent, but the NBD sender (nbd0) "
-                     f"needs memory to send them{entitled}: it is in direct reclaim "
+                     f"needs memory to send them{entitled}; it is in direct reclaim "
                      f"({sender.get('activity')}), which cannot start swap I/O and finds no "
                      f"clean page to free — every reclaimable page waits for writeback that "
                      f"only the sender can start")
