@@ -28,8 +28,8 @@ executes emulated code only while it holds its CPU. ``acquire`` queues it;
    still leftmost among its equals once the preempting task is done.
 
 A nice -20 task whose slice runs out gives the CPU to the next waiter, which it
-then preempts at once: CPU-bound nice-0 tasks get slivers of its CPU, roughly
-the 1.1% their weight earns.
+then preempts at that task's next cond_resched: CPU-bound nice-0 tasks get
+slivers of its CPU, as CFS gives them about 1% of it.
 
 Without (3) a woken NBD sender or kswapd would wait behind every CPU hog's
 full slice, which CFS does not do.

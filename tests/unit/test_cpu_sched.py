@@ -1,5 +1,6 @@
-"""The CPU's pick order: softirqs, then woken tasks, then tasks whose slice ran out;
-and when the running task is asked to reschedule (actors/cpu.py)."""
+"""The CPU's pick order: softirqs, then nice -20 tasks, then woken tasks, then tasks
+whose slice ran out; when the running task is asked to reschedule; and where a
+preempted task is queued again (actors/cpu.py)."""
 
 from __future__ import annotations
 
