@@ -12,6 +12,13 @@ from actors.cpu import CPU, sched_wakeup_granularity
 from emulator.task import Task
 
 
+async def run_once(order: list, task: Task, **kw) -> None:
+    """Queue ``task`` on its CPU, record when it is granted, give the CPU back."""
+    await task.cpu.acquire(task, **kw)
+    order.append(task.comm)
+    task.cpu.release(task)
+
+
 @pytest.mark.parametrize(("cpus", "ms"), [(1, 1), (2, 2), (3, 2), (4, 3), (8, 4), (64, 4)])
 def test_wakeup_granularity_is_scaled_like_update_sysctl(cpus, ms):
     assert sched_wakeup_granularity(cpus) == pytest.approx(ms / 1000)
@@ -23,19 +30,15 @@ async def test_woken_tasks_run_before_slice_expired_ones_and_softirqs_first():
                                  for i, name in enumerate(("hog", "expired", "woken", "sirq")))
     order = []
 
-    async def wait_for(task, **kw):
-        await cpu.acquire(task, **kw)
-        order.append(task.comm)
-        cpu.release(task)
 
     await cpu.acquire(hog)
     async with trio.open_nursery() as nursery:
         # Queued in the opposite order to the one they are picked in.
-        nursery.start_soon(wait_for, expired)
+        nursery.start_soon(run_once, order, expired)
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(lambda: wait_for(woken, wakeup=True))
+        nursery.start_soon(lambda: run_once(order, woken, wakeup=True))
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(wait_for, sirq)
+        nursery.start_soon(run_once, order, sirq)
         await trio.testing.wait_all_tasks_blocked()
         assert cpu.nr_running() == 4
         cpu.release(hog)
@@ -74,19 +77,15 @@ def test_nice_minus_20_task_is_picked_first_and_preempts_almost_at_once(autojump
         assert nbd.load_weight == 88761 and hog.load_weight == 1024
         order = []
 
-        async def wait_for(task, **kw):
-            await cpu.acquire(task, **kw)
-            order.append(task.comm)
-            cpu.release(task)
 
         await cpu.acquire(hog)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(wait_for, expired)
-            nursery.start_soon(lambda: wait_for(woken, wakeup=True))
+            nursery.start_soon(run_once, order, expired)
+            nursery.start_soon(lambda: run_once(order, woken, wakeup=True))
             await trio.testing.wait_all_tasks_blocked()
             await trio.sleep(0.0001)
             assert not cpu.need_resched(hog)  # 0.1 ms: below the 2 ms granularity
-            nursery.start_soon(lambda: wait_for(nbd, wakeup=True))
+            nursery.start_soon(lambda: run_once(order, nbd, wakeup=True))
             await trio.testing.wait_all_tasks_blocked()
             assert cpu.need_resched(hog)  # 0.1 ms > 23 us
             cpu.release(hog)
@@ -112,17 +111,13 @@ def test_a_task_preempted_by_a_wakeup_keeps_its_place_and_the_rest_of_its_slice(
         hog, other, woken = (Task(i, n, cpu) for i, n in enumerate(("hog", "other", "woken")))
         order = []
 
-        async def run_once(task, **kw):
-            await cpu.acquire(task, **kw)
-            order.append(task.comm)
-            cpu.release(task)
 
         await cpu.acquire(hog)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_once, other)  # a slice-expired equal
+            nursery.start_soon(run_once, order, other)  # a slice-expired equal
             await trio.testing.wait_all_tasks_blocked()
             await trio.sleep(0.003)
-            nursery.start_soon(lambda: run_once(woken, wakeup=True))
+            nursery.start_soon(lambda: run_once(order, woken, wakeup=True))
             await trio.testing.wait_all_tasks_blocked()
             assert cpu.need_resched(hog)  # 3 ms >= the 2 ms granularity
             await hog.cond_resched()  # woken runs, then hog again, before other
