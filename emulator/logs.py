@@ -135,6 +135,13 @@ def _default(o):
 
 sink = _Sink()
 
+
+def debug_enabled() -> bool:
+    """Whether debug events reach the log. Hot paths (one event per NBD request or
+    reclaim) test this first: building an event that the sink then drops costs
+    more than the work it describes."""
+    return sink.level <= logging.DEBUG
+
 _configured = False
 
 

@@ -163,7 +163,7 @@ class Task:
 
     def describe(self) -> dict:
         d = {"pid": self.pid, "comm": self.comm, "cpu": self.cpu.id,
-             "flags": [f.name for f in PF if f & self.flags]}
+             "flags": PF.names(self.flags)}
         if self.memdie:
             d["memdie"] = True
         if self.allocstall:

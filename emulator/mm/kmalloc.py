@@ -109,7 +109,7 @@ async def kmalloc(slab: SlabAllocator, size: int, gfp: GFP, task: Task):
 async def kmalloc_large(slab: SlabAllocator, size: int, gfp: GFP, task: Task):
     """kmalloc_large() / kmalloc_order(): whole pages, __GFP_COMP, owner KERNEL."""
     order = get_order(size)
-    page = await slab.k.page_alloc.alloc_pages(GFP(gfp) | GFP.COMP, order, task,
+    page = await slab.k.page_alloc.alloc_pages(gfp | GFP.COMP, order, task,
                                                owner=Owner.KERNEL)
     if page is None:
         return None

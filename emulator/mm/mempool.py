@@ -122,7 +122,7 @@ async def mempool_alloc(pool: Mempool, gfp: GFP, task: Task):
     gfp_mask = int(gfp) | _MEMPOOL_ADD
     gfp_temp = gfp_mask & ~_WAIT_IO
     while True:  # repeat_alloc:
-        element = await pool.alloc(GFP(gfp_temp), task)
+        element = await pool.alloc(gfp_temp, task)
         if element is not None:
             with k.lock:
                 pool.nr_alloc += 1

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import enum
 
+from emulator.flags import Bits
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
 
-class PG(enum.IntFlag):
+class PG(Bits):
     locked = 1 << 0
     referenced = 1 << 2
     uptodate = 1 << 3
@@ -98,5 +100,5 @@ class Page:
         return self.mm is not None
 
     def __repr__(self) -> str:
-        fl = "|".join(f.name for f in PG if f & self.flags)
+        fl = "|".join(PG.names(self.flags))
         return f"<Page {self.pfn} {self.owner.value} {fl}{' pfmemalloc' if self.pfmemalloc else ''}>"

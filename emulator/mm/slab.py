@@ -416,7 +416,7 @@ class SlabAllocatorSLAB(SlabAllocator):
     async def cache_grow(self, cachep: KmemCache, gfp, task: Task) -> int:
         """cache_grow() + kmem_getpages(): one new slab on slabs_free.
         Simplified: no colouring, no off-slab descriptor allocation."""
-        local_flags = GFP(int(gfp) & _SLAB_PAGE_GFP_MASK)
+        local_flags = gfp & _SLAB_PAGE_GFP_MASK
         page = await self.k.page_alloc.alloc_pages(local_flags, cachep.gfporder, task,
                                                    owner=Owner.SLAB)
         if page is None:

@@ -278,7 +278,7 @@ class SlabAllocator:
     # -- helpers both allocators use ---------------------------------------------------
     def pfmemalloc_allowed(self, gfp, task: Task) -> bool:
         """gfp_pfmemalloc_allowed() in the caller's context."""
-        return gfp_pfmemalloc_allowed(GFP(gfp), task, self.k.patches)
+        return gfp_pfmemalloc_allowed(gfp, task, self.k.patches)
 
     def account_slab_pages(self, cache, nr_pages: int) -> None:
         """NR_SLAB_RECLAIMABLE / NR_SLAB_UNRECLAIMABLE += nr_pages (caller holds the lock)."""

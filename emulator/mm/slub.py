@@ -455,10 +455,10 @@ class SlabAllocatorSLUB(SlabAllocator):
         alloc_gfp = (flags | _NOWARN_NORETRY) & ~_NOFAIL
         order, objects = s.oo
         palloc = self.k.page_alloc
-        page = await palloc.alloc_pages(GFP(alloc_gfp), order, task, owner=Owner.SLAB)
+        page = await palloc.alloc_pages(alloc_gfp, order, task, owner=Owner.SLAB)
         if page is None:
             order, objects = s.min
-            page = await palloc.alloc_pages(GFP(flags), order, task, owner=Owner.SLAB)
+            page = await palloc.alloc_pages(flags, order, task, owner=Owner.SLAB)
             if page is None:
                 return None
             with self.lock:

@@ -30,6 +30,7 @@ import structlog
 import trio
 
 from emulator.flags import GFP, GFP_KERNEL, PF
+from emulator.logs import debug_enabled
 from emulator.mm.mmzone import (
     LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE, LRU_NAMES,
 )
@@ -451,8 +452,9 @@ class VMScan:
         sc = ScanControl(gfp, SWAP_CLUSTER_MAX, order, kswapd=False)
         self.vmstat["allocstall"] += 1
         task.allocstall += 1
-        log.debug("direct_reclaim_begin", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
-                  free=self.zone.nr_free_pages)
+        if debug_enabled():
+            log.debug("direct_reclaim_begin", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
+                      free=self.zone.nr_free_pages)
         zone = self.zone
         for priority in range(DEF_PRIORITY, -1, -1):
             sc.nr_scanned = 0
@@ -462,8 +464,9 @@ class VMScan:
                 break
             if priority < DEF_PRIORITY - 2 and sc.nr_scanned:
                 await self.wait_iff_congested(task, self.k.hz(0.1))
-        log.debug("direct_reclaim_end", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
-                  reclaimed=sc.nr_reclaimed, priority=sc.priority)
+        if debug_enabled():
+            log.debug("direct_reclaim_end", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
+                      reclaimed=sc.nr_reclaimed, priority=sc.priority)
         if sc.nr_reclaimed:
             return sc.nr_reclaimed
         if not zone.all_unreclaimable:

@@ -35,6 +35,7 @@ import trio
 
 from emulator.block import READ, BlockDevice, Request
 from emulator.flags import GFP_NOIO, GFP, PF
+from emulator.logs import debug_enabled
 from emulator.task import Task
 from emulator.wait import WaitQueue
 from net.nbd import protocol as P
@@ -114,9 +115,10 @@ class NBDDevice(BlockDevice):
         self.requests += 1
         k.vmstat["nbd_requests"] += 1
         k.vmstat["nbd_inflight"] = len(self.waiting_queue) + len(self.queue_head)
-        log.debug("nbd_request", cookie=cookie, cmd="read" if cmd == P.NBD_CMD_READ else "write",
-                  offset=bio.offset, length=bio.length, pid=task.pid, comm=task.comm,
-                  cpu=task.cpu.id)
+        if debug_enabled():
+            log.debug("nbd_request", cookie=cookie, cmd="read" if cmd == P.NBD_CMD_READ else "write",
+                      offset=bio.offset, length=bio.length, pid=task.pid, comm=task.comm,
+                      cpu=task.cpu.id)
 
     async def sock_xmit_send(self, task: Task, data: bytes) -> list:
         """sock_xmit(send): GFP_NOIO (plus __GFP_MEMALLOC and PF_MEMALLOC with patch 14)."""
@@ -175,7 +177,8 @@ class NBDDevice(BlockDevice):
             log.warning("nbd_error", cookie=ev.cookie, error=ev.error)
         elif req.bio.rw == READ:
             req.bio.data = ev.data
-        log.debug("nbd_reply", cookie=ev.cookie, error=ev.error, latency_s=round(latency, 6))
+        if debug_enabled():
+            log.debug("nbd_reply", cookie=ev.cookie, error=ev.error, latency_s=round(latency, 6))
         self.end_request(req, error, task)
 
     def _harderror(self, why: str, task: Task) -> None:

@@ -117,7 +117,9 @@ def test_gfp_bits_have_the_3_6_values():
         "THISNODE": 0x40000, "RECLAIMABLE": 0x80000, "NO_KSWAPD": 0x400000,
         "WRITE": 0x1000000,
     }
-    assert {b.name: b.value for b in GFP} == expected
+    assert dict(GFP.items()) == expected
+    assert GFP(0x2010) == 0x2010 and type(GFP(0x2010)) is int
+    assert GFP.names(GFP_NOIO | GFP.MEMALLOC) == ["WAIT", "MEMALLOC"]
     assert GFP_ATOMIC == 0x20 and GFP_NOWAIT == 0
     assert GFP_NOIO == 0x10 and GFP_NOFS == 0x50 and GFP_KERNEL == 0xD0
     assert GFP_USER == 0x200D0 and GFP_HIGHUSER_MOVABLE == 0x200DA
