@@ -258,6 +258,7 @@ class VMScan:
         nr_reclaimed = 0
         nr_writeback = 0
         survivors: list[Page] = []
+        free_pages: list[Page] = []
         for page in page_list:
             await task.cond_resched()
             if page.flags & PG.locked:  # trylock_page failed
@@ -278,7 +279,7 @@ class VMScan:
                     continue
                 with k.lock:
                     k.page_cache_remove(page)
-                    k.page_alloc.free_page(page, cold=True)  # free_hot_cold_page_list(, 1)
+                free_pages.append(page)
                 nr_reclaimed += 1
                 continue
             if page.young:  # page_check_references: referenced -> activate
@@ -319,12 +320,18 @@ class VMScan:
                     swap.delete_from_swap_cache(page, task)
                     page.flags &= ~PG.locked
                     self.del_page_from_lru(page)
-                    k.page_alloc.free_page(page, cold=True)  # free_hot_cold_page_list(, 1)
+                free_pages.append(page)
                 nr_reclaimed += 1
                 page = None
             finally:
                 if page is not None and page.flags & PG.locked:
                     k.swap.unlock_page(page)
+        # free_hot_cold_page_list(&free_pages, 1): the batch's reclaimed pages go
+        # back only now, so a reclaimer that slept in get_request_wait on a
+        # later page of its batch held the earlier ones until it woke.
+        with k.lock:
+            for page in free_pages:
+                k.page_alloc.free_page(page, cold=True)
         sc.nr_reclaimed += nr_reclaimed
         return nr_reclaimed, nr_writeback, survivors
 

@@ -1,0 +1,47 @@
+"""shrink_page_list frees its batch at the end (free_hot_cold_page_list), on a real
+emulator Kernel (no network, no actors).
+
+In mm/vmscan.c a reclaimed page goes onto the local ``free_pages`` list and the
+whole list is freed after the loop. A reclaimer that sleeps on a later page of
+its batch (in get_request_wait, for a swap write) therefore holds the pages it
+already reclaimed until it wakes: they are neither on the LRU nor free.
+"""
+
+from __future__ import annotations
+
+from emulator.config import from_dict
+from emulator.flags import GFP_NOIO, PF
+from emulator.kernel import Kernel
+from emulator.mm.mmzone import LRU_INACTIVE_FILE
+from emulator.mm.page import Owner
+from emulator.mm.vmscan import ScanControl
+from emulator.task import Task
+
+FREE = (Owner.FREE, Owner.PCP)
+
+
+async def test_reclaimed_pages_are_freed_only_after_the_batch():
+    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+    seen: list[list[bool]] = []
+    batch = []
+
+    class Reclaimer(Task):
+        async def cond_resched(self) -> None:
+            # Called once per page, before the page is looked at.
+            seen.append([page.owner in FREE for page in batch])
+            await super().cond_resched()
+
+    task = Reclaimer(100, "reclaimer", k.cpus[0], PF.MEMALLOC)
+    await k.populate_page_cache(task, 4)
+    zone = k.pgdat.zone
+    batch += [page for _, page in list(zone.lru[LRU_INACTIVE_FILE].items())[:4]]
+    for page in batch:
+        k.vmscan.del_page_from_lru(page)
+    seen.clear()
+    sc = ScanControl(GFP_NOIO, 32, 0, kswapd=False)
+    nr_reclaimed, nr_writeback, survivors = await k.vmscan.shrink_page_list(batch, zone, sc, task)
+
+    assert (nr_reclaimed, nr_writeback, survivors) == (4, 0, [])
+    assert seen == [[False] * 4] * 4  # nothing went back while the batch was walked
+    assert all(page.owner in FREE for page in batch)  # all of it at the end
+    assert k.nr_page_cache == 0
