@@ -21,6 +21,7 @@ has one zone per node); ``__GFP_NOTRACK`` and ``__GFP_OTHER_NODE`` are absent.
 
 from __future__ import annotations
 
+
 class Bits:
     """A namespace of flag bits whose members are plain ints.
 
