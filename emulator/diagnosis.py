@@ -41,6 +41,7 @@ def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
             "pfmemalloc": vm["nr_pfmemalloc_pages"],
             "lru_active": len(z.lru_active_anon), "lru_inactive": len(z.lru_inactive_anon),
             "isolated": z.nr_isolated_anon,
+            "reclaimed_unfreed": k.vmscan.nr_reclaimed_unfreed,
         },
         "all_unreclaimable": z.all_unreclaimable,
         "tasks": tasks,
@@ -78,6 +79,10 @@ def explain(d: dict) -> str:
         f"{o.get('skb', 0)}, mempool {o.get('mempool', 0)}, kernel {o.get('kernel', 0)}, "
         f"pfmemalloc pages {p['pfmemalloc']}; LRU active {p['lru_active']} inactive "
         f"{p['lru_inactive']} isolated {p['isolated']}.")
+    if p.get("reclaimed_unfreed"):
+        lines.append(
+            f"  {p['reclaimed_unfreed']} pages are reclaimed but not yet free: their reclaimers "
+            f"sleep in the middle of a batch and free it only when they finish it.")
     nbd = d.get("nbd")
     if nbd:
         lines.append(f"NBD: {nbd['inflight']} requests sent and unanswered, {nbd['queued']} "

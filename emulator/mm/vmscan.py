@@ -82,6 +82,9 @@ class VMScan:
         self.throttled: dict[int, float] = {}  # pid -> since
         self.throttle_events = 0
         self.throttle_total_s = 0.0
+        #: Pages shrink_page_list has reclaimed into a batch's free_pages list but
+        #: not yet freed (their reclaimer is still walking, or asleep in, the batch).
+        self.nr_reclaimed_unfreed = 0
 
     # -- congestion ----------------------------------------------------------------
     def set_bdi_congested(self, congested: bool) -> None:
@@ -279,6 +282,7 @@ class VMScan:
                     continue
                 with k.lock:
                     k.page_cache_remove(page)
+                    self.nr_reclaimed_unfreed += 1
                 free_pages.append(page)
                 nr_reclaimed += 1
                 continue
@@ -320,6 +324,7 @@ class VMScan:
                     swap.delete_from_swap_cache(page, task)
                     page.flags &= ~PG.locked
                     self.del_page_from_lru(page)
+                    self.nr_reclaimed_unfreed += 1
                 free_pages.append(page)
                 nr_reclaimed += 1
                 page = None
@@ -332,6 +337,7 @@ class VMScan:
         with k.lock:
             for page in free_pages:
                 k.page_alloc.free_page(page, cold=True)
+            self.nr_reclaimed_unfreed -= len(free_pages)
         sc.nr_reclaimed += nr_reclaimed
         return nr_reclaimed, nr_writeback, survivors
 

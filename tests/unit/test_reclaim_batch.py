@@ -23,12 +23,14 @@ FREE = (Owner.FREE, Owner.PCP)
 async def test_reclaimed_pages_are_freed_only_after_the_batch():
     k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
     seen: list[list[bool]] = []
+    unfreed: list[int] = []
     batch = []
 
     class Reclaimer(Task):
         async def cond_resched(self) -> None:
             # Called once per page, before the page is looked at.
             seen.append([page.owner in FREE for page in batch])
+            unfreed.append(k.vmscan.nr_reclaimed_unfreed)
             await super().cond_resched()
 
     task = Reclaimer(100, "reclaimer", k.cpus[0], PF.MEMALLOC)
@@ -38,10 +40,13 @@ async def test_reclaimed_pages_are_freed_only_after_the_batch():
     for page in batch:
         k.vmscan.del_page_from_lru(page)
     seen.clear()
+    unfreed.clear()
     sc = ScanControl(GFP_NOIO, 32, 0, kswapd=False)
     nr_reclaimed, nr_writeback, survivors = await k.vmscan.shrink_page_list(batch, zone, sc, task)
 
     assert (nr_reclaimed, nr_writeback, survivors) == (4, 0, [])
     assert seen == [[False] * 4] * 4  # nothing went back while the batch was walked
     assert all(page.owner in FREE for page in batch)  # all of it at the end
+    # The diagnosis counts the reclaimed pages a batch still holds.
+    assert unfreed == [0, 1, 2, 3] and k.vmscan.nr_reclaimed_unfreed == 0
     assert k.nr_page_cache == 0
