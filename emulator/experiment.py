@@ -8,6 +8,12 @@ with the published figures beside the emulated ones.
 ``ablation`` runs the swapnbd kernel minus one patch at a time and vanilla
 plus one patch at a time, on one slab allocator, and tabulates each outcome.
 
+``--runs N`` repeats the whole plan N times, run i with ``run.seed`` S + i - 1
+(S: the configs' seed after ``--set``), each in its own ``OUT/run-i``
+directory, and ends with a table of how many runs of each kernel completed
+and how many locked up. An outcome here can be a race (docs/EXPERIMENT.md),
+so one run says little about its odds.
+
 Each run is an independent machine; nothing here influences an outcome.
 """
 
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import trio
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from emulator.config import ConfigError, load
@@ -65,6 +72,9 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slab", choices=["slab", "slub"], default="slub",
                    help="ablation: which slab allocator (default slub)")
     p.add_argument("--json", action="store_true", help="also write a JSON summary to OUT")
+    p.add_argument("--runs", type=int, default=1, metavar="N",
+                   help="repeat the experiment N times with seeds S..S+N-1, each in OUT/run-i, "
+                        "and count the outcomes (default 1)")
 
 
 def _outcome_text(r) -> str:
@@ -96,48 +106,104 @@ async def _run_all(plan: list[tuple[str, object, str]], console: Console):
     return results
 
 
+def _plan(args: argparse.Namespace, out: Path, overrides: list[str]) -> list:
+    plan = []
+    if args.which == "seed":
+        for name in SEED_KERNELS:
+            cfg = load(Path(args.configs) / f"{name}.toml", overrides)
+            plan.append((name, cfg, str(out / f"{name}.jsonl")))
+    else:
+        base = Path(args.configs) / f"swapnbd-{args.slab}.toml"
+        all_p = sorted(PATCHES)
+        for n in all_p:
+            cfg = load(base, [*overrides, f"kernel.patches={[p for p in all_p if p != n]}"])
+            plan.append((f"swapnbd-{n}", cfg, str(out / f"ablation-{args.slab}-minus{n}.jsonl")))
+        for n in all_p:
+            cfg = load(base, [*overrides, f"kernel.patches=[{n}]"])
+            plan.append((f"vanilla+{n}", cfg, str(out / f"ablation-{args.slab}-plus{n}.jsonl")))
+    return plan
+
+
+def _summary(results: dict) -> dict:
+    return {name: {"outcome": r.outcome, "elapsed_s": r.elapsed_s, "time": r.time,
+                   "vm": {k: r.vm.get(k) for k in ("pswpin", "pswpout", "allocstall",
+                                                   "pgscan_direct_throttle",
+                                                   "skb_drop_nomem", "skb_drop_pfmemalloc")},
+                   "integrity_errors": r.integrity_errors, "log": r.log_path}
+            for name, r in results.items()}
+
+
 def experiment_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"swapnbd: --out {out}: {e.strerror}", file=sys.stderr)
+    if args.runs < 1:
+        print("swapnbd: --runs must be at least 1", file=sys.stderr)
         return 2
     # A table of four runs needs more than 80 columns; keep it whole in files and pipes.
     console = Console(width=None if sys.stdout.isatty() else 140)
-    plan = []
+    runs = []  # (directory, plan)
     try:
-        if args.which == "seed":
-            for name in SEED_KERNELS:
-                cfg = load(Path(args.configs) / f"{name}.toml", args.overrides)
-                plan.append((name, cfg, str(out / f"{name}.jsonl")))
-        else:
-            base = Path(args.configs) / f"swapnbd-{args.slab}.toml"
-            all_p = sorted(PATCHES)
-            for n in all_p:
-                cfg = load(base, [*args.overrides,
-                                  f"kernel.patches={[p for p in all_p if p != n]}"])
-                plan.append((f"swapnbd-{n}", cfg, str(out / f"ablation-{args.slab}-minus{n}.jsonl")))
-            for n in all_p:
-                cfg = load(base, [*args.overrides, f"kernel.patches=[{n}]"])
-                plan.append((f"vanilla+{n}", cfg, str(out / f"ablation-{args.slab}-plus{n}.jsonl")))
+        first_seed = load(Path(args.configs) / (
+            f"{SEED_KERNELS[0]}.toml" if args.which == "seed" else f"swapnbd-{args.slab}.toml"),
+            args.overrides).run.seed
+        for i in range(1, args.runs + 1):
+            run_out = out if args.runs == 1 else out / f"run-{i}"
+            overrides = args.overrides if args.runs == 1 else [
+                *args.overrides, f"run.seed={first_seed + i - 1}"]
+            runs.append((run_out, _plan(args, run_out, overrides)))
     except ConfigError as e:
         print(f"swapnbd: {e}", file=sys.stderr)
         return 2
-    results = trio.run(_run_all, plan, console)
-    if args.which == "seed":
-        print_seed_table(results, console)
-    else:
-        print_ablation_table(results, console)
-    if args.json:
-        summary = {name: {"outcome": r.outcome, "elapsed_s": r.elapsed_s, "time": r.time,
-                          "vm": {k: r.vm.get(k) for k in ("pswpin", "pswpout", "allocstall",
-                                                          "pgscan_direct_throttle",
-                                                          "skb_drop_nomem", "skb_drop_pfmemalloc")},
-                          "integrity_errors": r.integrity_errors, "log": r.log_path}
-                   for name, r in results.items()}
-        (out / f"{args.which}-summary.json").write_text(json.dumps(summary, indent=2))
-    return 1 if any(r.outcome == "error" for r in results.values()) else 0
+    all_results = []
+    for i, (run_out, plan) in enumerate(runs, 1):
+        try:
+            run_out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"swapnbd: --out {run_out}: {e.strerror}", file=sys.stderr)
+            return 2
+        if args.runs > 1:
+            console.print(f"run {i} of {args.runs}: seed {plan[0][1].run.seed}, logs in {run_out}",
+                          highlight=False)
+        results = trio.run(_run_all, plan, console)
+        all_results.append(results)
+        if args.which == "seed":
+            print_seed_table(results, console)
+        else:
+            print_ablation_table(results, console)
+        if args.json:
+            (run_out / f"{args.which}-summary.json").write_text(
+                json.dumps(_summary(results), indent=2))
+    if args.runs > 1:
+        print_outcome_counts(all_results, console)
+        if args.json:
+            (out / f"{args.which}-outcomes.json").write_text(json.dumps(
+                outcome_counts(all_results), indent=2))
+    return 1 if any(r.outcome == "error" for res in all_results for r in res.values()) else 0
+
+
+def outcome_counts(all_results: list[dict]) -> dict:
+    """Per kernel: how many runs ended in each outcome, and the completed runs' elapsed times."""
+    counts: dict[str, dict] = {}
+    for results in all_results:
+        for name, r in results.items():
+            c = counts.setdefault(name, {"runs": 0, "completed": 0, "lockup": 0, "other": 0,
+                                         "completed_elapsed_s": []})
+            c["runs"] += 1
+            key = r.outcome if r.outcome in ("completed", "lockup") else "other"
+            c[key] += 1
+            if r.outcome == "completed":
+                c["completed_elapsed_s"].append(round(r.elapsed_s, 1))
+    return counts
+
+
+def print_outcome_counts(all_results: list[dict], console: Console) -> None:
+    t = Table(title=f"outcomes over {len(all_results)} runs")
+    for col in ("kernel", "completed", "locked up", "other", "elapsed s of completed runs"):
+        t.add_column(col)
+    for name, c in outcome_counts(all_results).items():
+        t.add_row(name, f"{c['completed']}/{c['runs']}", f"{c['lockup']}/{c['runs']}",
+                  f"{c['other']}/{c['runs']}",
+                  ", ".join(f"{e:.1f}" for e in c["completed_elapsed_s"]) or "-")
+    console.print(t)
 
 
 def print_seed_table(results: dict, console: Console) -> None:
@@ -145,7 +211,7 @@ def print_seed_table(results: dict, console: Console) -> None:
     t.add_column("", no_wrap=True)
     for name in results:
         t.add_column(name, justify="right")
-    t.add_row("Outcome", *[f"{_outcome_text(r)} [{PUBLISHED[n]['outcome']}]"
+    t.add_row("Outcome", *[f"{_outcome_text(r)} " + escape(f"[{PUBLISHED[n]['outcome']}]")
                            for n, r in results.items()])
     keys = {"Sys s": "sys_s", "User+Sys s": "user_sys_s", "Elapsed s": "elapsed_s"}
     for label, fn in ROWS:
@@ -153,7 +219,7 @@ def print_seed_table(results: dict, console: Console) -> None:
         for n, r in results.items():
             v = fn(r)
             pub = PUBLISHED[n].get(keys.get(label, ""), None)
-            cells.append(f"{v}" + (f" [{pub}]" if pub is not None else ""))
+            cells.append(f"{v}" + (" " + escape(f"[{pub}]") if pub is not None else ""))
         t.add_row(label, *cells)
     console.print(t)
     console.print("Published: 2 GB RAM, 8 processes/CPU, mappings 4x RAM, MMTests "
