@@ -142,6 +142,7 @@ def debug_enabled() -> bool:
     more than the work it describes."""
     return sink.level <= logging.DEBUG
 
+
 _configured = False
 
 

@@ -262,82 +262,85 @@ class VMScan:
         nr_writeback = 0
         survivors: list[Page] = []
         free_pages: list[Page] = []
-        for page in page_list:
-            await task.cond_resched()
-            if page.flags & PG.locked:  # trylock_page failed
-                survivors.append(page)
-                continue
-            if page.flags & PG.writeback:
-                page.flags |= PG.reclaim
-                nr_writeback += 1
-                survivors.append(page)
-                continue
-            if not page.flags & PG.swapbacked:
-                # A clean, unmapped page-cache page: PAGEREF_RECLAIM_CLEAN, then
-                # __remove_mapping. No I/O is needed, so even GFP_NOIO reclaim frees it.
-                if page.young:
+        try:
+            for page in page_list:
+                await task.cond_resched()
+                if page.flags & PG.locked:  # trylock_page failed
+                    survivors.append(page)
+                    continue
+                if page.flags & PG.writeback:
+                    page.flags |= PG.reclaim
+                    nr_writeback += 1
+                    survivors.append(page)
+                    continue
+                if not page.flags & PG.swapbacked:
+                    # A clean, unmapped page-cache page: PAGEREF_RECLAIM_CLEAN, then
+                    # __remove_mapping. No I/O is needed, so even GFP_NOIO reclaim frees it.
+                    if page.young:
+                        page.young = False
+                        page.flags |= PG.active
+                        survivors.append(page)
+                        continue
+                    with k.lock:
+                        k.page_cache_remove(page)
+                        self.nr_reclaimed_unfreed += 1
+                    free_pages.append(page)
+                    nr_reclaimed += 1
+                    continue
+                if page.young:  # page_check_references: referenced -> activate
                     page.young = False
                     page.flags |= PG.active
                     survivors.append(page)
                     continue
-                with k.lock:
-                    k.page_cache_remove(page)
-                    self.nr_reclaimed_unfreed += 1
-                free_pages.append(page)
-                nr_reclaimed += 1
-                continue
-            if page.young:  # page_check_references: referenced -> activate
-                page.young = False
-                page.flags |= PG.active
-                survivors.append(page)
-                continue
-            page.flags |= PG.locked
-            try:
-                if not page.flags & PG.swapcache:
-                    if not sc.gfp_mask & GFP.IO:
+                page.flags |= PG.locked
+                try:
+                    if not page.flags & PG.swapcache:
+                        if not sc.gfp_mask & GFP.IO:
+                            survivors.append(page)
+                            continue
+                        if not await swap.add_to_swap(page, task):
+                            page.flags |= PG.active  # activate_locked: swap full / no memory
+                            survivors.append(page)
+                            continue
+                    if page.mm is not None:
+                        swap.try_to_unmap(page)
+                    if page.flags & PG.dirty:
+                        # may_enter_fs for a swap-cache page needs __GFP_IO.
+                        if not sc.may_writepage or not sc.gfp_mask & GFP.IO:
+                            survivors.append(page)
+                            continue
+                        # pageout(): clear dirty, SetPageReclaim, swap_writepage.
+                        page.flags &= ~PG.dirty
+                        page.flags |= PG.reclaim
+                        ok = await swap.swap_writepage(page, task)
+                        if ok:
+                            self.vmstat["nr_vmscan_write"] += 1
+                        survivors.append(page)  # PG_writeback now (or redirtied): keep
+                        continue
+                    # Clean, unmapped, in the swap cache: __remove_mapping.
+                    if page.flags & PG.writeback or page.mm is not None:
                         survivors.append(page)
                         continue
-                    if not await swap.add_to_swap(page, task):
-                        page.flags |= PG.active  # activate_locked: swap full / no memory
-                        survivors.append(page)
-                        continue
-                if page.mm is not None:
-                    swap.try_to_unmap(page)
-                if page.flags & PG.dirty:
-                    # may_enter_fs for a swap-cache page needs __GFP_IO.
-                    if not sc.may_writepage or not sc.gfp_mask & GFP.IO:
-                        survivors.append(page)
-                        continue
-                    # pageout(): clear dirty, SetPageReclaim, swap_writepage.
-                    page.flags &= ~PG.dirty
-                    page.flags |= PG.reclaim
-                    ok = await swap.swap_writepage(page, task)
-                    if ok:
-                        self.vmstat["nr_vmscan_write"] += 1
-                    survivors.append(page)  # PG_writeback now (or redirtied): keep
-                    continue
-                # Clean, unmapped, in the swap cache: __remove_mapping.
-                if page.flags & PG.writeback or page.mm is not None:
-                    survivors.append(page)
-                    continue
-                with k.lock:
-                    swap.delete_from_swap_cache(page, task)
-                    page.flags &= ~PG.locked
-                    self.del_page_from_lru(page)
-                    self.nr_reclaimed_unfreed += 1
-                free_pages.append(page)
-                nr_reclaimed += 1
-                page = None
-            finally:
-                if page is not None and page.flags & PG.locked:
-                    k.swap.unlock_page(page)
-        # free_hot_cold_page_list(&free_pages, 1): the batch's reclaimed pages go
-        # back only now, so a reclaimer that slept in get_request_wait on a
-        # later page of its batch held the earlier ones until it woke.
-        with k.lock:
-            for page in free_pages:
-                k.page_alloc.free_page(page, cold=True)
-            self.nr_reclaimed_unfreed -= len(free_pages)
+                    with k.lock:
+                        swap.delete_from_swap_cache(page, task)
+                        page.flags &= ~PG.locked
+                        self.del_page_from_lru(page)
+                        self.nr_reclaimed_unfreed += 1
+                    free_pages.append(page)
+                    nr_reclaimed += 1
+                    page = None
+                finally:
+                    if page is not None and page.flags & PG.locked:
+                        k.swap.unlock_page(page)
+        finally:
+            # free_hot_cold_page_list(&free_pages, 1): the batch's reclaimed pages go
+            # back only now, so a reclaimer that slept in get_request_wait on a
+            # later page of its batch held the earlier ones until it woke. (In a
+            # finally so that a task cancelled mid-batch at teardown loses no frame.)
+            with k.lock:
+                for page in free_pages:
+                    k.page_alloc.free_page(page, cold=True)
+                self.nr_reclaimed_unfreed -= len(free_pages)
         sc.nr_reclaimed += nr_reclaimed
         return nr_reclaimed, nr_writeback, survivors
 

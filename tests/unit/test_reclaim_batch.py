@@ -9,6 +9,9 @@ already reclaimed until it wakes: they are neither on the LRU nor free.
 
 from __future__ import annotations
 
+import trio
+import trio.testing
+
 from emulator.config import from_dict
 from emulator.flags import GFP_NOIO, PF
 from emulator.kernel import Kernel
@@ -50,3 +53,30 @@ async def test_reclaimed_pages_are_freed_only_after_the_batch():
     # The diagnosis counts the reclaimed pages a batch still holds.
     assert unfreed == [0, 1, 2, 3] and k.vmscan.nr_reclaimed_unfreed == 0
     assert k.nr_page_cache == 0
+
+
+async def test_a_reclaimer_cancelled_mid_batch_still_frees_what_it_reclaimed():
+    """Machine teardown cancels tasks wherever they are: no frame may be lost."""
+    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+    batch = []
+
+    class Reclaimer(Task):
+        async def cond_resched(self) -> None:
+            if k.vmscan.nr_reclaimed_unfreed == 2:  # two reclaimed, two to go
+                await trio.sleep_forever()
+            await super().cond_resched()
+
+    task = Reclaimer(100, "reclaimer", k.cpus[0], PF.MEMALLOC)
+    await k.populate_page_cache(task, 4)
+    zone = k.pgdat.zone
+    batch += [page for _, page in list(zone.lru[LRU_INACTIVE_FILE].items())[:4]]
+    for page in batch:
+        k.vmscan.del_page_from_lru(page)
+    sc = ScanControl(GFP_NOIO, 32, 0, kswapd=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.vmscan.shrink_page_list, batch, zone, sc, task)
+        await trio.testing.wait_all_tasks_blocked()
+        assert k.vmscan.nr_reclaimed_unfreed == 2
+        nursery.cancel_scope.cancel()
+    assert [page.owner in FREE for page in batch] == [True, True, False, False]
+    assert k.vmscan.nr_reclaimed_unfreed == 0
