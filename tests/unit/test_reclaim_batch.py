@@ -23,8 +23,21 @@ from emulator.task import Task
 FREE = (Owner.FREE, Owner.PCP)
 
 
+def small_kernel() -> Kernel:
+    return Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+
+
+async def isolate_page_cache(k: Kernel, task: Task, n: int = 4) -> list:
+    """n clean page-cache pages, taken off the LRU as shrink_inactive_list would."""
+    await k.populate_page_cache(task, n)
+    batch = [page for _, page in list(k.pgdat.zone.lru[LRU_INACTIVE_FILE].items())[:n]]
+    for page in batch:
+        k.vmscan.del_page_from_lru(page)
+    return batch
+
+
 async def test_reclaimed_pages_are_freed_only_after_the_batch():
-    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+    k = small_kernel()
     seen: list[list[bool]] = []
     unfreed: list[int] = []
     batch = []
@@ -37,11 +50,8 @@ async def test_reclaimed_pages_are_freed_only_after_the_batch():
             await super().cond_resched()
 
     task = Reclaimer(100, "reclaimer", k.cpus[0], PF.MEMALLOC)
-    await k.populate_page_cache(task, 4)
+    batch += await isolate_page_cache(k, task)
     zone = k.pgdat.zone
-    batch += [page for _, page in list(zone.lru[LRU_INACTIVE_FILE].items())[:4]]
-    for page in batch:
-        k.vmscan.del_page_from_lru(page)
     seen.clear()
     unfreed.clear()
     sc = ScanControl(GFP_NOIO, 32, 0, kswapd=False)
@@ -57,7 +67,7 @@ async def test_reclaimed_pages_are_freed_only_after_the_batch():
 
 async def test_a_reclaimer_cancelled_mid_batch_still_frees_what_it_reclaimed():
     """Machine teardown cancels tasks wherever they are: no frame may be lost."""
-    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+    k = small_kernel()
     batch = []
 
     class Reclaimer(Task):
@@ -67,11 +77,8 @@ async def test_a_reclaimer_cancelled_mid_batch_still_frees_what_it_reclaimed():
             await super().cond_resched()
 
     task = Reclaimer(100, "reclaimer", k.cpus[0], PF.MEMALLOC)
-    await k.populate_page_cache(task, 4)
+    batch += await isolate_page_cache(k, task)
     zone = k.pgdat.zone
-    batch += [page for _, page in list(zone.lru[LRU_INACTIVE_FILE].items())[:4]]
-    for page in batch:
-        k.vmscan.del_page_from_lru(page)
     sc = ScanControl(GFP_NOIO, 32, 0, kswapd=False)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.vmscan.shrink_page_list, batch, zone, sc, task)
