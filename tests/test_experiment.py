@@ -9,11 +9,15 @@ kernel reaches: on a machine this small the vanilla kernels' outcome is a race
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
+
+from rich.console import Console
 
 from emulator.cli import main
-from emulator.experiment import SEED_KERNELS
+from emulator.experiment import PIPE_WIDTH, SEED_KERNELS, print_seed_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,10 +61,22 @@ def test_seed_experiment_repeated_counts_every_outcome(capsys, tmp_path):
         assert counts[name]["completed"] == outcomes.count("completed")
         assert counts[name]["lockup"] == outcomes.count("lockup")
     assert "outcomes over 2 runs" in out
-    # The published outcome is printed beside the emulated one, brackets and all.
+    # The published outcome is printed beside the emulated one, brackets and all,
+    # in cells that are not wrapped (the longest is "locked up after 5 s [completed]").
     assert "[locked up]" in out and "[completed]" in out
 
 
 def test_runs_must_be_positive(capsys, tmp_path):
     status, out = experiment(capsys, "--out", str(tmp_path), "--runs", "0")
     assert status == 2 and "--runs" in out
+
+
+def test_the_seed_table_keeps_its_cells_whole_in_a_pipe():
+    """Every kernel locked up: the widest table the experiment can print."""
+    run = SimpleNamespace(outcome="lockup", elapsed_s=21.0, time={"sys_s": 20.9, "user_s": 0.1},
+                          vm={"pswpout": 217}, integrity_errors=0)
+    buf = io.StringIO()
+    print_seed_table(dict.fromkeys(SEED_KERNELS, run), Console(file=buf, width=PIPE_WIDTH))
+    out = buf.getvalue()
+    assert out.count("locked up after 21 s [completed]") == 3
+    assert out.count("locked up after 21 s [locked up]") == 1
