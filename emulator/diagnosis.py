@@ -79,7 +79,7 @@ def explain(d: dict) -> str:
         f"{o.get('skb', 0)}, mempool {o.get('mempool', 0)}, kernel {o.get('kernel', 0)}, "
         f"pfmemalloc pages {p['pfmemalloc']}; LRU active {p['lru_active']} inactive "
         f"{p['lru_inactive']} isolated {p['isolated']}.")
-    if p.get("reclaimed_unfreed"):
+    if p["reclaimed_unfreed"]:
         lines.append(
             f"  {p['reclaimed_unfreed']} pages are reclaimed but not yet free: their reclaimers "
             f"sleep in the middle of a batch and free it only when they finish it.")

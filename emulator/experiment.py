@@ -143,16 +143,16 @@ def experiment_main(args: argparse.Namespace) -> int:
         print("swapnbd: --runs must be at least 1", file=sys.stderr)
         return 2
     console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
-    runs = []  # (directory, plan)
+    def run_dir(i: int) -> Path:
+        return out if args.runs == 1 else out / f"run-{i}"
+
     try:
-        first_seed = load(Path(args.configs) / (
-            f"{SEED_KERNELS[0]}.toml" if args.which == "seed" else f"swapnbd-{args.slab}.toml"),
-            args.overrides).run.seed
-        for i in range(1, args.runs + 1):
-            run_out = out if args.runs == 1 else out / f"run-{i}"
-            overrides = args.overrides if args.runs == 1 else [
-                *args.overrides, f"run.seed={first_seed + i - 1}"]
-            runs.append((run_out, _plan(args, run_out, overrides)))
+        # Run 1 is the plan as configured; run i repeats it with seed S + i - 1.
+        runs = [(run_dir(1), _plan(args, run_dir(1), args.overrides))]
+        first_seed = runs[0][1][0][1].run.seed
+        for i in range(2, args.runs + 1):
+            seed = f"run.seed={first_seed + i - 1}"
+            runs.append((run_dir(i), _plan(args, run_dir(i), [*args.overrides, seed])))
     except ConfigError as e:
         print(f"swapnbd: {e}", file=sys.stderr)
         return 2
