@@ -90,6 +90,16 @@ def explain(d: dict) -> str:
         for r in nbd["oldest"][:3]:
             lines.append(f"  cookie {r['cookie']} {r['cmd']} @{r['offset']} waiting "
                          f"{r['age_s']} s for its reply")
+        if nbd.get("sender_exposed_s") is not None:
+            lines.append(f"  No reply has been on its way for the last {nbd['sender_exposed_s']} s "
+                         f"of the sender's current send.")
+        ss = nbd.get("sender_stalls")
+        if ss and ss["stalls"]:
+            lines.append(
+                f"  Earlier, the sender stalled in direct reclaim during {ss['stalls']} sends; "
+                + (f"{ss['exposed']} of them were exposed (no reply left to wait for) and "
+                   f"recovered, the longest after {ss['longest_exposed_s'] * 1e3:.0f} ms."
+                   if ss["exposed"] else "a reply was always on its way."))
     for s in d["sockets"]:
         if s["consecutive_drops"] or any(s["drops"].values()):
             lines.append(

@@ -63,6 +63,10 @@ ROWS = [
     ("skb drops (nomem)", lambda r: r.vm.get("skb_drop_nomem")),
     ("skb drops (pfmemalloc)", lambda r: r.vm.get("skb_drop_pfmemalloc")),
     ("OOM kills", lambda r: r.vm.get("oom_kill")),
+    ("NBD sender stalls (exposed)",
+     lambda r: f"{r.vm.get('nbd_sender_reclaim')} ({r.vm.get('nbd_sender_reclaim_exposed')})"),
+    ("longest exposure ms",
+     lambda r: r.nbd_sender and round(r.nbd_sender["longest_exposed_s"] * 1e3)),
     ("integrity errors", lambda r: r.integrity_errors),
 ]
 
@@ -133,7 +137,8 @@ def _summary(results: dict) -> dict:
                    "vm": {k: r.vm.get(k) for k in ("pswpin", "pswpout", "allocstall",
                                                    "pgscan_direct_throttle",
                                                    "skb_drop_nomem", "skb_drop_pfmemalloc")},
-                   "integrity_errors": r.integrity_errors, "log": r.log_path}
+                   "integrity_errors": r.integrity_errors, "nbd_sender": r.nbd_sender,
+                   "log": r.log_path}
             for name, r in results.items()}
 
 

@@ -60,6 +60,7 @@ class RunResult:
     log_path: str | None = None
     nbd_latency: dict | None = None
     throttle: dict | None = None
+    nbd_sender: dict | None = None  #: NBDDevice.sender_stalls.summary()
 
     @property
     def exit_status(self) -> int:
@@ -244,18 +245,21 @@ class Machine:
                  "completed": sum(p.outcome == "completed" for p in self.processes),
                  "killed": sum(p.outcome == "killed" for p in self.processes)}
         lat = self.nbd.latency_summary() if self.nbd else None
+        sender = self.nbd.sender_stalls.summary() if self.nbd else None
         throttle = {"events": k.vmscan.throttle_events,
                     "total_s": round(k.vmscan.throttle_total_s, 4)}
         self.result = RunResult(outcome, elapsed, k.integrity_errors, k.vmstat.snapshot(), times,
                                 procs, diagnosis=self._diagnosis, error=self._error,
-                                log_path=self.log_path, nbd_latency=lat, throttle=throttle)
+                                log_path=self.log_path, nbd_latency=lat, throttle=throttle,
+                                nbd_sender=sender)
         log_vmstat(k, self._extra)
         tasks = [{"pid": t.pid, "comm": t.comm, "user_s": round(t.utime, 3),
                   "sys_s": round(t.stime, 3), "softirq_s": round(t.sirqtime, 3),
                   "allocstall": t.allocstall} for t in k.tasks.values()]
         log.info("run_end", tasks=tasks, outcome=outcome, elapsed_s=round(elapsed, 3),
                  integrity_errors=k.integrity_errors, vm=self.result.vm, cpus=cpus, time=times,
-                 processes=procs, nbd_latency=lat, throttle=throttle, error=self._error)
+                 processes=procs, nbd_latency=lat, nbd_sender=sender, throttle=throttle,
+                 error=self._error)
 
     def _any_task(self):
         return next(iter(self.k.tasks.values()))

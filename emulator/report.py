@@ -90,6 +90,18 @@ def print_run_summary(cfg: Config, r: RunResult, console: Console | None = None)
         t.add_row("NBD latency p50/p99/max ms",
                   f"{r.nbd_latency['p50_s'] * 1e3:.2f} / {r.nbd_latency['p99_s'] * 1e3:.2f} / "
                   f"{r.nbd_latency['max_s'] * 1e3:.1f}")
+    if r.nbd_sender:
+        t.add_row("NBD sender stalls", sender_stalls_text(r.nbd_sender))
     console.print(t)
     if r.log_path:
         console.print(f"log: {r.log_path}")
+
+
+def sender_stalls_text(s: dict) -> str:
+    """'N (M exposed), max X / Y ms': N sends stalled in reclaim, M of them with
+    nothing in flight for a while; the longest stall and the longest exposure
+    (see net/nbd/blockdev.py)."""
+    if not s["stalls"]:
+        return "0"
+    return (f"{s['stalls']} ({s['exposed']} exposed), max {s['longest_s'] * 1e3:.0f}"
+            f" / {s['longest_exposed_s'] * 1e3:.0f} ms")

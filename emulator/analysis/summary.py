@@ -130,6 +130,12 @@ EMULATOR_ROWS = (
     Row("NBD requests", INT, "swapnbd", "Δnbd_requests, else run_end.nbd_latency.count"),
     Row("NBD errors", INT, "swapnbd", "Δnbd_errors"),
     Row("NBD in flight peak", INT, "swapnbd", "max of vmstat.nbd_inflight over samples"),
+    Row("NBD sender stalls", INT, "swapnbd",
+        "Δnbd_sender_reclaim: sends during which the sender entered direct reclaim"),
+    Row("NBD sender stalls exposed", INT, "swapnbd",
+        "Δnbd_sender_reclaim_exposed: stalls with a time of no request awaiting a reply"),
+    Row("NBD sender longest exposure (ms)", MS, "swapnbd",
+        "run_end.nbd_sender.longest_exposed_s*1000 (an exposure that never ended is a lockup)"),
     Row("NBD latency p50 (ms)", MS, "swapnbd",
         "run_end.nbd_latency.p50_s*1000, else nearest-rank p50 of nbd_reply.latency_s"),
     Row("NBD latency p99 (ms)", MS, "swapnbd", "as p50, 99th percentile"),
@@ -523,6 +529,8 @@ class _Pass:
 
         lat = end.get("nbd_latency") if complete else None
         lat = lat if isinstance(lat, dict) else {}
+        sender = end.get("nbd_sender") if complete else None
+        sender = sender if isinstance(sender, dict) else {}
         p50, p99, pmax = (_num(lat.get(k)) for k in ("p50_s", "p99_s", "max_s"))
         if p50 is None and self.latencies:
             s = sorted(self.latencies)
@@ -569,6 +577,9 @@ class _Pass:
             "NBD requests": nbd_requests,
             "NBD errors": d("nbd_errors"),
             "NBD in flight peak": self.peak.get("nbd_inflight"),
+            "NBD sender stalls": d("nbd_sender_reclaim"),
+            "NBD sender stalls exposed": d("nbd_sender_reclaim_exposed"),
+            "NBD sender longest exposure (ms)": ms(_num(sender.get("longest_exposed_s"))),
             "NBD latency p50 (ms)": ms(p50),
             "NBD latency p99 (ms)": ms(p99),
             "NBD latency max (ms)": ms(pmax),

@@ -17,6 +17,13 @@ as skbs charged to emulated memory and held until the reply acknowledges
 them; replies are read from skbs the NET_RX handler allocated. The reply
 decoder is the sans-I/O ``TransmissionClient`` of net/nbd/protocol.py.
 
+Emulator accounting (not a kernel counter): every send during which the
+sender entered direct reclaim is a *sender stall*. While a stall lasts with no
+request awaiting a reply, it is *exposed*: no reply can arrive to make a page
+clean, so only memory freed by others can end it. A vanilla lockup is an
+exposure that never ends; the number and length of the ones that did end say
+how close a completed run came (``SenderStalls``).
+
 Simplified: the handshake (done by the userspace nbd-client before
 NBD_SET_SOCK in the kernel) is not charged to emulated memory; there is no
 xmit timeout (3.6's default is none); request handles are counters, not
@@ -49,6 +56,36 @@ log = structlog.get_logger("swapnbd.nbd")
 NBD_EIO = 5
 
 
+class SenderStalls:
+    """Sends during which the NBD sender entered direct reclaim (see the module
+    docstring); the counts are also vmstat's ``nbd_sender_reclaim`` and
+    ``nbd_sender_reclaim_exposed``."""
+
+    __slots__ = ("count", "exposed", "total_s", "longest_s", "longest_exposed_s")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.exposed = 0
+        self.total_s = 0.0
+        self.longest_s = 0.0
+        self.longest_exposed_s = 0.0
+
+    def record(self, seconds: float, exposed_s: float | None) -> None:
+        """A stall of ``seconds``, the last ``exposed_s`` of them with nothing in
+        flight (None: never exposed)."""
+        self.count += 1
+        self.total_s += seconds
+        self.longest_s = max(self.longest_s, seconds)
+        if exposed_s is not None:
+            self.exposed += 1
+            self.longest_exposed_s = max(self.longest_exposed_s, exposed_s)
+
+    def summary(self) -> dict:
+        return {"stalls": self.count, "exposed": self.exposed,
+                "total_s": round(self.total_s, 4), "longest_s": round(self.longest_s, 4),
+                "longest_exposed_s": round(self.longest_exposed_s, 4)}
+
+
 class NBDDevice(BlockDevice):
     name = "nbd0"
 
@@ -67,6 +104,9 @@ class NBDDevice(BlockDevice):
         self.latencies = array("d")
         self.requests = 0
         self.replies = 0
+        self.sender_stalls = SenderStalls()
+        #: when the send in progress last saw nothing in flight (None: not since it began)
+        self._exposed_since: float | None = None
 
     # -- submission -------------------------------------------------------------------
     async def request_fn(self, req: Request, task: Task) -> None:
@@ -103,6 +143,8 @@ class NBDDevice(BlockDevice):
                                     bio.data if cmd == P.NBD_CMD_WRITE else b"")
         req.started = trio.current_time()
         self.active_req = req
+        allocstall = task.allocstall
+        self._exposed_since = None if self.queue_head else req.started
         try:
             skbs = await self.sock_xmit_send(task, wire)
         except ConnectionError as e:
@@ -111,6 +153,14 @@ class NBDDevice(BlockDevice):
             self.end_request(req, NBD_EIO, task)
             return
         self.active_req = None
+        if task.allocstall != allocstall:
+            now = trio.current_time()
+            exposed = self._exposed_since
+            self.sender_stalls.record(now - req.started,
+                                      None if exposed is None else now - exposed)
+            k.vmstat["nbd_sender_reclaim"] += 1
+            k.vmstat["nbd_sender_reclaim_exposed"] += exposed is not None
+        self._exposed_since = None
         self.queue_head[cookie] = (req, skbs, len(wire))
         self.requests += 1
         k.vmstat["nbd_requests"] += 1
@@ -163,6 +213,8 @@ class NBDDevice(BlockDevice):
             self._harderror(f"reply for unknown handle {ev.cookie}", task)
             return
         req, skbs, nbytes = entry
+        if not self.queue_head and self.active_req is not None:
+            self._exposed_since = trio.current_time()  # the send in progress is exposed
         # The reply acknowledges the request's bytes: its transmit skbs are freed.
         self.sock.ack(skbs, nbytes, task)
         latency = trio.current_time() - req.started
@@ -223,4 +275,7 @@ class NBDDevice(BlockDevice):
             ],
             "active_req": self.active_req.cookie if self.active_req else None,
             "harderror": self.harderror,
+            "sender_stalls": self.sender_stalls.summary(),
+            "sender_exposed_s": (None if self._exposed_since is None or self.active_req is None
+                                 else round(now - self._exposed_since, 3)),
         }

@@ -40,6 +40,11 @@ async def test_vanilla_slub_locks_up_when_nothing_clean_is_left(machine):
     assert "NBD sender (nbd0) needs memory" in d["text"]
     assert "not entitled to the reserve" in d["text"]  # the link the series breaks
     assert result.vm["skb_drop_nomem"] == 0  # a transmit deadlock: no packet was lost
+    # The stall that never ended is exposed: nothing in flight, no reply coming,
+    # for about the whole watchdog period.
+    assert d["nbd"]["inflight"] == 0
+    assert d["nbd"]["sender_exposed_s"] >= d["stalled_s"] / 2
+    assert "No reply has been on its way" in d["text"]
 
 
 async def test_swapnbd_slub_completes_with_verified_data(machine):
@@ -51,4 +56,5 @@ async def test_swapnbd_slub_completes_with_verified_data(machine):
     assert result.vm["pswpin"] > 0 and result.vm["pswpout"] > m.k.nr_pages
     # The sender never entered direct reclaim: it sends with PF_MEMALLOC.
     assert all(t.allocstall == 0 for t in m.k.tasks.values() if t.comm == "nbd0")
+    assert result.nbd_sender["stalls"] == 0 and result.vm["nbd_sender_reclaim"] == 0
     assert result.vm["pgalloc_pfmemalloc"] > 0  # ... from the reserves

@@ -1,0 +1,101 @@
+"""The NBD driver's sender-stall accounting (net/nbd/blockdev.py, SenderStalls).
+
+A send during which the sender entered direct reclaim is a stall; the part of
+it with no request awaiting a reply is its exposure (no reply can come to make
+a page clean). The device is driven with a scripted socket on a real emulator
+Kernel and trio's autojump clock, so every duration is exact.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from emulator.block import Bio, Request
+from emulator.config import from_dict
+from emulator.kernel import Kernel
+from emulator.task import Task
+from net.nbd import protocol as P
+from net.nbd.blockdev import NBDDevice
+
+
+class ScriptedSock:
+    """sendmsg runs the next scripted step (or returns at once); acks are no-ops."""
+
+    def __init__(self) -> None:
+        self.sk_allocation = 0
+        self.steps: list = []
+
+    async def sendmsg(self, task: Task, data: bytes) -> list:
+        if self.steps:
+            await self.steps.pop(0)(task)
+        return []
+
+    def ack(self, skbs: list, nbytes: int, task: Task) -> None:
+        pass
+
+
+class Device(NBDDevice):
+    def end_request(self, req: Request, error: int, task: Task) -> None:
+        pass  # no bio or request pool behind these requests
+
+
+def write_request() -> Request:
+    bio = Bio(None)
+    bio.prepare_write(0, b"\0" * 4096, None, None)
+    return Request(bio, None)
+
+
+async def test_stalls_and_exposures_are_timed_from_the_replies(autojump_clock):
+    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+    sock = ScriptedSock()
+    dev = Device(k, sock, P.ExportInfo(name="", size=1 << 20, flags=0), mss=1448)
+    task = Task(50, "nbd0", k.cpus[0])
+
+    def reply(cookie: int) -> None:
+        dev.nbd_end_request(P.Reply(cookie=cookie, error=0), task)
+
+    def stall(before: float, then=None, after: float = 0.0):
+        async def step(t: Task) -> None:
+            t.allocstall += 1  # the send's allocation entered direct reclaim
+            await trio.sleep(before)
+            if then is not None:
+                then()
+                await trio.sleep(after)
+        return step
+
+    await dev.nbd_handle_req(write_request(), task)  # cookie 1: no stall
+    # cookie 2 stalls 40 ms; the reply to 1 arrives after 10: exposed for 30.
+    sock.steps.append(stall(0.010, lambda: reply(1), 0.030))
+    await dev.nbd_handle_req(write_request(), task)
+    reply(2)
+    # cookie 3 stalls 20 ms with nothing in flight from the start: exposed for 20.
+    sock.steps.append(stall(0.020))
+    await dev.nbd_handle_req(write_request(), task)
+    # cookie 4 stalls 50 ms while 3 awaits its reply: not exposed.
+    sock.steps.append(stall(0.050))
+    await dev.nbd_handle_req(write_request(), task)
+
+    s = dev.sender_stalls.summary()
+    assert (s["stalls"], s["exposed"]) == (3, 2)
+    assert abs(s["longest_s"] - 0.050) < 1e-9
+    assert abs(s["longest_exposed_s"] - 0.030) < 1e-9
+    assert abs(s["total_s"] - 0.110) < 1e-9
+    assert (k.vmstat["nbd_sender_reclaim"], k.vmstat["nbd_sender_reclaim_exposed"]) == (3, 2)
+    assert dev.statistics()["sender_exposed_s"] is None  # no send in progress
+
+
+async def test_a_send_in_progress_reports_its_exposure(autojump_clock):
+    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+    sock = ScriptedSock()
+    dev = Device(k, sock, P.ExportInfo(name="", size=1 << 20, flags=0), mss=1448)
+    task = Task(50, "nbd0", k.cpus[0])
+    seen = []
+
+    async def stuck(t: Task) -> None:
+        t.allocstall += 1
+        await trio.sleep(7.0)
+        seen.append(dev.statistics()["sender_exposed_s"])  # what a diagnosis would read
+
+    sock.steps.append(stuck)
+    await dev.nbd_handle_req(write_request(), task)
+    assert seen == [7.0]
