@@ -98,7 +98,9 @@ def explain(d: dict) -> str:
             lines.append(
                 f"  Earlier, the sender stalled in direct reclaim during {ss['stalls']} sends; "
                 + (f"{ss['exposed']} of them were exposed (no reply left to wait for) and "
-                   f"recovered, the longest after {ss['longest_exposed_s'] * 1e3:.0f} ms."
+                   f"recovered, the longest after {ss['longest_exposed_s'] * 1e3:.0f} ms; in "
+                   f"{ss['near_misses']} of those the sender's own reclaim found nothing and "
+                   f"another task freed memory in time."
                    if ss["exposed"] else "a reply was always on its way."))
     for s in d["sockets"]:
         if s["consecutive_drops"] or any(s["drops"].values()):

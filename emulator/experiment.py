@@ -65,6 +65,7 @@ ROWS = [
     ("OOM kills", lambda r: r.vm.get("oom_kill")),
     ("NBD sender stalls (exposed)",
      lambda r: f"{r.vm.get('nbd_sender_reclaim')} ({r.vm.get('nbd_sender_reclaim_exposed')})"),
+    ("NBD sender near misses", lambda r: r.vm.get("nbd_sender_near_miss")),
     ("longest exposure ms",
      lambda r: r.nbd_sender and round(r.nbd_sender["longest_exposed_s"] * 1e3)),
     ("integrity errors", lambda r: r.integrity_errors),

@@ -29,6 +29,10 @@ skb_drop               reason ("nomem" | "pfmemalloc"), socket
 nbd_connect            export size and flags
 nbd_request            debug: cookie, cmd, offset, length
 nbd_reply              debug: cookie, error, latency_s
+nbd_sender_stall       a send during which the sender entered direct reclaim:
+                       cookie, stall_s, exposed_s (None: a reply was always due),
+                       allocstall (direct reclaims during the send), reclaimed
+                       (pages the sender reclaimed in them)
 oom_kill               victim pid, comm, rss, swapents
 integrity_error        pid, vaddr, expected, found, what
 process_exit           pid, comm, passes, pages, reason
@@ -53,7 +57,8 @@ SCHEMA_VERSION = 1
 EVENTS = (
     "run_start", "vmstat", "slabinfo", "kswapd_wake", "kswapd_sleep",
     "direct_reclaim_begin", "direct_reclaim_end", "throttle_begin", "throttle_end",
-    "alloc_fail", "skb_drop", "nbd_connect", "nbd_request", "nbd_reply", "nbd_error",
+    "alloc_fail", "skb_drop", "nbd_connect", "nbd_request", "nbd_reply", "nbd_sender_stall",
+    "nbd_error",
     "oom_kill", "integrity_error", "process_exit", "lockup", "run_end",
 )
 

@@ -98,10 +98,11 @@ def print_run_summary(cfg: Config, r: RunResult, console: Console | None = None)
 
 
 def sender_stalls_text(s: dict) -> str:
-    """'N (M exposed), max X / Y ms': N sends stalled in reclaim, M of them with
-    nothing in flight for a while; the longest stall and the longest exposure
+    """'N (M exposed, K near misses), max X / Y ms': N sends stalled in reclaim,
+    M of them with nothing in flight for a while, K of those with nothing
+    reclaimed by the sender itself; the longest stall and the longest exposure
     (see net/nbd/blockdev.py)."""
     if not s["stalls"]:
         return "0"
-    return (f"{s['stalls']} ({s['exposed']} exposed), max {s['longest_s'] * 1e3:.0f}"
-            f" / {s['longest_exposed_s'] * 1e3:.0f} ms")
+    return (f"{s['stalls']} ({s['exposed']} exposed, {s['near_misses']} near misses), "
+            f"max {s['longest_s'] * 1e3:.0f} / {s['longest_exposed_s'] * 1e3:.0f} ms")

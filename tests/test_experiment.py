@@ -75,7 +75,7 @@ def test_the_seed_table_keeps_its_cells_whole_in_a_pipe():
     """Every kernel locked up: the widest table the experiment can print."""
     run = SimpleNamespace(outcome="lockup", elapsed_s=21.0, time={"sys_s": 20.9, "user_s": 0.1},
                           vm={"pswpout": 217, "nbd_sender_reclaim": 99999,
-                              "nbd_sender_reclaim_exposed": 99999},
+                              "nbd_sender_reclaim_exposed": 99999, "nbd_sender_near_miss": 99999},
                           nbd_sender={"longest_exposed_s": 99.999}, integrity_errors=0)
     buf = io.StringIO()
     print_seed_table(dict.fromkeys(SEED_KERNELS, run), Console(file=buf, width=PIPE_WIDTH))

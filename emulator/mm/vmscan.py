@@ -480,6 +480,7 @@ class VMScan:
                 break
             if priority < DEF_PRIORITY - 2 and sc.nr_scanned:
                 await self.wait_iff_congested(task, self.k.hz(0.1))
+        task.direct_reclaimed += sc.nr_reclaimed
         if debug_enabled():
             log.debug("direct_reclaim_end", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
                       reclaimed=sc.nr_reclaimed, priority=sc.priority)

@@ -44,7 +44,7 @@ EMULATOR = (
     "skb_rx_queued", "skb_tx_queued", "net_bytes_in_flight",
     "tcp_retransmit_timeouts", "tcp_ack_nomem",
     "nbd_requests", "nbd_replies", "nbd_inflight", "nbd_errors",
-    "nbd_sender_reclaim", "nbd_sender_reclaim_exposed",
+    "nbd_sender_reclaim", "nbd_sender_reclaim_exposed", "nbd_sender_near_miss",
     "mempool_wait", "integrity_errors", "throttle_active",
     "swap_used_pages", "swap_total_pages",
 )

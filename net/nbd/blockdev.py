@@ -21,8 +21,10 @@ Emulator accounting (not a kernel counter): every send during which the
 sender entered direct reclaim is a *sender stall*. While a stall lasts with no
 request awaiting a reply, it is *exposed*: no reply can arrive to make a page
 clean, so only memory freed by others can end it. A vanilla lockup is an
-exposure that never ends; the number and length of the ones that did end say
-how close a completed run came (``SenderStalls``).
+exposure that never ends. An exposed stall in which the sender's own reclaim
+freed nothing is a *near miss*: it ended only because another task freed
+memory in time; a lockup is a near miss nobody rescues. Their numbers say how
+close a completed run came (``SenderStalls``).
 
 Simplified: the handshake (done by the userspace nbd-client before
 NBD_SET_SOCK in the kernel) is not charged to emulated memory; there is no
@@ -61,27 +63,29 @@ class SenderStalls:
     docstring); the counts are also vmstat's ``nbd_sender_reclaim`` and
     ``nbd_sender_reclaim_exposed``."""
 
-    __slots__ = ("count", "exposed", "total_s", "longest_s", "longest_exposed_s")
+    __slots__ = ("count", "exposed", "near_misses", "total_s", "longest_s", "longest_exposed_s")
 
     def __init__(self) -> None:
         self.count = 0
         self.exposed = 0
+        self.near_misses = 0
         self.total_s = 0.0
         self.longest_s = 0.0
         self.longest_exposed_s = 0.0
 
-    def record(self, seconds: float, exposed_s: float | None) -> None:
+    def record(self, seconds: float, exposed_s: float | None, reclaimed: int) -> None:
         """A stall of ``seconds``, the last ``exposed_s`` of them with nothing in
-        flight (None: never exposed)."""
+        flight (None: never exposed), in which the sender reclaimed ``reclaimed`` pages."""
         self.count += 1
         self.total_s += seconds
         self.longest_s = max(self.longest_s, seconds)
         if exposed_s is not None:
             self.exposed += 1
+            self.near_misses += reclaimed == 0
             self.longest_exposed_s = max(self.longest_exposed_s, exposed_s)
 
     def summary(self) -> dict:
-        return {"stalls": self.count, "exposed": self.exposed,
+        return {"stalls": self.count, "exposed": self.exposed, "near_misses": self.near_misses,
                 "total_s": round(self.total_s, 4), "longest_s": round(self.longest_s, 4),
                 "longest_exposed_s": round(self.longest_exposed_s, 4)}
 
@@ -143,7 +147,7 @@ class NBDDevice(BlockDevice):
                                     bio.data if cmd == P.NBD_CMD_WRITE else b"")
         req.started = trio.current_time()
         self.active_req = req
-        allocstall = task.allocstall
+        allocstall, reclaimed = task.allocstall, task.direct_reclaimed
         self._exposed_since = None if self.queue_head else req.started
         try:
             skbs = await self.sock_xmit_send(task, wire)
@@ -156,10 +160,15 @@ class NBDDevice(BlockDevice):
         if task.allocstall != allocstall:
             now = trio.current_time()
             exposed = self._exposed_since
-            self.sender_stalls.record(now - req.started,
-                                      None if exposed is None else now - exposed)
+            exposed_s = None if exposed is None else now - exposed
+            reclaimed = task.direct_reclaimed - reclaimed
+            self.sender_stalls.record(now - req.started, exposed_s, reclaimed)
+            log.info("nbd_sender_stall", cookie=cookie, stall_s=round(now - req.started, 6),
+                     exposed_s=None if exposed_s is None else round(exposed_s, 6),
+                     allocstall=task.allocstall - allocstall, reclaimed=reclaimed)
             k.vmstat["nbd_sender_reclaim"] += 1
             k.vmstat["nbd_sender_reclaim_exposed"] += exposed is not None
+            k.vmstat["nbd_sender_near_miss"] += exposed is not None and reclaimed == 0
         self._exposed_since = None
         self.queue_head[cookie] = (req, skbs, len(wire))
         self.requests += 1

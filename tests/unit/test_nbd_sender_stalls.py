@@ -2,7 +2,8 @@
 
 A send during which the sender entered direct reclaim is a stall; the part of
 it with no request awaiting a reply is its exposure (no reply can come to make
-a page clean). The device is driven with a scripted socket on a real emulator
+a page clean); an exposed stall in which the sender reclaimed nothing itself is
+a near miss. The device is driven with a scripted socket on a real emulator
 Kernel and trio's autojump clock, so every duration is exact.
 """
 
@@ -54,9 +55,10 @@ async def test_stalls_and_exposures_are_timed_from_the_replies(autojump_clock):
     def reply(cookie: int) -> None:
         dev.nbd_end_request(P.Reply(cookie=cookie, error=0), task)
 
-    def stall(before: float, then=None, after: float = 0.0):
+    def stall(before: float, then=None, after: float = 0.0, reclaimed: int = 0):
         async def step(t: Task) -> None:
             t.allocstall += 1  # the send's allocation entered direct reclaim
+            t.direct_reclaimed += reclaimed
             await trio.sleep(before)
             if then is not None:
                 then()
@@ -65,22 +67,24 @@ async def test_stalls_and_exposures_are_timed_from_the_replies(autojump_clock):
 
     await dev.nbd_handle_req(write_request(), task)  # cookie 1: no stall
     # cookie 2 stalls 40 ms; the reply to 1 arrives after 10: exposed for 30.
-    sock.steps.append(stall(0.010, lambda: reply(1), 0.030))
+    sock.steps.append(stall(0.010, lambda: reply(1), 0.030, reclaimed=32))
     await dev.nbd_handle_req(write_request(), task)
     reply(2)
-    # cookie 3 stalls 20 ms with nothing in flight from the start: exposed for 20.
+    # cookie 3 stalls 20 ms with nothing in flight from the start: exposed for 20,
+    # and reclaims nothing itself: a near miss.
     sock.steps.append(stall(0.020))
     await dev.nbd_handle_req(write_request(), task)
-    # cookie 4 stalls 50 ms while 3 awaits its reply: not exposed.
+    # cookie 4 stalls 50 ms while 3 awaits its reply: not exposed (nor a near miss).
     sock.steps.append(stall(0.050))
     await dev.nbd_handle_req(write_request(), task)
 
     s = dev.sender_stalls.summary()
-    assert (s["stalls"], s["exposed"]) == (3, 2)
+    assert (s["stalls"], s["exposed"], s["near_misses"]) == (3, 2, 1)
     assert abs(s["longest_s"] - 0.050) < 1e-9
     assert abs(s["longest_exposed_s"] - 0.030) < 1e-9
     assert abs(s["total_s"] - 0.110) < 1e-9
-    assert (k.vmstat["nbd_sender_reclaim"], k.vmstat["nbd_sender_reclaim_exposed"]) == (3, 2)
+    assert (k.vmstat["nbd_sender_reclaim"], k.vmstat["nbd_sender_reclaim_exposed"],
+            k.vmstat["nbd_sender_near_miss"]) == (3, 2, 1)
     assert dev.statistics()["sender_exposed_s"] is None  # no send in progress
 
 
