@@ -63,7 +63,8 @@ class Task:
     __slots__ = (
         "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
         "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start", "slice_used",
-        "on_cpu", "mm", "exited", "allocstall", "direct_reclaimed", "activity", "nice", "__weakref__",
+        "on_cpu", "mm", "exited", "allocstall", "direct_reclaimed", "activity", "nice",
+        "__weakref__",
     )
 
     def __init__(self, pid: int, comm: str, cpu: CPU, flags: PF = PF(0), *,

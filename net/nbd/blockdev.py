@@ -20,11 +20,11 @@ decoder is the sans-I/O ``TransmissionClient`` of net/nbd/protocol.py.
 Emulator accounting (not a kernel counter): every send during which the
 sender entered direct reclaim is a *sender stall*. While a stall lasts with no
 request awaiting a reply, it is *exposed*: no reply can arrive to make a page
-clean, so only memory freed by others can end it. A vanilla lockup is an
-exposure that never ends. An exposed stall in which the sender's own reclaim
-freed nothing is a *near miss*: it ended only because another task freed
-memory in time; a lockup is a near miss nobody rescues. Their numbers say how
-close a completed run came (``SenderStalls``).
+clean, so only memory freed by others can end it. An exposed stall in which
+the sender's own reclaim freed nothing is a *near miss*: it ended only because
+another task freed memory in time. A 3.5 lockup is a near miss that nobody
+rescues, an exposure that never ends; the numbers of both say how close a
+completed run came (``SenderStalls``).
 
 Simplified: the handshake (done by the userspace nbd-client before
 NBD_SET_SOCK in the kernel) is not charged to emulated memory; there is no
@@ -60,8 +60,8 @@ NBD_EIO = 5
 
 class SenderStalls:
     """Sends during which the NBD sender entered direct reclaim (see the module
-    docstring); the counts are also vmstat's ``nbd_sender_reclaim`` and
-    ``nbd_sender_reclaim_exposed``."""
+    docstring); the counts are also vmstat's ``nbd_sender_reclaim``,
+    ``nbd_sender_reclaim_exposed`` and ``nbd_sender_near_miss``."""
 
     __slots__ = ("count", "exposed", "near_misses", "total_s", "longest_s", "longest_exposed_s")
 
@@ -158,17 +158,8 @@ class NBDDevice(BlockDevice):
             return
         self.active_req = None
         if task.allocstall != allocstall:
-            now = trio.current_time()
-            exposed = self._exposed_since
-            exposed_s = None if exposed is None else now - exposed
-            reclaimed = task.direct_reclaimed - reclaimed
-            self.sender_stalls.record(now - req.started, exposed_s, reclaimed)
-            log.info("nbd_sender_stall", cookie=cookie, stall_s=round(now - req.started, 6),
-                     exposed_s=None if exposed_s is None else round(exposed_s, 6),
-                     allocstall=task.allocstall - allocstall, reclaimed=reclaimed)
-            k.vmstat["nbd_sender_reclaim"] += 1
-            k.vmstat["nbd_sender_reclaim_exposed"] += exposed is not None
-            k.vmstat["nbd_sender_near_miss"] += exposed is not None and reclaimed == 0
+            self._account_stall(req, task, task.allocstall - allocstall,
+                                task.direct_reclaimed - reclaimed)
         self._exposed_since = None
         self.queue_head[cookie] = (req, skbs, len(wire))
         self.requests += 1
@@ -178,6 +169,20 @@ class NBDDevice(BlockDevice):
             log.debug("nbd_request", cookie=cookie, cmd="read" if cmd == P.NBD_CMD_READ else "write",
                       offset=bio.offset, length=bio.length, pid=task.pid, comm=task.comm,
                       cpu=task.cpu.id)
+
+    def _account_stall(self, req: Request, task: Task, allocstall: int, reclaimed: int) -> None:
+        """The send of ``req`` entered direct reclaim ``allocstall`` times and
+        reclaimed ``reclaimed`` pages there: a sender stall (module docstring)."""
+        now = trio.current_time()
+        exposed_s = None if self._exposed_since is None else now - self._exposed_since
+        self.sender_stalls.record(now - req.started, exposed_s, reclaimed)
+        vm = self.k.vmstat
+        vm["nbd_sender_reclaim"] += 1
+        vm["nbd_sender_reclaim_exposed"] += exposed_s is not None
+        vm["nbd_sender_near_miss"] += exposed_s is not None and reclaimed == 0
+        log.info("nbd_sender_stall", cookie=req.cookie, stall_s=round(now - req.started, 6),
+                 exposed_s=None if exposed_s is None else round(exposed_s, 6),
+                 allocstall=allocstall, reclaimed=reclaimed)
 
     async def sock_xmit_send(self, task: Task, data: bytes) -> list:
         """sock_xmit(send): GFP_NOIO (plus __GFP_MEMALLOC and PF_MEMALLOC with patch 14)."""
