@@ -40,6 +40,13 @@ class Device(NBDDevice):
         pass  # no bio or request pool behind these requests
 
 
+def device() -> tuple[Kernel, ScriptedSock, Device, Task]:
+    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+    sock = ScriptedSock()
+    dev = Device(k, sock, P.ExportInfo(name="", size=1 << 20, flags=0), mss=1448)
+    return k, sock, dev, Task(50, "nbd0", k.cpus[0])
+
+
 def write_request() -> Request:
     bio = Bio(None)
     bio.prepare_write(0, b"\0" * 4096, None, None)
@@ -47,10 +54,7 @@ def write_request() -> Request:
 
 
 async def test_stalls_and_exposures_are_timed_from_the_replies(autojump_clock):
-    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
-    sock = ScriptedSock()
-    dev = Device(k, sock, P.ExportInfo(name="", size=1 << 20, flags=0), mss=1448)
-    task = Task(50, "nbd0", k.cpus[0])
+    k, sock, dev, task = device()
 
     def reply(cookie: int) -> None:
         dev.nbd_end_request(P.Reply(cookie=cookie, error=0), task)
@@ -89,10 +93,7 @@ async def test_stalls_and_exposures_are_timed_from_the_replies(autojump_clock):
 
 
 async def test_a_send_in_progress_reports_its_exposure(autojump_clock):
-    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
-    sock = ScriptedSock()
-    dev = Device(k, sock, P.ExportInfo(name="", size=1 << 20, flags=0), mss=1448)
-    task = Task(50, "nbd0", k.cpus[0])
+    _, sock, dev, task = device()
     seen = []
 
     async def stuck(t: Task) -> None:
