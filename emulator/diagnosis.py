@@ -95,13 +95,8 @@ def explain(d: dict) -> str:
                          f"of the sender's current send.")
         ss = nbd.get("sender_stalls")
         if ss and ss["stalls"]:
-            lines.append(
-                f"  Earlier, the sender stalled in direct reclaim during {ss['stalls']} sends; "
-                + (f"{ss['exposed']} of them were exposed (no reply left to wait for) and "
-                   f"recovered, the longest after {ss['longest_exposed_s'] * 1e3:.0f} ms; in "
-                   f"{ss['near_misses']} of those the sender's own reclaim found nothing and "
-                   f"another task freed memory in time."
-                   if ss["exposed"] else "a reply was always on its way."))
+            lines.append(f"  Earlier, the sender stalled in direct reclaim during {ss['stalls']} "
+                         f"sends; " + _exposures(ss))
     for s in d["sockets"]:
         if s["consecutive_drops"] or any(s["drops"].values()):
             lines.append(
@@ -145,3 +140,13 @@ def explain(d: dict) -> str:
 
 def now() -> float:
     return trio.current_time()
+
+
+def _exposures(ss: dict) -> str:
+    """The earlier stalls' exposures and near misses (net/nbd/blockdev.py)."""
+    if not ss["exposed"]:
+        return "a reply was always on its way."
+    return (f"{ss['exposed']} of them were exposed (no reply left to wait for) and recovered, "
+            f"the longest after {ss['longest_exposed_s'] * 1e3:.0f} ms; in {ss['near_misses']} "
+            f"of those the sender's own reclaim found nothing and another task freed memory "
+            f"in time.")

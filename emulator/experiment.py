@@ -149,13 +149,15 @@ def experiment_main(args: argparse.Namespace) -> int:
         print("swapnbd: --runs must be at least 1", file=sys.stderr)
         return 2
     console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
+
     def run_dir(i: int) -> Path:
         return out if args.runs == 1 else out / f"run-{i}"
 
     try:
         # Run 1 is the plan as configured; run i repeats it with seed S + i - 1.
-        runs = [(run_dir(1), _plan(args, run_dir(1), args.overrides))]
-        first_seed = runs[0][1][0][1].run.seed
+        first_plan = _plan(args, run_dir(1), args.overrides)
+        first_seed = first_plan[0][1].run.seed  # (name, cfg, log) of its first kernel
+        runs = [(run_dir(1), first_plan)]
         for i in range(2, args.runs + 1):
             seed = f"run.seed={first_seed + i - 1}"
             runs.append((run_dir(i), _plan(args, run_dir(i), [*args.overrides, seed])))

@@ -60,15 +60,14 @@ NBD_EIO = 5
 
 class SenderStalls:
     """Sends during which the NBD sender entered direct reclaim (see the module
-    docstring); the counts are also vmstat's ``nbd_sender_reclaim``,
-    ``nbd_sender_reclaim_exposed`` and ``nbd_sender_near_miss``."""
+    docstring). The counts live in vmstat (``nbd_sender_reclaim``,
+    ``nbd_sender_reclaim_exposed``, ``nbd_sender_near_miss``); this keeps the
+    durations beside them."""
 
-    __slots__ = ("count", "exposed", "near_misses", "total_s", "longest_s", "longest_exposed_s")
+    __slots__ = ("vmstat", "total_s", "longest_s", "longest_exposed_s")
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.exposed = 0
-        self.near_misses = 0
+    def __init__(self, vmstat: dict) -> None:
+        self.vmstat = vmstat
         self.total_s = 0.0
         self.longest_s = 0.0
         self.longest_exposed_s = 0.0
@@ -76,16 +75,19 @@ class SenderStalls:
     def record(self, seconds: float, exposed_s: float | None, reclaimed: int) -> None:
         """A stall of ``seconds``, the last ``exposed_s`` of them with nothing in
         flight (None: never exposed), in which the sender reclaimed ``reclaimed`` pages."""
-        self.count += 1
+        vm = self.vmstat
+        vm["nbd_sender_reclaim"] += 1
         self.total_s += seconds
         self.longest_s = max(self.longest_s, seconds)
         if exposed_s is not None:
-            self.exposed += 1
-            self.near_misses += reclaimed == 0
+            vm["nbd_sender_reclaim_exposed"] += 1
+            vm["nbd_sender_near_miss"] += reclaimed == 0
             self.longest_exposed_s = max(self.longest_exposed_s, exposed_s)
 
     def summary(self) -> dict:
-        return {"stalls": self.count, "exposed": self.exposed, "near_misses": self.near_misses,
+        vm = self.vmstat
+        return {"stalls": vm["nbd_sender_reclaim"], "exposed": vm["nbd_sender_reclaim_exposed"],
+                "near_misses": vm["nbd_sender_near_miss"],
                 "total_s": round(self.total_s, 4), "longest_s": round(self.longest_s, 4),
                 "longest_exposed_s": round(self.longest_exposed_s, 4)}
 
@@ -108,7 +110,7 @@ class NBDDevice(BlockDevice):
         self.latencies = array("d")
         self.requests = 0
         self.replies = 0
-        self.sender_stalls = SenderStalls()
+        self.sender_stalls = SenderStalls(k.vmstat)
         #: when the send in progress last saw nothing in flight (None: not since it began)
         self._exposed_since: float | None = None
 
@@ -176,10 +178,6 @@ class NBDDevice(BlockDevice):
         now = trio.current_time()
         exposed_s = None if self._exposed_since is None else now - self._exposed_since
         self.sender_stalls.record(now - req.started, exposed_s, reclaimed)
-        vm = self.k.vmstat
-        vm["nbd_sender_reclaim"] += 1
-        vm["nbd_sender_reclaim_exposed"] += exposed_s is not None
-        vm["nbd_sender_near_miss"] += exposed_s is not None and reclaimed == 0
         log.info("nbd_sender_stall", cookie=req.cookie, stall_s=round(now - req.started, 6),
                  exposed_s=None if exposed_s is None else round(exposed_s, 6),
                  allocstall=allocstall, reclaimed=reclaimed)
