@@ -93,6 +93,11 @@ def explain(d: dict) -> str:
         if nbd.get("sender_exposed_s") is not None:
             lines.append(f"  No reply has been on its way for the last {nbd['sender_exposed_s']} s "
                          f"of the sender's current send.")
+        send = nbd.get("sender_send")
+        if send and send["pgfree"]:
+            lines.append(f"  Since that send began, {send['pgfree']} pages were freed and atomic "
+                         f"callers took {send['pgalloc_below_min']} at or below the min "
+                         f"watermark, where the sender may not allocate.")
         ss = nbd.get("sender_stalls")
         if ss and ss["stalls"]:
             lines.append(f"  Earlier, the sender stalled in direct reclaim during {ss['stalls']} "

@@ -32,7 +32,9 @@ nbd_reply              debug: cookie, error, latency_s
 nbd_sender_stall       a send during which the sender entered direct reclaim:
                        cookie, stall_s, exposed_s (None: a reply was always due),
                        allocstall (direct reclaims during the send), reclaimed
-                       (pages the sender reclaimed in them)
+                       (pages the sender reclaimed in them), pgfree (pages
+                       anyone freed meanwhile), pgalloc_below_min (pages
+                       atomic callers took at or below min meanwhile)
 oom_kill               victim pid, comm, rss, swapents
 integrity_error        pid, vaddr, expected, found, what
 process_exit           pid, comm, passes, pages, reason

@@ -84,10 +84,15 @@ class PageAllocator:
         context, straight from the buddy lists)."""
         zone = self.zone
         with self.k.lock:
+            below_min = False
             if not alloc_flags & ALLOC_NO_WATERMARKS:
                 mark = zone.watermark[alloc_flags & ALLOC_WMARK_MASK]
                 if not zone.zone_watermark_ok(order, mark, 0, alloc_flags):
                     return None
+                # Passed only thanks to ALLOC_HIGH/ALLOC_HARDER: the band below min
+                # that 3.5 leaves to atomic callers, none of which frees memory.
+                below_min = (alloc_flags & (ALLOC_HIGH | ALLOC_HARDER)
+                             and zone.nr_free_pages - (1 << order) + 1 <= zone.watermark[0])
             page = zone.buffered_rmqueue(order, cpu)
             if page is None:
                 return None
@@ -97,6 +102,8 @@ class PageAllocator:
                 self._mark_pfmemalloc(page)
             if alloc_flags & ALLOC_NO_WATERMARKS:
                 self.vmstat["pgalloc_pfmemalloc"] += 1 << order
+            elif below_min:
+                self.vmstat["pgalloc_below_min"] += 1 << order
             return page
 
     def _mark_pfmemalloc(self, page: Page) -> None:

@@ -36,6 +36,7 @@ EMULATOR = (
     "pcp_drained",  # pages drain_all_pages moved from per-cpu lists to the buddy lists
     "nr_pfmemalloc_pages",  # pages currently held that were allocated with ALLOC_NO_WATERMARKS
     "pgalloc_pfmemalloc",  # pages ever allocated from the reserves
+    "pgalloc_below_min",  # pages atomic/__GFP_HIGH callers took at or below the min watermark
     "alloc_fail",  # page allocations that returned NULL
     "pgalloc_high_order_fail",
     "slab_pfmemalloc_refused",

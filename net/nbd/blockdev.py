@@ -24,7 +24,10 @@ clean, so only memory freed by others can end it. An exposed stall in which
 the sender's own reclaim freed nothing is a *near miss*: it ended only because
 another task freed memory in time. A 3.5 lockup is a near miss that nobody
 rescues, an exposure that never ends; the numbers of both say how close a
-completed run came (``SenderStalls``).
+completed run came (``SenderStalls``). Each stall's event also says where the
+memory went meanwhile: how many pages anyone freed (``pgfree``) and how many
+atomic callers took at or below the min watermark (``pgalloc_below_min``), the
+band the sender may not enter and nothing that takes it frees memory.
 
 Simplified: the handshake (done by the userspace nbd-client before
 NBD_SET_SOCK in the kernel) is not charged to emulated memory; there is no
@@ -113,6 +116,8 @@ class NBDDevice(BlockDevice):
         self.sender_stalls = SenderStalls(k.vmstat)
         #: when the send in progress last saw nothing in flight (None: not since it began)
         self._exposed_since: float | None = None
+        #: vmstat pgfree and pgalloc_below_min when the send in progress began
+        self._send_marks = (0, 0)
 
     # -- submission -------------------------------------------------------------------
     async def request_fn(self, req: Request, task: Task) -> None:
@@ -150,6 +155,7 @@ class NBDDevice(BlockDevice):
         req.started = trio.current_time()
         self.active_req = req
         allocstall, reclaimed = task.allocstall, task.direct_reclaimed
+        self._send_marks = (k.vmstat["pgfree"], k.vmstat["pgalloc_below_min"])
         self._exposed_since = None if self.queue_head else req.started
         try:
             skbs = await self.sock_xmit_send(task, wire)
@@ -180,7 +186,15 @@ class NBDDevice(BlockDevice):
         self.sender_stalls.record(now - req.started, exposed_s, reclaimed)
         log.info("nbd_sender_stall", cookie=req.cookie, stall_s=round(now - req.started, 6),
                  exposed_s=None if exposed_s is None else round(exposed_s, 6),
-                 allocstall=allocstall, reclaimed=reclaimed)
+                 allocstall=allocstall, reclaimed=reclaimed, **self._send_deltas())
+
+    def _send_deltas(self) -> dict[str, int]:
+        """Pages freed by anyone, and taken below min by atomic callers, since the
+        send in progress began."""
+        vm = self.k.vmstat
+        freed, below_min = self._send_marks
+        return {"pgfree": vm["pgfree"] - freed,
+                "pgalloc_below_min": vm["pgalloc_below_min"] - below_min}
 
     async def sock_xmit_send(self, task: Task, data: bytes) -> list:
         """sock_xmit(send): GFP_NOIO (plus __GFP_MEMALLOC and PF_MEMALLOC with patch 14)."""
@@ -290,4 +304,5 @@ class NBDDevice(BlockDevice):
             "sender_stalls": self.sender_stalls.summary(),
             "sender_exposed_s": (None if self._exposed_since is None or self.active_req is None
                                  else round(now - self._exposed_since, 3)),
+            "sender_send": None if self.active_req is None else self._send_deltas(),
         }

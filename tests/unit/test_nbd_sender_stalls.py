@@ -104,3 +104,22 @@ async def test_a_send_in_progress_reports_its_exposure(autojump_clock):
     sock.steps.append(stuck)
     await dev.nbd_handle_req(write_request(), task)
     assert seen == [7.0]
+
+
+async def test_a_stall_says_where_the_memory_went(autojump_clock):
+    """Pages freed by anyone, and taken below min by atomic callers, while the
+    send was stalled: in the send's statistics while it lasts."""
+    k, sock, dev, task = device()
+    seen = []
+
+    async def stuck(t: Task) -> None:
+        t.allocstall += 1
+        await trio.sleep(1.0)
+        k.vmstat["pgfree"] += 5  # another task frees five pages...
+        k.vmstat["pgalloc_below_min"] += 3  # ...and atomic receive takes three of them
+        seen.append(dev.statistics()["sender_send"])
+
+    sock.steps.append(stuck)
+    await dev.nbd_handle_req(write_request(), task)
+    assert seen == [{"pgfree": 5, "pgalloc_below_min": 3}]
+    assert dev.statistics()["sender_send"] is None  # no send in progress

@@ -12,12 +12,13 @@ import math
 import pytest
 
 from emulator.config import from_dict
-from emulator.flags import ALLOC_HARDER, ALLOC_HIGH, ALLOC_NO_WATERMARKS, GFP
+from emulator.flags import ALLOC_HARDER, ALLOC_HIGH, ALLOC_NO_WATERMARKS, ALLOC_WMARK_MIN, GFP
 from emulator.kernel import Kernel
 from emulator.mm.mmzone import (
     PgData, Zone, default_min_free_kbytes, setup_per_zone_wmarks, zone_watermark_ok,
 )
 from emulator.mm.page import Owner
+from page_holder import Holder
 
 MIB = 1024  # KiB
 
@@ -172,3 +173,28 @@ def test_zone_method_uses_live_free_area():
     assert zone.free_area_counts()[0] == 2048
     assert zone.zone_watermark_ok(0, zone.high_wmark_pages)
     assert not zone.zone_watermark_ok(1, zone.high_wmark_pages)
+
+
+def test_pgalloc_below_min_counts_only_the_band_left_to_atomic_callers():
+    """pgalloc_below_min: pages that passed the watermark check only through
+    ALLOC_HIGH/ALLOC_HARDER, i.e. were taken at or below the min watermark by a
+    caller without the reserves' entitlement."""
+    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+    zone, pa, vm = k.pgdat.zone, k.page_alloc, k.vmstat
+    wmin = zone.watermark[0]
+    atomic = ALLOC_WMARK_MIN | ALLOC_HIGH | ALLOC_HARDER  # GFP_ATOMIC's flags
+    holder = Holder(k)
+
+    holder.set_free(wmin + 1)  # above min: an ordinary check passes too
+    assert pa.get_page_from_freelist(GFP.HIGH, 0, atomic, Owner.SKB) is not None
+    assert vm["pgalloc_below_min"] == 0
+    # now at min: only the ALLOC_HIGH/HARDER reduction lets these through
+    assert pa.get_page_from_freelist(GFP.HIGH, 0, atomic, Owner.SKB) is not None
+    assert pa.get_page_from_freelist(GFP.HIGH, 0, atomic, Owner.SKB) is not None
+    assert vm["pgalloc_below_min"] == 2
+    # a plain min-watermark caller is refused there, and counts nothing
+    assert pa.get_page_from_freelist(GFP(0), 0, ALLOC_WMARK_MIN, Owner.KERNEL) is None
+    # the reserves proper are counted apart (pgalloc_pfmemalloc)
+    before = vm["pgalloc_pfmemalloc"]
+    assert pa.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS, Owner.KERNEL) is not None
+    assert (vm["pgalloc_below_min"], vm["pgalloc_pfmemalloc"]) == (2, before + 1)
