@@ -95,9 +95,10 @@ def explain(d: dict) -> str:
                          f"of the sender's current send.")
         send = nbd.get("sender_send")
         if send and send["pgfree"]:
-            lines.append(f"  Since that send began, {send['pgfree']} pages were freed and atomic "
-                         f"callers took {send['pgalloc_below_min']} at or below the min "
-                         f"watermark, where the sender may not allocate.")
+            freed, taken = send["pgfree"], send["pgalloc_below_min"]
+            lines.append(f"  Since that send began, {_pages(freed)} {'was' if freed == 1 else 'were'} "
+                         f"freed, and atomic callers (GFP_ATOMIC, __GFP_HIGH) took {_pages(taken)} "
+                         f"at or below the min watermark, a band the sender may not enter.")
         ss = nbd.get("sender_stalls")
         if ss and ss["stalls"]:
             lines.append(f"  Earlier, the sender stalled in direct reclaim during {ss['stalls']} "
@@ -145,6 +146,10 @@ def explain(d: dict) -> str:
 
 def now() -> float:
     return trio.current_time()
+
+
+def _pages(n: int) -> str:
+    return f"{n} page" if n == 1 else f"{n} pages"
 
 
 def _exposures(ss: dict) -> str:

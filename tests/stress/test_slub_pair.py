@@ -45,6 +45,8 @@ async def test_vanilla_slub_locks_up_when_nothing_clean_is_left(machine):
     assert d["nbd"]["inflight"] == 0
     assert d["nbd"]["sender_exposed_s"] >= d["stalled_s"] / 2
     assert "No reply has been on its way" in d["text"]
+    # ... and it says where memory freed during that send went.
+    assert d["nbd"]["sender_send"] is not None
 
 
 async def test_swapnbd_slub_completes_with_verified_data(machine):
