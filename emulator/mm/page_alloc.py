@@ -90,7 +90,7 @@ class PageAllocator:
                 if not zone.zone_watermark_ok(order, mark, 0, alloc_flags):
                     return None
                 # Passed only thanks to ALLOC_HIGH/ALLOC_HARDER: the band below min
-                # that 3.5 leaves to atomic callers, none of which frees memory.
+                # left to atomic and __GFP_HIGH callers, which cannot reclaim.
                 below_min = (alloc_flags & (ALLOC_HIGH | ALLOC_HARDER)
                              and zone.nr_free_pages - (1 << order) + 1 <= zone.watermark[0])
             page = zone.buffered_rmqueue(order, cpu)

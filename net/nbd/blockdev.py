@@ -26,8 +26,8 @@ another task freed memory in time. A 3.5 lockup is a near miss that nobody
 rescues, an exposure that never ends; the numbers of both say how close a
 completed run came (``SenderStalls``). Each stall's event also says where the
 memory went meanwhile: how many pages anyone freed (``pgfree``) and how many
-atomic callers took at or below the min watermark (``pgalloc_below_min``), the
-band the sender may not enter and nothing that takes it frees memory.
+atomic callers took at or below the min watermark (``pgalloc_below_min``), a
+band the vanilla sender may not enter.
 
 Simplified: the handshake (done by the userspace nbd-client before
 NBD_SET_SOCK in the kernel) is not charged to emulated memory; there is no
