@@ -94,7 +94,7 @@ def explain(d: dict) -> str:
             lines.append(f"  No reply has been on its way for the last {nbd['sender_exposed_s']} s "
                          f"of the sender's current send.")
         send = nbd.get("sender_send")
-        if send and send["pgfree"]:
+        if send:
             freed, taken = send["pgfree"], send["pgalloc_below_min"]
             lines.append(f"  Since that send began, {_pages(freed)} {'was' if freed == 1 else 'were'} "
                          f"freed, and atomic callers (GFP_ATOMIC, __GFP_HIGH) took {_pages(taken)} "

@@ -92,7 +92,7 @@ class PageAllocator:
                 # Passed only thanks to ALLOC_HIGH/ALLOC_HARDER: the band below min
                 # left to atomic and __GFP_HIGH callers, which cannot reclaim.
                 below_min = (alloc_flags & (ALLOC_HIGH | ALLOC_HARDER)
-                             and zone.nr_free_pages - (1 << order) + 1 <= zone.watermark[0])
+                             and not zone.zone_watermark_ok(order, zone.min_wmark_pages))
             page = zone.buffered_rmqueue(order, cpu)
             if page is None:
                 return None
