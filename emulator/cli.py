@@ -7,8 +7,10 @@ logs), ``experiment`` (the seed's four kernels, patch ablation).
 Exit status of ``run``: 0 completed; 3 locked up (the watchdog fired; the
 diagnosis is printed and logged); 4 the workload failed (data integrity
 errors or OOM-killed processes); 5 ``run.max_duration_s`` passed while the
-machine was still making progress; 2 bad input (config, command line); 1 an
-internal error (a bug: the traceback is in the log).
+machine was still making progress; 2 bad input (config, command line); 130
+interrupted (Ctrl-C); 1 an internal error (a bug: the traceback is in the
+log). Status 6 (outcome ``stopped``) exists only for embedders that call
+``Machine.stop()``.
 
 This module is the only place that writes to the terminal directly.
 """

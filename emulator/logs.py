@@ -13,19 +13,20 @@ Catalogue (level info unless noted):
 
 =====================  =========================================================
 run_start              schema, config (dict), machine (pages, watermarks, ...)
-vmstat                 periodic snapshot: all /proc/vmstat-named counters plus the
-                       emulator's (see emulator/mm/vmstat.py), ``wmark``
-                       {min,low,high}, ``throttle_threshold``, ``cpu`` stats,
-                       ``nr_throttled``, ``nbd_inflight``
-slabinfo               periodic per-cache snapshot (issue 3)
+vmstat                 periodic snapshot: ``vm`` (all /proc/vmstat-named counters
+                       plus the emulator's, see emulator/mm/vmstat.py), ``cpus``
+                       (per-CPU stats), ``nr_throttled``, ``nbd_inflight``
+slabinfo               periodic per-cache snapshot: caches
 kswapd_wake            kswapd woke: order, free
 kswapd_sleep           kswapd went to sleep: free
 direct_reclaim_begin   debug: a task entered direct reclaim
 direct_reclaim_end     debug: reclaimed, priority
-throttle_begin         a direct reclaimer throttled (patch 15): pid, comm, free, reserve
+throttle_begin         a direct reclaimer throttled (patch 15): pid, comm, free,
+                       threshold
 throttle_end           ... released: waited_s, timed_out
 alloc_fail             debug: an allocation returned NULL
-skb_drop               reason ("nomem" | "pfmemalloc"), socket
+skb_drop               reason ("nomem" | "pfmemalloc"), sock, free, consecutive,
+                       rto_s
 nbd_connect            export size and flags
 nbd_request            debug: cookie, cmd, offset, length
 nbd_reply              debug: cookie, error, latency_s
@@ -35,12 +36,26 @@ nbd_sender_stall       a send during which the sender entered direct reclaim:
                        (pages the sender reclaimed in them), pgfree (pages
                        anyone freed meanwhile), pgalloc_below_min (pages
                        atomic callers took at or below min meanwhile)
-oom_kill               victim pid, comm, rss, swapents
-integrity_error        pid, vaddr, expected, found, what
-process_exit           pid, comm, passes, pages, reason
-lockup                 the watchdog's diagnosis (emulator/diagnosis)
-run_end                outcome, elapsed_s, integrity_errors, vmstat, cpu, tasks
+nbd_error              warning: a reply with an error (cookie, error); error: the
+                       connection failed (error "harderror", reason, inflight,
+                       queued) and every request ends with -EIO
+swap_write_error       warning: a swap write completed with an error: pfn, entry,
+                       error
+swap_read_error        warning: a swap read completed with an error: pfn, entry,
+                       error
+oom_kill               warning: victim (pid), comm, rss, swapents, trigger_pid,
+                       trigger, order, free
+integrity_error        error: what, pid, vaddr, expected, found
+process_exit           pid, comm, passes_done, reason, freed
+lockup                 error: the watchdog's diagnosis (emulator/diagnosis)
+run_error              error: an exception in the emulator (error, traceback)
+run_end                outcome, elapsed_s, integrity_errors, vm, cpus, time,
+                       tasks, processes, nbd_latency, nbd_sender, throttle, error
 =====================  =========================================================
+
+The embedded NBD server logs its own events (``nbd_server_*``, ``nbd_client_*``,
+``nbd_accept_error``, ``nbd_backend_error``) through the same structlog
+configuration; docs/NBD.md describes them.
 """
 
 from __future__ import annotations
@@ -60,8 +75,8 @@ EVENTS = (
     "run_start", "vmstat", "slabinfo", "kswapd_wake", "kswapd_sleep",
     "direct_reclaim_begin", "direct_reclaim_end", "throttle_begin", "throttle_end",
     "alloc_fail", "skb_drop", "nbd_connect", "nbd_request", "nbd_reply", "nbd_sender_stall",
-    "nbd_error",
-    "oom_kill", "integrity_error", "process_exit", "lockup", "run_end",
+    "nbd_error", "swap_write_error", "swap_read_error",
+    "oom_kill", "integrity_error", "process_exit", "lockup", "run_error", "run_end",
 )
 
 

@@ -60,7 +60,8 @@ PATCHES: dict[int, Patch] = {
               "kmalloc_reserve marks skb->pfmemalloc; sk_filter drops pfmemalloc skbs "
               "for sockets without SOCK_MEMALLOC"),
         Patch(10, "netvm: propagate page->pfmemalloc to skb",
-              "pages attached to skbs by drivers mark the skb pfmemalloc"),
+              "no separate effect: the model's drivers attach no pages to skbs (patch 11 "
+              "covers page-backed RX buffers)"),
         Patch(11, "netvm: propagate page->pfmemalloc from skb_alloc_page to skb",
               "RX page-fragment buffers carved from a pfmemalloc page mark the skb "
               "pfmemalloc (network.rx_buffers = \"page_frag\")"),

@@ -7,7 +7,8 @@ axis (seconds since boot), headless (matplotlib's Agg canvas, no pyplot state):
 1. free pages (log scale) with the min/low/high watermarks and the direct-reclaim
    throttle threshold as horizontal lines;
 2. swap-in / swap-out rate (pages/s, from Δpswpin, Δpswpout between samples);
-3. pages held by skbs (skb_rx_queued + skb_tx_queued) and pfmemalloc pages
+3. skbs queued for receive or unacknowledged (skb_rx_queued + skb_tx_queued) and
+   pfmemalloc pages
    (nr_pfmemalloc_pages);
 4. throttled tasks (nr_throttled, left axis) and skb drops/s by reason
    (Δskb_drop_nomem, Δskb_drop_pfmemalloc, right axis);
@@ -175,7 +176,7 @@ def plot(series: Sequence[Series], output: str, *, dpi: int = 110) -> None:
                          label=f"{what}{lbl}")
 
         ax_mem.plot(t, d["skb"], lw=1.2, color=colour(i, "tab:cyan"),
-                    label=f"pages in skbs (rx+tx queued){lbl}")
+                    label=f"skbs (rx queued + tx unacked){lbl}")
         ax_mem.plot(t, d["pfmemalloc"], lw=1.2, ls="--", color=colour(i, "tab:purple"),
                     label=f"pfmemalloc pages{lbl}")
 
@@ -203,7 +204,7 @@ def plot(series: Sequence[Series], output: str, *, dpi: int = 110) -> None:
     ax_swap.set_title("Swap traffic")
     ax_swap.set_ylabel("pages/s")
     ax_mem.set_title("Network buffers and emergency reserves")
-    ax_mem.set_ylabel("pages")
+    ax_mem.set_ylabel("skbs / pages")
     ax_thr.set_title("Direct-reclaim throttling and dropped packets")
     ax_thr.set_ylabel("throttled tasks")
     ax_drop.set_ylabel("skb drops/s")
