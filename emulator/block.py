@@ -129,7 +129,10 @@ class BlockDevice:
         self.bio_put(bio, task)
         mempool_free(self.rq_pool, req.elem, task)
         self.count -= 1
-        if self.congested and self.count < self.congestion_off:
+        if self.count < self.congestion_off:  # __freed_request
+            # blk_clear_queue_congested on every request freed below the off
+            # threshold: it wakes congestion_wait sleepers even when the queue
+            # was not marked congested.
             self.congested = False
             self.k.vmscan.set_bdi_congested(False)
         self.rq_wait.wake_up()

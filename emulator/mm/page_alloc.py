@@ -184,7 +184,6 @@ class PageAllocator:
                     return self._nopage(gfp, order, task, "noretry")
                 await k.vmscan.wait_iff_congested(task, k.hz(1 / 50))
                 if task.memdie:  # chosen by the OOM killer meanwhile: reserves now
-
                     alloc_flags = gfp_to_alloc_flags(gfp, task, k.patches)
                     entitled = bool(alloc_flags & ALLOC_NO_WATERMARKS)
 
@@ -199,8 +198,12 @@ class PageAllocator:
             await self.k.vmscan.wait_iff_congested(task, self.k.hz(1 / 50))
 
     async def _alloc_pages_direct_reclaim(self, gfp, order, task, alloc_flags, owner):
-        """__alloc_pages_direct_reclaim(): __perform_reclaim with PF_MEMALLOC set,
-        then an attempt; if it fails, drain_all_pages and one more."""
+        """__alloc_pages_direct_reclaim(): cond_resched, __perform_reclaim with
+        PF_MEMALLOC set, cond_resched again, then an attempt; if it fails,
+        drain_all_pages and one more. The second cond_resched is where a reclaimer
+        whose slice ran out, or that a woken or higher-priority task preempts,
+        gives up its CPU between freeing pages and allocating one."""
+        await task.cond_resched()
         saved = task.flags & PF.MEMALLOC
         task.flags |= PF.MEMALLOC
         task.activity = f"direct reclaim for a {gfp_name(gfp)} order-{order} allocation"
@@ -208,6 +211,7 @@ class PageAllocator:
             progress = await self.k.vmscan.try_to_free_pages(gfp, order, task)
         finally:
             task.flags = (task.flags & ~PF.MEMALLOC) | saved
+        await task.cond_resched()
         if not progress:
             return None, 0
         flags = alloc_flags & ~ALLOC_NO_WATERMARKS

@@ -77,6 +77,8 @@ class VMScan:
         self.vmstat = k.vmstat
         #: mm/backing-dev.c congestion_wqh[BLK_RW_ASYNC]
         self.congestion_wqh = WaitQueue("congestion_wait")
+        #: clear_bdi_congested calls so far: a congestion_wait sleeper returns at the next.
+        self.congestion_wakeups = 0
         self.nr_bdi_congested = 0
         self.kswapd_woken = False
         self.throttled: dict[int, float] = {}  # pid -> since
@@ -88,17 +90,24 @@ class VMScan:
 
     # -- congestion ----------------------------------------------------------------
     def set_bdi_congested(self, congested: bool) -> None:
+        """set_bdi_congested / clear_bdi_congested. Clearing wakes every
+        congestion_wait sleeper each time it is called, not only when the state
+        changes: 3.5's __freed_request calls it for every request freed while
+        the queue is below its off threshold."""
         if congested:
             self.nr_bdi_congested = 1
         else:
             self.nr_bdi_congested = 0
+            self.congestion_wakeups += 1
             self.congestion_wqh.wake_up()
 
     async def congestion_wait(self, task: Task, timeout: float) -> None:
-        """congestion_wait(BLK_RW_ASYNC, timeout): sleep until a congested queue
-        clears or the timeout passes."""
-        await task.sleep_on(self.congestion_wqh, lambda: False, timeout=timeout,
-                            wchan="congestion_wait", iowait=True)
+        """congestion_wait(BLK_RW_ASYNC, timeout): prepare_to_wait, then
+        io_schedule_timeout: one sleep that ends at the next clear_bdi_congested
+        wake-up or when the timeout passes, whichever comes first."""
+        seen = self.congestion_wakeups
+        await task.sleep_on(self.congestion_wqh, lambda: self.congestion_wakeups != seen,
+                            timeout=timeout, wchan="congestion_wait", iowait=True)
 
     async def wait_iff_congested(self, task: Task, timeout: float) -> None:
         """wait_iff_congested(): sleep only if a bdi is congested and the zone is
@@ -243,6 +252,12 @@ class VMScan:
         with k.lock:
             self.vmstat["pgsteal_kswapd_normal" if sc.kswapd else "pgsteal_direct_normal"] += nr_reclaimed
             for page in survivors:  # putback_inactive_pages
+                if self._orphaned(page):
+                    # put_page_testzero(): the process exited while the page was
+                    # isolated (exit_mmap left it to reclaim), so reclaim's own
+                    # reference was the last one. Free it instead of putting it back.
+                    k.page_alloc.free_page(page, cold=True)
+                    continue
                 if page.flags & PG.active:
                     zone.recent_rotated[file] += 1
                     self.vmstat["pgactivate"] += 1
@@ -252,6 +267,13 @@ class VMScan:
         if nr_writeback and nr_writeback >= (nr_taken >> (DEF_PRIORITY - sc.priority)):
             await self.wait_iff_congested(task, k.hz(0.1))
         return nr_reclaimed
+
+    @staticmethod
+    def _orphaned(page: Page) -> bool:
+        """An anon page no process maps, outside the swap cache and not under I/O:
+        nothing but the isolating reclaimer refers to it."""
+        return (page.mm is None and page.flags & PG.swapbacked
+                and not page.flags & (PG.swapcache | PG.writeback | PG.locked))
 
     # -- shrink_page_list ---------------------------------------------------------------
     async def shrink_page_list(self, page_list: list[Page], zone: Zone, sc: ScanControl,
