@@ -6,7 +6,9 @@ request mempool (block/blk-core.c get_request / get_request_wait, BLKDEV_MIN_RQ
 = 4 reserved, nr_requests = 128), the queue's congestion thresholds
 (blk_queue_congestion_threshold: on at nr_requests - nr_requests/8 + 1 = 113,
 off below nr_requests - nr_requests/8 - nr_requests/16 - 1 = 103) which set
-and clear the bdi's congested state that congestion_wait sleeps on, and
+and clear the bdi's congested state that congestion_wait sleeps on (as in
+3.5's __freed_request, every request freed below the off threshold clears it
+again and so wakes the sleepers), and
 request completion (blk_end_request_all -> bio_endio).
 
 A block driver subclasses BlockDevice and implements ``request_fn``.

@@ -2,21 +2,25 @@
 
 Models mm/vmscan.c (3.6): scan_control; get_scan_count; shrink_lruvec /
 shrink_list / shrink_active_list / shrink_inactive_list (too_many_isolated,
-the writeback wait); shrink_page_list for anonymous pages (add_to_swap,
+the writeback wait, putback_inactive_pages freeing pages whose process exited
+while they were isolated); shrink_page_list for anonymous pages (add_to_swap,
 try_to_unmap, pageout -> swap_writepage, __remove_mapping); kswapd,
 kswapd_try_to_sleep, prepare_kswapd_sleep, balance_pgdat (priority loop,
 balance gap, all_unreclaimable, congestion_wait, kswapd_skip_congestion_wait);
 try_to_free_pages / do_try_to_free_pages (allocstall, priority loop,
 wait_iff_congested); patch 15's throttle_direct_reclaim and
 pfmemalloc_watermark_ok, patch 16's pgscan_direct_throttle; and from
-mm/backing-dev.c congestion_wait / wait_iff_congested.
+mm/backing-dev.c congestion_wait (ended early by the next clear_bdi_congested)
+/ wait_iff_congested.
 
 Page cache pages are clean and unmapped (read at boot, never written), so
 reclaiming one needs no I/O. Simplified: shrink_slab has nothing reclaimable;
 no memcg; no lumpy
 reclaim or compaction; one zone, so the zonelist loops are one step; page
 "locking" during reclaim is the PG_locked bit, waited on through the hashed
-page wait table. One emulator addition: when kswapd finds nothing at all on
+page wait table. Not modelled: throttle_vm_writeout (it would not fire here,
+see docs/MODEL.md), the per-CPU lru_rotate_pvecs (rotate_reclaimable_page acts
+at once), __remove_mapping's reference-count check. One emulator addition: when kswapd finds nothing at all on
 the LRU to scan it naps for a 4 ms tick instead of spinning (the kernel would
 spin; the outcome is the same, the host CPU is spared).
 """
@@ -485,7 +489,10 @@ class VMScan:
         """try_to_free_pages -> do_try_to_free_pages. Returns pages reclaimed, or 1
         if nothing was reclaimed but the zone is not all_unreclaimable."""
         await self.throttle_direct_reclaim(gfp, task)
-        if task.fatal_signal:
+        if task.fatal_signal and self.k.patches.has(15):
+            # Patch 15: "Do not enter reclaim if fatal signal is pending. 1 is
+            # returned so that the page allocator does not consider triggering
+            # OOM". 3.5 has no such check: a killed task reclaims like any other.
             return 1
         sc = ScanControl(gfp, SWAP_CLUSTER_MAX, order, kswapd=False)
         self.vmstat["allocstall"] += 1

@@ -177,3 +177,16 @@ async def test_fatal_signal_ends_the_killable_wait(autojump_clock):
         t.fatal_signal = True
         k.wake_killed(t)
     assert done and t.pid not in k.vmscan.throttled
+
+
+@pytest.mark.parametrize("patches, reclaims", [(ALL, False), ([], True)])
+async def test_a_killed_task_skips_reclaim_only_with_patch_15(autojump_clock, patches, reclaims):
+    """3.6's try_to_free_pages returns 1 at once for a task with a fatal signal
+    (patch 15 added the check); 3.5 lets it reclaim like any other task."""
+    k = make_kernel(patches)
+    h = Holder(k)
+    h.set_free(threshold(k) + 1)  # not throttled either way
+    t = k.new_task("usemem", cpu=0)
+    t.fatal_signal = True
+    assert await k.vmscan.try_to_free_pages(GFP_KERNEL, 0, t) >= 1
+    assert (k.vmstat["allocstall"] == 1) is reclaims
