@@ -20,9 +20,11 @@ reclaim or compaction; one zone, so the zonelist loops are one step; page
 "locking" during reclaim is the PG_locked bit, waited on through the hashed
 page wait table. Not modelled: throttle_vm_writeout (it would not fire here,
 see docs/MODEL.md), the per-CPU lru_rotate_pvecs (rotate_reclaimable_page acts
-at once), __remove_mapping's reference-count check. One emulator addition: when kswapd finds nothing at all on
-the LRU to scan it naps for a 4 ms tick instead of spinning (the kernel would
-spin; the outcome is the same, the host CPU is spared).
+at once), __remove_mapping's reference-count check. zone_reclaimable_pages
+counts isolated pages, which 3.5's does not (only kswapd's all_unreclaimable
+test uses it). One emulator addition: when kswapd finds nothing at all on the
+LRU to scan it naps for a 4 ms tick instead of spinning (the kernel would spin;
+the outcome is the same, the host CPU is spared).
 """
 
 from __future__ import annotations
