@@ -129,10 +129,11 @@ class Task:
             self.mode = mode
         return prev
 
-    async def sleep_on(self, wq: WaitQueue, condition: Callable[[], bool], *,
+    async def sleep_on(self, wq: WaitQueue, condition: Callable[[], bool] | None, *,
                        timeout: float = math.inf, wchan: str, iowait: bool = False) -> bool:
-        """wait_event_timeout(): give up the CPU, sleep on ``wq``, take the CPU back."""
-        if condition():
+        """wait_event_timeout(): give up the CPU, sleep on ``wq``, take the CPU back.
+        With no condition, sleep until the next wake_up (WaitQueue.wait_event)."""
+        if condition is not None and condition():
             return True
         self._sleep_begin(wchan, iowait)
         try:

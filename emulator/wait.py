@@ -1,7 +1,8 @@
 """Wait queues: the kernel's ``wait_event`` family over trio's ParkingLot.
 
 Models: include/linux/wait.h (wait_event, wait_event_timeout,
-wait_event_killable, wake_up, waitqueue_active) and the hashed page wait
+wait_event_killable, wake_up, waitqueue_active; prepare_to_wait followed by one
+schedule_timeout, as congestion_wait sleeps, when there is no condition) and the hashed page wait
 tables of mm/filemap.c (page_waitqueue / wait_on_page_bit / wake_up_page).
 
 A sleeping task gives its CPU back for the whole sleep (see actors/cpu.py);
@@ -40,8 +41,17 @@ class WaitQueue:
         if self._lot:
             self._lot.unpark_all()
 
-    async def wait_event(self, condition: Callable[[], bool], timeout: float = math.inf) -> bool:
-        """Sleep until ``condition()`` holds; False if ``timeout`` seconds passed first."""
+    async def wait_event(self, condition: Callable[[], bool] | None,
+                         timeout: float = math.inf) -> bool:
+        """Sleep until ``condition()`` holds; False if ``timeout`` seconds passed first.
+
+        With no condition, one sleep (prepare_to_wait + schedule_timeout): the
+        next wake_up ends it, True if one came before the timeout."""
+        if condition is None:
+            with trio.move_on_after(timeout):
+                await self._lot.park()
+                return True
+            return False
         if condition():
             return True
         with trio.move_on_after(timeout):

@@ -83,8 +83,6 @@ class VMScan:
         self.vmstat = k.vmstat
         #: mm/backing-dev.c congestion_wqh[BLK_RW_ASYNC]
         self.congestion_wqh = WaitQueue("congestion_wait")
-        #: clear_bdi_congested calls so far: a congestion_wait sleeper returns at the next.
-        self.congestion_wakeups = 0
         self.nr_bdi_congested = 0
         self.kswapd_woken = False
         self.throttled: dict[int, float] = {}  # pid -> since
@@ -104,16 +102,14 @@ class VMScan:
             self.nr_bdi_congested = 1
         else:
             self.nr_bdi_congested = 0
-            self.congestion_wakeups += 1
             self.congestion_wqh.wake_up()
 
     async def congestion_wait(self, task: Task, timeout: float) -> None:
         """congestion_wait(BLK_RW_ASYNC, timeout): prepare_to_wait, then
         io_schedule_timeout: one sleep that ends at the next clear_bdi_congested
         wake-up or when the timeout passes, whichever comes first."""
-        seen = self.congestion_wakeups
-        await task.sleep_on(self.congestion_wqh, lambda: self.congestion_wakeups != seen,
-                            timeout=timeout, wchan="congestion_wait", iowait=True)
+        await task.sleep_on(self.congestion_wqh, None, timeout=timeout,
+                            wchan="congestion_wait", iowait=True)
 
     async def wait_iff_congested(self, task: Task, timeout: float) -> None:
         """wait_iff_congested(): sleep only if a bdi is congested and the zone is

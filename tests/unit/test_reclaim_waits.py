@@ -35,35 +35,35 @@ def small_kernel() -> Kernel:
 
 
 # -- congestion_wait ----------------------------------------------------------------------
-async def _congestion_wait(k: Kernel, task: Task, timeout: float, ended: list) -> None:
-    await k.vmscan.congestion_wait(task, timeout)
-    ended.append(trio.current_time())
+async def _sleep_length(timeout: float, congested_after: float, congested: bool) -> float:
+    """How long congestion_wait(timeout) sleeps when set_bdi_congested(congested)
+    is called ``congested_after`` seconds into the sleep."""
+    k = small_kernel()
+    task = k.new_task("reclaimer", cpu=0)
+    ended: list[float] = []
+    t0 = trio.current_time()
+
+    async def sleeper() -> None:
+        await k.vmscan.congestion_wait(task, timeout)
+        ended.append(trio.current_time())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(sleeper)
+        await trio.sleep(congested_after)
+        assert not ended and task.wchan == "congestion_wait"
+        k.vmscan.set_bdi_congested(congested)
+    assert task.wchan is None
+    return ended[0] - t0
 
 
 async def test_congestion_wait_ends_at_the_next_clear_bdi_congested(autojump_clock):
-    k = small_kernel()
-    task = k.new_task("reclaimer", cpu=0)
-    ended: list[float] = []
-    t0 = trio.current_time()
-    async with trio.open_nursery() as n:
-        n.start_soon(_congestion_wait, k, task, 10.0, ended)
-        await trio.sleep(1.0)
-        assert not ended and task.wchan == "congestion_wait"
-        k.vmscan.set_bdi_congested(False)  # a request freed below the off threshold
-    assert ended == [pytest.approx(t0 + 1.0)]
-    assert task.wchan is None
+    # A request freed below the off threshold clears congestion: the sleep ends.
+    assert await _sleep_length(10.0, 1.0, congested=False) == pytest.approx(1.0)
 
 
 async def test_congestion_wait_without_a_clear_sleeps_the_whole_timeout(autojump_clock):
-    k = small_kernel()
-    task = k.new_task("reclaimer", cpu=0)
-    ended: list[float] = []
-    t0 = trio.current_time()
-    async with trio.open_nursery() as n:
-        n.start_soon(_congestion_wait, k, task, 0.1, ended)
-        await trio.sleep(0.05)
-        k.vmscan.set_bdi_congested(True)  # becoming congested wakes nobody
-    assert ended == [pytest.approx(t0 + 0.1)]
+    # Becoming congested wakes nobody.
+    assert await _sleep_length(0.1, 0.05, congested=True) == pytest.approx(0.1)
 
 
 async def test_a_clear_before_the_sleep_does_not_end_it(autojump_clock):
@@ -72,10 +72,9 @@ async def test_a_clear_before_the_sleep_does_not_end_it(autojump_clock):
     k = small_kernel()
     task = k.new_task("reclaimer", cpu=0)
     k.vmscan.set_bdi_congested(False)
-    ended: list[float] = []
     t0 = trio.current_time()
-    await _congestion_wait(k, task, 0.1, ended)
-    assert ended == [pytest.approx(t0 + 0.1)]
+    await k.vmscan.congestion_wait(task, 0.1)
+    assert trio.current_time() - t0 == pytest.approx(0.1)
 
 
 # -- putback of orphaned pages ----------------------------------------------------------
