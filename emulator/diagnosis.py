@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from emulator.mm.page import PG
+
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
 
@@ -43,6 +45,7 @@ def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
             "isolated": z.nr_isolated_anon,
             "reclaimed_unfreed": k.vmscan.nr_reclaimed_unfreed,
         },
+        "swapcache": swapcache_states(z),
         "all_unreclaimable": z.all_unreclaimable,
         "tasks": tasks,
         "throttled": len(k.vmscan.throttled),
@@ -52,6 +55,30 @@ def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
     }
     d["text"] = explain(d)
     return d
+
+
+def swapcache_states(zone) -> dict[str, int]:
+    """The swap cache by what reclaim may do with each page: a page under
+    writeback waits for its reply; a dirty one must be written first (only with
+    __GFP_IO); a clean one still mapped must be unmapped first; a clean unmapped
+    one on the LRU is what any reclaimer, GFP_NOIO included, can free at once,
+    and one isolated is in another reclaimer's batch."""
+    n = {"writeback": 0, "dirty": 0, "clean_mapped": 0, "clean_on_lru": 0, "clean_isolated": 0}
+    for page in zone.mem_map:
+        f = page.flags
+        if not f & PG.swapcache:
+            continue
+        if f & PG.writeback:
+            n["writeback"] += 1
+        elif f & PG.dirty:
+            n["dirty"] += 1
+        elif page.mm is not None:
+            n["clean_mapped"] += 1
+        elif f & PG.lru:
+            n["clean_on_lru"] += 1
+        else:
+            n["clean_isolated"] += 1
+    return n
 
 
 def explain(d: dict) -> str:
@@ -79,6 +106,13 @@ def explain(d: dict) -> str:
         f"{o.get('skb', 0)}, mempool {o.get('mempool', 0)}, kernel {o.get('kernel', 0)}, "
         f"pfmemalloc pages {p['pfmemalloc']}; LRU active {p['lru_active']} inactive "
         f"{p['lru_inactive']} isolated {p['isolated']}.")
+    sc = d.get("swapcache")
+    if sc:
+        lines.append(
+            f"  Swap cache: {sc['writeback']} under writeback, {sc['dirty']} dirty, "
+            f"{sc['clean_mapped']} clean but mapped, {sc['clean_on_lru']} clean and unmapped on "
+            f"the LRU (what a GFP_NOIO reclaimer can free), {sc['clean_isolated']} clean and "
+            f"unmapped in reclaimers' isolated batches.")
     if p["reclaimed_unfreed"]:
         lines.append(
             f"  {p['reclaimed_unfreed']} pages are reclaimed but not yet free: their reclaimers "
@@ -127,11 +161,15 @@ def explain(d: dict) -> str:
         nbd_sock = next((s for s in d["sockets"] if s["sock"].startswith("nbd")), None)
         entitled = ("" if nbd_sock is None or nbd_sock["memalloc"] else
                     " and is not entitled to the reserve (its socket lacks SOCK_MEMALLOC)")
+        held = (d.get("swapcache") or {}).get("clean_isolated", 0)
+        hostage = (f"; the {held} clean swap-cache pages that exist sit in the isolated "
+                   f"batches of reclaimers that wait for a block request only the sender "
+                   f"can free" if held else "")
         cycle.append(f"{nbd['queued']} swap writes wait to be sent, but the NBD sender (nbd0) "
                      f"needs memory to send them{entitled}; it is in direct reclaim "
                      f"({sender.get('activity')}), which cannot start swap I/O and finds no "
                      f"clean page to free — every reclaimable page waits for writeback that "
-                     f"only the sender can start")
+                     f"only the sender can start{hostage}")
     if nbd and nbd["inflight"]:
         drops = sum(sum(s["drops"].values()) for s in d["sockets"] if s["sock"].startswith("nbd"))
         if drops:

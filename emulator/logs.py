@@ -32,10 +32,16 @@ nbd_request            debug: cookie, cmd, offset, length
 nbd_reply              debug: cookie, error, latency_s
 nbd_sender_stall       a send during which the sender entered direct reclaim:
                        cookie, stall_s, exposed_s (None: a reply was always due),
-                       allocstall (direct reclaims during the send), reclaimed
+                       allocstall (direct reclaims during the send), high_order
+                       (those of them for an order > 0 allocation), reclaimed
                        (pages the sender reclaimed in them), pgfree (pages
-                       anyone freed meanwhile), pgalloc_below_min (pages
-                       atomic callers took at or below min meanwhile)
+                       anyone freed meanwhile), freed_by (those pages by the
+                       freeing task's comm; "-": outside any task),
+                       pcp_drained (pages drain_all_pages moved from per-cpu
+                       lists to the buddy lists meanwhile), pgalloc_below_min
+                       (pages atomic callers took at or below min meanwhile),
+                       free_before / free_after (free pages as the send began
+                       and ended)
 nbd_error              warning: a reply with an error (cookie, error); error: the
                        connection failed (error "harderror", reason, inflight,
                        queued) and every request ends with -EIO

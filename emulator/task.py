@@ -63,7 +63,8 @@ class Task:
     __slots__ = (
         "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
         "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start", "slice_used",
-        "on_cpu", "mm", "exited", "allocstall", "direct_reclaimed", "activity", "nice",
+        "on_cpu", "mm", "exited", "allocstall", "allocstall_high_order", "direct_reclaimed",
+        "activity", "nice",
         "__weakref__",
     )
 
@@ -88,6 +89,7 @@ class Task:
         self.mm = None  #: the task's MMStruct (user processes only)
         self.exited = False
         self.allocstall = 0  #: times this task entered direct reclaim
+        self.allocstall_high_order = 0  #: ... of them for an allocation of order > 0
         self.direct_reclaimed = 0  #: pages it reclaimed there
         self.activity: str | None = None  #: what a running task is busy with (diagnosis)
         self.nice = 0

@@ -76,6 +76,9 @@ class PageAllocator:
         self.k = k
         self.zone = k.pgdat.zone
         self.vmstat = k.vmstat
+        #: pages freed, by the freeing task's comm ("-": outside any task); an
+        #: emulator account that the NBD sender-stall events break down
+        self.pgfree_by: dict[str, int] = {}
 
     # -- get_page_from_freelist -----------------------------------------------------
     def get_page_from_freelist(self, gfp: GFP, order: int, alloc_flags: int,
@@ -274,8 +277,10 @@ class PageAllocator:
                 p.slab = None
                 p.private = None
                 p.young = False
-            task = current.get() if order == 0 else None
-            if task is not None:
+            task = current.get()
+            comm = task.comm if task is not None else "-"
+            self.pgfree_by[comm] = self.pgfree_by.get(comm, 0) + (1 << order)
+            if task is not None and order == 0:
                 zone.free_hot_cold_page(page, task.cpu.id, cold)
             else:
                 zone.free_one_page(page, order)

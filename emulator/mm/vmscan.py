@@ -495,6 +495,7 @@ class VMScan:
         sc = ScanControl(gfp, SWAP_CLUSTER_MAX, order, kswapd=False)
         self.vmstat["allocstall"] += 1
         task.allocstall += 1
+        task.allocstall_high_order += order > 0
         if debug_enabled():
             log.debug("direct_reclaim_begin", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
                       free=self.zone.nr_free_pages)

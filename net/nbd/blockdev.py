@@ -25,9 +25,11 @@ the sender's own reclaim freed nothing is a *near miss*: it ended only because
 another task freed memory in time. A 3.5 lockup is a near miss that nobody
 rescues, an exposure that never ends; the numbers of both say how close a
 completed run came (``SenderStalls``). Each stall's event also says where the
-memory went meanwhile: how many pages anyone freed (``pgfree``) and how many
-atomic callers took at or below the min watermark (``pgalloc_below_min``), a
-band the vanilla sender may not enter.
+memory went meanwhile: how many pages anyone freed (``pgfree``, and by whom:
+``freed_by``), how many drain_all_pages moved from the per-cpu lists, where
+the watermark check does not see them (``pcp_drained``), and how many atomic
+callers took at or below the min watermark (``pgalloc_below_min``), a band
+the vanilla sender may not enter.
 
 Simplified: the handshake (done by the userspace nbd-client before
 NBD_SET_SOCK in the kernel) is not charged to emulated memory; there is no
@@ -95,6 +97,27 @@ class SenderStalls:
                 "longest_exposed_s": round(self.longest_exposed_s, 4)}
 
 
+class SendMarks:
+    """The counters a send began with, for its stall's event: the machine's
+    (pgfree, pgalloc_below_min, pcp_drained, the allocator's pgfree_by, free
+    pages) and the sender's (direct reclaims, those of them for order > 0, pages
+    reclaimed)."""
+
+    __slots__ = ("pgfree", "below_min", "pcp_drained", "freed_by", "free",
+                 "allocstall", "high_order", "reclaimed")
+
+    def __init__(self, k: Kernel, task: Task | None) -> None:
+        vm = k.vmstat
+        self.pgfree = vm["pgfree"]
+        self.below_min = vm["pgalloc_below_min"]
+        self.pcp_drained = vm["pcp_drained"]
+        self.freed_by = dict(k.page_alloc.pgfree_by)
+        self.free = k.pgdat.zone.nr_free_pages
+        self.allocstall = task.allocstall if task else 0
+        self.high_order = task.allocstall_high_order if task else 0
+        self.reclaimed = task.direct_reclaimed if task else 0
+
+
 class NBDDevice(BlockDevice):
     name = "nbd0"
 
@@ -116,8 +139,8 @@ class NBDDevice(BlockDevice):
         self.sender_stalls = SenderStalls(k.vmstat)
         #: when the send in progress last saw nothing in flight (None: not since it began)
         self._exposed_since: float | None = None
-        #: vmstat pgfree and pgalloc_below_min when the send in progress began
-        self._send_marks = (0, 0)
+        #: the counters as the send in progress began
+        self._send_marks = SendMarks(k, None)
 
     # -- submission -------------------------------------------------------------------
     async def request_fn(self, req: Request, task: Task) -> None:
@@ -154,8 +177,7 @@ class NBDDevice(BlockDevice):
                                     bio.data if cmd == P.NBD_CMD_WRITE else b"")
         req.started = trio.current_time()
         self.active_req = req
-        allocstall, reclaimed = task.allocstall, task.direct_reclaimed
-        self._send_marks = (k.vmstat["pgfree"], k.vmstat["pgalloc_below_min"])
+        self._send_marks = SendMarks(k, task)
         self._exposed_since = None if self.queue_head else req.started
         try:
             skbs = await self.sock_xmit_send(task, wire)
@@ -165,9 +187,8 @@ class NBDDevice(BlockDevice):
             self.end_request(req, NBD_EIO, task)
             return
         self.active_req = None
-        if task.allocstall != allocstall:
-            self._account_stall(req, task, task.allocstall - allocstall,
-                                task.direct_reclaimed - reclaimed)
+        if task.allocstall != self._send_marks.allocstall:
+            self._account_stall(req, task)
         self._exposed_since = None
         self.queue_head[cookie] = (req, skbs, len(wire))
         self.requests += 1
@@ -178,23 +199,31 @@ class NBDDevice(BlockDevice):
                       offset=bio.offset, length=bio.length, pid=task.pid, comm=task.comm,
                       cpu=task.cpu.id)
 
-    def _account_stall(self, req: Request, task: Task, allocstall: int, reclaimed: int) -> None:
-        """The send of ``req`` entered direct reclaim ``allocstall`` times and
-        reclaimed ``reclaimed`` pages there: a sender stall (module docstring)."""
+    def _account_stall(self, req: Request, task: Task) -> None:
+        """The send of ``req`` entered direct reclaim: a sender stall (module docstring)."""
         now = trio.current_time()
+        marks = self._send_marks
+        reclaimed = task.direct_reclaimed - marks.reclaimed
         exposed_s = None if self._exposed_since is None else now - self._exposed_since
         self.sender_stalls.record(now - req.started, exposed_s, reclaimed)
+        freed_by = self.k.page_alloc.pgfree_by
         log.info("nbd_sender_stall", cookie=req.cookie, stall_s=round(now - req.started, 6),
                  exposed_s=None if exposed_s is None else round(exposed_s, 6),
-                 allocstall=allocstall, reclaimed=reclaimed, **self._send_deltas())
+                 allocstall=task.allocstall - marks.allocstall,
+                 high_order=task.allocstall_high_order - marks.high_order,
+                 reclaimed=reclaimed, **self._send_deltas(),
+                 pcp_drained=self.k.vmstat["pcp_drained"] - marks.pcp_drained,
+                 freed_by={c: n - marks.freed_by.get(c, 0) for c, n in freed_by.items()
+                           if n != marks.freed_by.get(c, 0)},
+                 free_before=marks.free, free_after=self.k.pgdat.zone.nr_free_pages)
 
     def _send_deltas(self) -> dict[str, int]:
         """Pages freed by anyone, and taken below min by atomic callers, since the
         send in progress began."""
         vm = self.k.vmstat
-        freed, below_min = self._send_marks
-        return {"pgfree": vm["pgfree"] - freed,
-                "pgalloc_below_min": vm["pgalloc_below_min"] - below_min}
+        marks = self._send_marks
+        return {"pgfree": vm["pgfree"] - marks.pgfree,
+                "pgalloc_below_min": vm["pgalloc_below_min"] - marks.below_min}
 
     async def sock_xmit_send(self, task: Task, data: bytes) -> list:
         """sock_xmit(send): GFP_NOIO (plus __GFP_MEMALLOC and PF_MEMALLOC with patch 14)."""

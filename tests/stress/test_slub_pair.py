@@ -47,6 +47,14 @@ async def test_vanilla_slub_locks_up_when_nothing_clean_is_left(machine):
     assert "No reply has been on its way" in d["text"]
     # ... and it says where memory freed during that send went.
     assert d["nbd"]["sender_send"] is not None
+    # The sender reclaims in a loop, so no swap-cache page it could free (clean,
+    # unmapped, on the LRU) is left; the ones it cannot free are accounted.
+    sc = d["swapcache"]
+    assert sc["clean_on_lru"] == 0
+    assert sum(sc.values()) == d["pages"]["swapcache"]
+    assert "Swap cache:" in d["text"]
+    if sc["clean_isolated"]:
+        assert "isolated batches of reclaimers" in d["text"]
 
 
 async def test_swapnbd_slub_completes_with_verified_data(machine):

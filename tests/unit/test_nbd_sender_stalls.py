@@ -40,8 +40,8 @@ class Device(NBDDevice):
         pass  # no bio or request pool behind these requests
 
 
-def device() -> tuple[Kernel, ScriptedSock, Device, Task]:
-    k = Kernel(from_dict({"machine": {"memory_mib": 16, "cpus": 1, "page_cache_mib": 0}}))
+def device(memory_mib: int = 16) -> tuple[Kernel, ScriptedSock, Device, Task]:
+    k = Kernel(from_dict({"machine": {"memory_mib": memory_mib, "cpus": 1, "page_cache_mib": 0}}))
     sock = ScriptedSock()
     dev = Device(k, sock, P.ExportInfo(name="", size=1 << 20, flags=0), mss=1448)
     return k, sock, dev, Task(50, "nbd0", k.cpus[0])
@@ -123,3 +123,42 @@ async def test_a_stall_says_where_the_memory_went(autojump_clock):
     await dev.nbd_handle_req(write_request(), task)
     assert seen == [{"pgfree": 5, "pgalloc_below_min": 3}]
     assert dev.statistics()["sender_send"] is None  # no send in progress
+
+
+async def test_a_stall_event_names_who_freed_pages(autojump_clock):
+    """The stall's event breaks the pages freed during it down by the freeing
+    task's comm ("-" outside any task), and counts per-cpu pages drained."""
+    from structlog.testing import capture_logs
+
+    from emulator.flags import ALLOC_NO_WATERMARKS, GFP
+    from emulator.mm.page import Owner
+    from emulator.task import current
+
+    k, sock, dev, task = device(memory_mib=64)  # per-cpu lists that hold a few pages
+    pa = k.page_alloc
+    pages = [pa.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
+             for _ in range(4)]
+    pa.free_pages(pages.pop(), 0)  # before the send: not counted
+    reader = Task(60, "netreader", k.cpus[0])
+    on_lists = []
+
+    async def stuck(t: Task) -> None:
+        t.allocstall += 1
+        await trio.sleep(0.5)
+        token = current.set(reader)
+        try:
+            pa.free_pages(pages.pop(), 0)  # onto cpu 0's per-cpu list
+            pa.free_pages(pages.pop(), 0)
+        finally:
+            current.reset(token)
+        pa.free_pages(pages.pop(), 0)  # no task: straight to the buddy lists
+        on_lists.append(k.pgdat.zone.nr_pcp_pages)
+        pa.drain_all_pages()
+
+    sock.steps.append(stuck)
+    with capture_logs() as logs:
+        await dev.nbd_handle_req(write_request(), task)
+    (ev,) = [e for e in logs if e["event"] == "nbd_sender_stall"]
+    assert ev["freed_by"] == {"netreader": 2, "-": 1}
+    assert ev["pgfree"] == 3
+    assert on_lists[0] > 0 and ev["pcp_drained"] == on_lists[0]
