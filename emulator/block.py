@@ -11,14 +11,28 @@ and clear the bdi's congested state that congestion_wait sleeps on (as in
 again and so wakes the sleepers), and
 request completion (blk_end_request_all -> bio_endio).
 
+Request batching (3.5's get_request / get_request_wait / __freed_request,
+block/blk.h): the allocation that fills the queue (count + 1 >= nr_requests)
+marks it full and makes its task a *batcher*; once full, only batchers may
+allocate, up to 3/2 of nr_requests. A task that slept in get_request_wait
+(an exclusive wait: each request freed below nr_requests wakes one sleeper,
+first come first served, and clears the full mark) becomes a batcher when it
+wakes. A batcher may allocate BLK_BATCH_REQ = 32 requests, the later ones only
+within BLK_BATCH_TIME = HZ/50 of becoming one (ioc_batching). The batching
+state lives in the task's io_context. So a reclaimer woken mid-batch can write
+out the rest of its isolated pages instead of sleeping again on the next one.
+
 A block driver subclasses BlockDevice and implements ``request_fn``.
 
 Simplified: one bio per request (swap I/O is one page), no merging, no
-plugging, no elevator, no per-direction request lists.
+plugging, no elevator (so elv_may_queue never exempts a task), no
+per-direction request lists (3.5 counts sync requests, reads among them,
+apart from async writes; here one count covers both).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import trio
@@ -36,6 +50,18 @@ READ, WRITE = 0, 1
 BIO_POOL_SIZE = 2
 BLKDEV_MIN_RQ = 4
 BLKDEV_MAX_RQ = 128
+BLK_BATCH_REQ = 32  #: requests a batching task may allocate (block/blk.h)
+BLK_BATCH_TIME = 1 / 50  #: HZ/50: how long, in seconds of HZ, a batcher stays one
+
+
+class IOContext:
+    """struct io_context's batching state (create_io_context: made on first need)."""
+
+    __slots__ = ("nr_batch_requests", "last_waited")
+
+    def __init__(self) -> None:
+        self.nr_batch_requests = 0
+        self.last_waited = -math.inf
 
 
 class Bio:
@@ -87,7 +113,9 @@ class BlockDevice:
         self.congestion_on = self.nr_requests - self.nr_requests // 8 + 1
         self.congestion_off = self.nr_requests - self.nr_requests // 8 - self.nr_requests // 16 - 1
         self.congested = False
-        self.rq_wait = WaitQueue("request_list.wait")
+        self.nr_batching = BLK_BATCH_REQ
+        self.full = False  #: blk_queue_full: only batchers may allocate
+        self.rq_wait = WaitQueue("request_list.wait")  #: exclusive waiters
 
     async def init_pools(self, task: Task) -> None:
         await self.bio_pool.fill(task)
@@ -100,21 +128,57 @@ class BlockDevice:
     def bio_put(self, bio: Bio, task: Task) -> None:
         mempool_free(self.bio_pool, bio.elem, task)
 
-    async def get_request_wait(self, bio: Bio, task: Task) -> Request:
-        """get_request_wait(): sleep while the queue is full, then take a request
-        from the request mempool (GFP_NOIO)."""
-        while True:
-            if self.count < self.nr_requests:
-                elem = await mempool_alloc(self.rq_pool, GFP.WAIT, task)  # GFP_NOIO
-                if elem is not None:
-                    break
-            await task.sleep_on(self.rq_wait, lambda: self.count < self.nr_requests,
-                                wchan="get_request_wait", iowait=True)
+    # -- request allocation (get_request, get_request_wait) ------------------------------
+    def ioc_batching(self, ioc: IOContext | None) -> bool:
+        """ioc_batching(): a whole batch left, or some left within BLK_BATCH_TIME."""
+        if ioc is None:
+            return False
+        return (ioc.nr_batch_requests == self.nr_batching
+                or (ioc.nr_batch_requests > 0
+                    and trio.current_time() < ioc.last_waited + self.k.hz(BLK_BATCH_TIME)))
+
+    def ioc_set_batching(self, ioc: IOContext) -> None:
+        """ioc_set_batching(): a fresh batch, unless the task is batching already."""
+        if self.ioc_batching(ioc):
+            return
+        ioc.nr_batch_requests = self.nr_batching
+        ioc.last_waited = trio.current_time()
+
+    async def get_request(self, bio: Bio, task: Task) -> Request | None:
+        """get_request(): a request, or None if the queue is full to this task."""
+        ioc = task.io_context
+        if self.count + 1 >= self.congestion_on:
+            if self.count + 1 >= self.nr_requests:
+                if ioc is None:
+                    ioc = task.io_context = IOContext()  # create_io_context
+                if not self.full:
+                    # The queue fills with this allocation: its task may finish a batch.
+                    self.ioc_set_batching(ioc)
+                    self.full = True
+                elif not self.ioc_batching(ioc):
+                    return None
+            if not self.congested:
+                self.congested = True
+                self.k.vmscan.set_bdi_congested(True)
+        if self.count >= 3 * self.nr_requests // 2:
+            return None  # not even a batcher goes 50 % over nr_requests
         self.count += 1
-        if self.count >= self.congestion_on and not self.congested:
-            self.congested = True
-            self.k.vmscan.set_bdi_congested(True)
+        elem = await mempool_alloc(self.rq_pool, GFP.WAIT, task)  # GFP_NOIO: never fails
+        if self.ioc_batching(ioc):
+            ioc.nr_batch_requests -= 1
         return Request(bio, elem)
+
+    async def get_request_wait(self, bio: Bio, task: Task) -> Request:
+        """get_request_wait(): sleep (exclusively) until a request is freed, then
+        retry as a batcher."""
+        req = await self.get_request(bio, task)
+        while req is None:
+            await task.sleep_on(self.rq_wait, None, wchan="get_request_wait", iowait=True)
+            if task.io_context is None:
+                task.io_context = IOContext()
+            self.ioc_set_batching(task.io_context)
+            req = await self.get_request(bio, task)
+        return req
 
     async def submit_bio(self, bio: Bio, task: Task) -> None:
         bio.submitted = trio.current_time()
@@ -137,4 +201,6 @@ class BlockDevice:
             # was not marked congested.
             self.congested = False
             self.k.vmscan.set_bdi_congested(False)
-        self.rq_wait.wake_up()
+        if self.count + 1 <= self.nr_requests:
+            self.rq_wait.wake_up(nr_exclusive=1)
+            self.full = False  # blk_clear_queue_full

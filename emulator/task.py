@@ -64,7 +64,7 @@ class Task:
         "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
         "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start", "slice_used",
         "on_cpu", "mm", "exited", "allocstall", "allocstall_high_order", "direct_reclaimed",
-        "activity", "nice",
+        "activity", "nice", "io_context",
         "__weakref__",
     )
 
@@ -93,6 +93,7 @@ class Task:
         self.direct_reclaimed = 0  #: pages it reclaimed there
         self.activity: str | None = None  #: what a running task is busy with (diagnosis)
         self.nice = 0
+        self.io_context = None  #: block-layer batching state (emulator.block.IOContext)
 
     @property
     def load_weight(self) -> int:

@@ -6,11 +6,13 @@ schedule_timeout, as congestion_wait sleeps, when there is no condition) and the
 tables of mm/filemap.c (page_waitqueue / wait_on_page_bit / wake_up_page).
 
 A sleeping task gives its CPU back for the whole sleep (see actors/cpu.py);
-that is done by the caller (``Task.sleep_on``), not here. Waiters are
-non-exclusive: ``wake_up`` wakes all of them and each re-checks its condition,
-as every wait queue this model uses behaves in the kernel.
+that is done by the caller (``Task.sleep_on``), not here. ``wake_up`` wakes
+every waiter, and each re-checks its condition; ``wake_up(nr_exclusive=1)``
+wakes the one that has waited longest, for queues whose sleepers all wait
+exclusively (prepare_to_wait_exclusive: get_request_wait's request list).
 
-Simplified: no exclusive waiters, no wait-queue entry callbacks.
+Simplified: a queue is exclusive by how it is woken, not per waiter (no queue
+mixes the two kinds here); no wait-queue entry callbacks.
 """
 
 from __future__ import annotations
@@ -37,9 +39,15 @@ class WaitQueue:
     def __len__(self) -> int:
         return len(self._lot)
 
-    def wake_up(self) -> None:
+    def wake_up(self, nr_exclusive: int = 0) -> None:
+        """wake_up(): every waiter; with ``nr_exclusive``, that many, longest
+        waiting first, as __wake_up wakes exclusive waiters (the queue's
+        waiters must then all be exclusive ones, as get_request_wait's are)."""
         if self._lot:
-            self._lot.unpark_all()
+            if nr_exclusive:
+                self._lot.unpark(count=nr_exclusive)
+            else:
+                self._lot.unpark_all()
 
     async def wait_event(self, condition: Callable[[], bool] | None,
                          timeout: float = math.inf) -> bool:
