@@ -55,13 +55,20 @@ BLK_BATCH_TIME = 1 / 50  #: HZ/50: how long, in seconds of HZ, a batcher stays o
 
 
 class IOContext:
-    """struct io_context's batching state (create_io_context: made on first need)."""
+    """struct io_context's batching state."""
 
     __slots__ = ("nr_batch_requests", "last_waited")
 
     def __init__(self) -> None:
         self.nr_batch_requests = 0
         self.last_waited = -math.inf
+
+
+def create_io_context(task: Task) -> IOContext:
+    """create_io_context(): the task's io_context, made on first need."""
+    if task.io_context is None:
+        task.io_context = IOContext()
+    return task.io_context
 
 
 class Bio:
@@ -113,7 +120,6 @@ class BlockDevice:
         self.congestion_on = self.nr_requests - self.nr_requests // 8 + 1
         self.congestion_off = self.nr_requests - self.nr_requests // 8 - self.nr_requests // 16 - 1
         self.congested = False
-        self.nr_batching = BLK_BATCH_REQ
         self.full = False  #: blk_queue_full: only batchers may allocate
         self.rq_wait = WaitQueue("request_list.wait")  #: exclusive waiters
 
@@ -133,7 +139,7 @@ class BlockDevice:
         """ioc_batching(): a whole batch left, or some left within BLK_BATCH_TIME."""
         if ioc is None:
             return False
-        return (ioc.nr_batch_requests == self.nr_batching
+        return (ioc.nr_batch_requests == BLK_BATCH_REQ
                 or (ioc.nr_batch_requests > 0
                     and trio.current_time() < ioc.last_waited + self.k.hz(BLK_BATCH_TIME)))
 
@@ -141,7 +147,7 @@ class BlockDevice:
         """ioc_set_batching(): a fresh batch, unless the task is batching already."""
         if self.ioc_batching(ioc):
             return
-        ioc.nr_batch_requests = self.nr_batching
+        ioc.nr_batch_requests = BLK_BATCH_REQ
         ioc.last_waited = trio.current_time()
 
     async def get_request(self, bio: Bio, task: Task) -> Request | None:
@@ -149,8 +155,7 @@ class BlockDevice:
         ioc = task.io_context
         if self.count + 1 >= self.congestion_on:
             if self.count + 1 >= self.nr_requests:
-                if ioc is None:
-                    ioc = task.io_context = IOContext()  # create_io_context
+                ioc = create_io_context(task)
                 if not self.full:
                     # The queue fills with this allocation: its task may finish a batch.
                     self.ioc_set_batching(ioc)
@@ -174,9 +179,7 @@ class BlockDevice:
         req = await self.get_request(bio, task)
         while req is None:
             await task.sleep_on(self.rq_wait, None, wchan="get_request_wait", iowait=True)
-            if task.io_context is None:
-                task.io_context = IOContext()
-            self.ioc_set_batching(task.io_context)
+            self.ioc_set_batching(create_io_context(task))
             req = await self.get_request(bio, task)
         return req
 

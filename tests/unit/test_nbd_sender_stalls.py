@@ -10,11 +10,14 @@ Kernel and trio's autojump clock, so every duration is exact.
 from __future__ import annotations
 
 import trio
+from structlog.testing import capture_logs
 
 from emulator.block import Bio, Request
 from emulator.config import from_dict
+from emulator.flags import ALLOC_NO_WATERMARKS, GFP
 from emulator.kernel import Kernel
-from emulator.task import Task
+from emulator.mm.page import Owner
+from emulator.task import Task, current
 from net.nbd import protocol as P
 from net.nbd.blockdev import NBDDevice
 
@@ -128,12 +131,6 @@ async def test_a_stall_says_where_the_memory_went(autojump_clock):
 async def test_a_stall_event_names_who_freed_pages(autojump_clock):
     """The stall's event breaks the pages freed during it down by the freeing
     task's comm ("-" outside any task), and counts per-cpu pages drained."""
-    from structlog.testing import capture_logs
-
-    from emulator.flags import ALLOC_NO_WATERMARKS, GFP
-    from emulator.mm.page import Owner
-    from emulator.task import current
-
     k, sock, dev, task = device(memory_mib=64)  # per-cpu lists that hold a few pages
     pa = k.page_alloc
     pages = [pa.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
