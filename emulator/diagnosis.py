@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from emulator.mm.mmzone import MIGRATETYPE_NAMES
 from emulator.mm.page import PG
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
         "stalled_s": round(stalled_s, 3),
         "free": free,
         "pcp": z.nr_pcp_pages,
+        "pcp_by_type": {name.lower(): sum(len(pcp.lists[mt]) for pcp in z.pageset)
+                        for mt, name in enumerate(MIGRATETYPE_NAMES)},
         "wmark": {"min": wmin, "low": wlow, "high": whigh},
         "atomic_floor": atomic_floor,
         "throttle_threshold": k.pgdat.reserve_pages() // 2,
@@ -81,11 +84,17 @@ def swapcache_states(zone) -> dict[str, int]:
     return n
 
 
+def _pcp_types(d: dict) -> str:
+    """", 3 unmovable, 12 movable": the non-empty per-cpu lists by migrate type."""
+    by_type = d.get("pcp_by_type") or {}
+    return "".join(f", {n} {name}" for name, n in by_type.items() if n)
+
+
 def explain(d: dict) -> str:
     w = d["wmark"]
     lines = [
         f"LOCKUP: no page accessed and no I/O completed for {d['stalled_s']:.1f} s.",
-        f"Memory: {d['free']} pages free (+{d.get('pcp', 0)} on per-cpu lists); "
+        f"Memory: {d['free']} pages free (+{d.get('pcp', 0)} on per-cpu lists{_pcp_types(d)}); "
         f"watermarks min {w['min']} / low {w['low']} / "
         f"high {w['high']}; GFP_ATOMIC may go down to {d['atomic_floor']}; "
         f"direct reclaimers are throttled below {d['throttle_threshold']}.",

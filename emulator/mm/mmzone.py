@@ -13,14 +13,26 @@ The zone carries the four evictable LRU lists and their reclaim statistics
 Per-cpu page lists (struct per_cpu_pages, zone_batchsize, setup_pageset,
 buffered_rmqueue's order-0 branch with rmqueue_bulk, free_hot_cold_page,
 free_pcppages_bulk, drain_pages): order-0 pages are allocated from and freed to
-the running CPU's list, which the buddy allocator refills and drains ``batch``
+the running CPU's lists, which the buddy allocator refills and drains ``batch``
 pages at a time. Pages on those lists are free but not in NR_FREE_PAGES, so
-the watermark checks do not see them until they spill (``high``) or are
-drained (drain_all_pages, after a failed direct-reclaim attempt).
+the watermark checks do not see them until they spill (``high``, counted over
+all of a CPU's lists) or are drained (drain_all_pages, after a failed
+direct-reclaim attempt). Each CPU has one list per migrate type
+(MIGRATE_PCPTYPES: unmovable, reclaimable, movable; allocflags_to_migratetype
+picks one from __GFP_MOVABLE and __GFP_RECLAIMABLE): an allocation takes from
+its own type's list only and refills that list from the buddy lists when it is
+empty, even while the CPU's other lists hold pages. So an skb or slab
+allocation on a CPU whose list holds only reclaimed anonymous pages pulls
+another batch out of NR_FREE_PAGES. free_pcppages_bulk takes pages from the
+lists round-robin, as 3.5 does.
 
 Simplified: one node with one zone (ZONE_NORMAL), so lowmem_reserve is 0 and
-zonelist fallback never happens; no migrate types (one per-cpu list per CPU
-instead of MIGRATE_PCPTYPES); no memory hotplug, no CMA.
+zonelist fallback never happens. No pageblocks: the buddy lists are not split
+by migrate type (no __rmqueue_fallback, no MIGRATE_RESERVE blocks, so no
+anti-fragmentation grouping), and a freed page goes to the per-cpu list of the
+type it was last allocated as, where 3.5 uses its pageblock's type (the same
+type unless the allocation had fallen back to another type's block). No
+memory hotplug, no CMA.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 
-from emulator.flags import ALLOC_HARDER, ALLOC_HIGH
+from emulator.flags import ALLOC_HARDER, ALLOC_HIGH, GFP
 from emulator.mm.page import PG, PAGE_SHIFT, Owner, Page
 from emulator.wait import WaitQueue
 
@@ -36,6 +48,15 @@ MAX_ORDER = 11  # orders 0..10
 LRU_INACTIVE_ANON, LRU_ACTIVE_ANON, LRU_INACTIVE_FILE, LRU_ACTIVE_FILE = 0, 1, 2, 3
 LRU_NAMES = ("inactive_anon", "active_anon", "inactive_file", "active_file")
 PAGE_ALLOC_COSTLY_ORDER = 3
+MIGRATE_UNMOVABLE, MIGRATE_RECLAIMABLE, MIGRATE_MOVABLE = 0, 1, 2
+MIGRATE_PCPTYPES = 3  #: the types with a per-cpu list
+MIGRATETYPE_NAMES = ("Unmovable", "Reclaimable", "Movable")
+
+
+def allocflags_to_migratetype(gfp: int) -> int:
+    """allocflags_to_migratetype() (include/linux/gfp.h): __GFP_MOVABLE and
+    __GFP_RECLAIMABLE, as two bits, are the migrate type."""
+    return (bool(gfp & GFP.MOVABLE) << 1) | bool(gfp & GFP.RECLAIMABLE)
 
 
 def int_sqrt(x: int) -> int:
@@ -60,23 +81,22 @@ def zone_batchsize(present_pages: int) -> int:
 
 
 class PerCpuPages:
-    """struct per_cpu_pages: one CPU's cache of free order-0 pages.
+    """struct per_cpu_pages: one CPU's cache of free order-0 pages, one list per
+    migrate type.
 
-    ``pages``' left end is the list head (hot pages, taken first); cold frees go
-    to the right end, which free_pcppages_bulk empties first."""
+    Each list's left end is its head (hot pages, taken first); cold frees go to
+    the right end, which free_pcppages_bulk empties first. ``count`` is over
+    all the lists, as ``high`` is."""
 
-    __slots__ = ("cpu", "high", "batch", "pages")
+    __slots__ = ("cpu", "high", "batch", "lists", "count")
 
     def __init__(self, cpu: int, batch: int) -> None:
         # setup_pageset(): high = 6 * batch, batch at least 1.
         self.cpu = cpu
         self.high = 6 * batch
         self.batch = max(1, batch)
-        self.pages: deque[Page] = deque()
-
-    @property
-    def count(self) -> int:
-        return len(self.pages)
+        self.lists: tuple[deque[Page], ...] = tuple(deque() for _ in range(MIGRATE_PCPTYPES))
+        self.count = 0
 
 
 class Zone:
@@ -163,14 +183,17 @@ class Zone:
         batch = zone_batchsize(self.present_pages)
         self.pageset = [PerCpuPages(cpu, batch) for cpu in range(nr_cpus)]
 
-    def buffered_rmqueue(self, order: int, cpu: int | None) -> Page | None:
-        """buffered_rmqueue(): order 0 from ``cpu``'s list (refilled by rmqueue_bulk
-        when empty), higher orders, or no CPU context, straight from the buddy lists."""
+    def buffered_rmqueue(self, order: int, cpu: int | None,
+                         migratetype: int = MIGRATE_UNMOVABLE) -> Page | None:
+        """buffered_rmqueue(): order 0 from ``cpu``'s list for ``migratetype``
+        (refilled by rmqueue_bulk when empty), higher orders, or no CPU context,
+        straight from the buddy lists."""
         if order or cpu is None:
             return self.rmqueue_smallest(order)
-        pages = self.pageset[cpu].pages
+        pcp = self.pageset[cpu]
+        pages = pcp.lists[migratetype]
         if not pages:
-            for _ in range(self.pageset[cpu].batch):  # rmqueue_bulk
+            for _ in range(pcp.batch):  # rmqueue_bulk
                 page = self.rmqueue_smallest(0)
                 if page is None:
                     break
@@ -178,40 +201,61 @@ class Zone:
                 pages.append(page)
             if not pages:
                 return None
+            pcp.count += len(pages)
             self.nr_pcp_pages += len(pages)
+        pcp.count -= 1
         self.nr_pcp_pages -= 1
         return pages.popleft()
 
     def free_hot_cold_page(self, page: Page, cpu: int, cold: bool) -> None:
-        """free_hot_cold_page(): onto ``cpu``'s list (head if hot, tail if cold); a
-        list that reaches ``high`` gives ``batch`` pages back to the buddy lists."""
+        """free_hot_cold_page(): onto ``cpu``'s list for the page's migrate type
+        (head if hot, tail if cold); when the CPU's lists reach ``high`` together,
+        ``batch`` pages go back to the buddy lists."""
         pcp = self.pageset[cpu]
         page.owner = Owner.PCP
         page.order = 0
         if cold:
-            pcp.pages.append(page)
+            pcp.lists[page.migratetype].append(page)
         else:
-            pcp.pages.appendleft(page)
+            pcp.lists[page.migratetype].appendleft(page)
+        pcp.count += 1
         self.nr_pcp_pages += 1
-        if len(pcp.pages) >= pcp.high:
+        if pcp.count >= pcp.high:
             self.free_pcppages_bulk(pcp, pcp.batch)
 
     def free_pcppages_bulk(self, pcp: PerCpuPages, count: int) -> None:
-        """free_pcppages_bulk(): ``count`` pages from the list's tail to the buddy lists."""
-        pages = pcp.pages
-        count = min(count, len(pages))
-        for _ in range(count):
-            page = pages.pop()
-            page.owner = Owner.FREE
-            self.free_one_page(page, 0)
+        """free_pcppages_bulk(): ``count`` pages to the buddy lists, from the lists'
+        tails in turn. The turn moves on after ``batch_free`` pages, where
+        batch_free counts the lists looked at to find a non-empty one (so a fuller
+        list gives more), and is the whole count when only one list has pages."""
+        count = min(count, pcp.count)
+        pcp.count -= count
         self.nr_pcp_pages -= count
+        migratetype = batch_free = 0
+        while count:
+            while True:
+                batch_free += 1
+                migratetype = (migratetype + 1) % MIGRATE_PCPTYPES
+                pages = pcp.lists[migratetype]
+                if pages:
+                    break
+            if batch_free == MIGRATE_PCPTYPES:  # the only non-empty list: free them all
+                batch_free = count
+            while True:
+                page = pages.pop()
+                page.owner = Owner.FREE
+                self.free_one_page(page, 0)
+                count -= 1
+                batch_free -= 1
+                if not (count and batch_free and pages):
+                    break
         self.all_unreclaimable = False
         self.pages_scanned = 0
 
     def drain_pages(self, cpu: int) -> int:
-        """drain_pages(): empty one CPU's list; returns how many pages it held."""
+        """drain_pages(): empty one CPU's lists; returns how many pages they held."""
         pcp = self.pageset[cpu]
-        n = len(pcp.pages)
+        n = pcp.count
         if n:
             self.free_pcppages_bulk(pcp, n)
         return n

@@ -62,7 +62,7 @@ class Owner(enum.Enum):
 class Page:
     __slots__ = (
         "pfn", "zone", "flags", "order", "owner", "pfmemalloc", "young",
-        "mm", "vaddr", "swap", "contents", "slab", "private", "__weakref__",
+        "mm", "vaddr", "swap", "contents", "slab", "private", "migratetype", "__weakref__",
     )
 
     def __init__(self, pfn: int, zone) -> None:
@@ -79,6 +79,10 @@ class Page:
         self.contents: tuple[int, int, int] | None = None
         self.slab = None  #: the slab this frame belongs to (SLAB/SLUB)
         self.private = None
+        #: the migrate type of the allocation that last took this frame; a freed
+        #: order-0 page goes to that type's per-cpu list (mm/mmzone.py). Boot
+        #: marks every pageblock movable (memmap_init_zone).
+        self.migratetype = 2
 
     # Flag helpers with the kernel's names, for readability at call sites.
     def test(self, flag: PG) -> bool:

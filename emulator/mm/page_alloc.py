@@ -13,7 +13,8 @@ every page a reserve-entitled caller gets from the slow path is marked, as
 patch 1 alone did).
 
 Per-cpu page lists (mmzone.py): order-0 pages come from and go to the running
-CPU's list; __free_pages finds that CPU through ``current``. A direct reclaimer
+CPU's list for the allocation's migrate type (allocflags_to_migratetype);
+__free_pages finds that CPU through ``current``. A direct reclaimer
 whose first attempt after reclaim fails drains every CPU's list
 (drain_all_pages) and tries once more, as 3.6 does.
 
@@ -32,7 +33,7 @@ from emulator.flags import (
     ALLOC_CPUSET, ALLOC_HARDER, ALLOC_HIGH, ALLOC_NO_WATERMARKS, ALLOC_WMARK_LOW,
     ALLOC_WMARK_HIGH, ALLOC_WMARK_MASK, ALLOC_WMARK_MIN, GFP, PF, gfp_name,
 )
-from emulator.mm.mmzone import MAX_ORDER, PAGE_ALLOC_COSTLY_ORDER
+from emulator.mm.mmzone import MAX_ORDER, PAGE_ALLOC_COSTLY_ORDER, allocflags_to_migratetype
 from emulator.mm.page import PG, Owner, Page
 from emulator.patches import PatchSet
 from emulator.task import Task, current
@@ -84,7 +85,8 @@ class PageAllocator:
     def get_page_from_freelist(self, gfp: GFP, order: int, alloc_flags: int,
                                owner: Owner, cpu: int | None = None) -> Page | None:
         """The watermark check, then buffered_rmqueue on ``cpu`` (None: no CPU
-        context, straight from the buddy lists)."""
+        context, straight from the buddy lists) for the migrate type ``gfp``
+        asks for."""
         zone = self.zone
         with self.k.lock:
             below_min = False
@@ -96,9 +98,11 @@ class PageAllocator:
                 # left to atomic and __GFP_HIGH callers, which cannot reclaim.
                 below_min = (alloc_flags & (ALLOC_HIGH | ALLOC_HARDER)
                              and not zone.zone_watermark_ok(order, zone.min_wmark_pages))
-            page = zone.buffered_rmqueue(order, cpu)
+            migratetype = allocflags_to_migratetype(gfp)
+            page = zone.buffered_rmqueue(order, cpu, migratetype)
             if page is None:
                 return None
+            page.migratetype = migratetype
             self._prep_new_page(page, order, owner)
             if self.k.patches.has(5) and alloc_flags & ALLOC_NO_WATERMARKS:
                 # Patch 5: marked only when this very attempt ignored the watermarks.

@@ -1,4 +1,5 @@
-"""Per-cpu page lists: zone_batchsize, free_hot_cold_page, rmqueue_bulk, drain_all_pages.
+"""Per-cpu page lists: zone_batchsize, free_hot_cold_page, rmqueue_bulk, drain_all_pages,
+one list per migrate type, free_pcppages_bulk's round robin.
 
 The property that matters for swap over NBD: pages on a CPU's list are free but
 not in NR_FREE_PAGES, so the watermark check refuses an allocation that the
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.flags import ALLOC_CPUSET, ALLOC_WMARK_MIN, GFP
-from emulator.mm.mmzone import PgData, zone_batchsize
+from emulator.flags import ALLOC_CPUSET, ALLOC_WMARK_MIN, GFP, GFP_ATOMIC, GFP_HIGHUSER_MOVABLE
+from emulator.mm.mmzone import MIGRATE_MOVABLE, MIGRATE_UNMOVABLE, PgData, zone_batchsize
 from emulator.mm.page import Owner
 from emulator.task import current
 from slab_helpers import make_kernel
@@ -102,3 +103,57 @@ def test_watermark_ignores_pcp_pages_until_drain_all_pages():
     assert zone.nr_pcp_pages == 0 and zone.nr_free_pages == wmin + 5
     assert k.vmstat["pcp_drained"] == 5
     assert pa.get_page_from_freelist(GFP(0), 0, flags, Owner.KERNEL, 1) is not None
+
+
+def test_each_migrate_type_has_its_own_list():
+    """An unmovable allocation does not take the movable pages a CPU holds: its own
+    empty list is refilled from the buddy lists (3.5's pcp->lists[migratetype])."""
+    k = make_kernel("slub", cpus=1, memory_mib=64)  # batch 3, high 18
+    zone, pa = k.pgdat.zone, k.page_alloc
+    anon = [pa.get_page_from_freelist(GFP_HIGHUSER_MOVABLE, 0, ALLOC_CPUSET, Owner.ANON)
+            for _ in range(4)]
+    assert {p.migratetype for p in anon} == {MIGRATE_MOVABLE}
+    token = current.set(k.new_task("kswapd0", cpu=0))
+    try:
+        for page in anon:
+            pa.free_page(page, cold=True)
+    finally:
+        current.reset(token)
+    pcp = zone.pageset[0]
+    assert len(pcp.lists[MIGRATE_MOVABLE]) == 4 and pcp.count == 4
+    free0 = zone.nr_free_pages
+    page = pa.get_page_from_freelist(GFP_ATOMIC, 0, ALLOC_CPUSET, Owner.SKB, 0)
+    assert page not in anon and page.migratetype == MIGRATE_UNMOVABLE
+    assert zone.nr_free_pages == free0 - 3  # a batch for the unmovable list
+    assert len(pcp.lists[MIGRATE_UNMOVABLE]) == 2 and len(pcp.lists[MIGRATE_MOVABLE]) == 4
+    assert pcp.count == zone.nr_pcp_pages == 6
+    # A movable allocation takes the hot end of the movable list: no refill.
+    assert pa.get_page_from_freelist(GFP_HIGHUSER_MOVABLE, 0, ALLOC_CPUSET, Owner.ANON, 0) in anon
+    assert zone.nr_free_pages == free0 - 3
+
+
+def test_free_pcppages_bulk_takes_from_the_lists_in_turn():
+    """The round robin of 3.5's free_pcppages_bulk: batch_free grows with each list
+    looked at, so the fuller list gives more; the reclaimable list here is empty."""
+    k = make_kernel("slub", cpus=1, memory_mib=64)
+    zone, pa = k.pgdat.zone, k.page_alloc
+    unmovable = [pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL) for _ in range(2)]
+    movable = [pa.get_page_from_freelist(GFP_HIGHUSER_MOVABLE, 0, ALLOC_CPUSET, Owner.ANON)
+               for _ in range(10)]
+    token = current.set(k.new_task("t", cpu=0))
+    try:
+        for page in unmovable + movable:
+            pa.free_page(page, cold=True)
+    finally:
+        current.reset(token)
+    pcp = zone.pageset[0]
+    zone.free_pcppages_bulk(pcp, 6)
+    # movable 2 (batch_free 2: the empty reclaimable list was looked at), unmovable 1,
+    # movable 2, unmovable 1: from each list's tail, the coldest first.
+    assert [p.owner for p in unmovable] == [Owner.FREE, Owner.FREE]
+    assert [p.owner for p in movable[-4:]] == [Owner.FREE] * 4
+    assert [p.owner for p in movable[:6]] == [Owner.PCP] * 6
+    assert (len(pcp.lists[MIGRATE_UNMOVABLE]), len(pcp.lists[MIGRATE_MOVABLE])) == (0, 6)
+    assert pcp.count == zone.nr_pcp_pages == 6
+    assert zone.drain_pages(0) == 6 and zone.nr_pcp_pages == 0
+    assert all(p.owner is Owner.FREE for p in movable)
