@@ -11,6 +11,15 @@ and clear the bdi's congested state that congestion_wait sleeps on (as in
 again and so wakes the sleepers), and
 request completion (blk_end_request_all -> bio_endio).
 
+Two request lists' worth of accounting, as in 3.5's struct request_list:
+count, the full mark, the wait queue and congestion are kept apart for sync
+requests (BLK_RW_SYNC: reads, and writes with REQ_SYNC) and async ones
+(BLK_RW_ASYNC: reclaim's swap writes, which pageout issues with
+WB_SYNC_NONE). Each direction has its own nr_requests, so a swap-in read is
+not held back by a queue full of swap-out writes. Only async congestion
+reaches the bdi state that reclaim's congestion_wait(BLK_RW_ASYNC) sleeps
+on; a sync request freed wakes nobody there.
+
 Request batching (3.5's get_request / get_request_wait / __freed_request,
 block/blk.h): the allocation that fills the queue (count + 1 >= nr_requests)
 marks it full and makes its task a *batcher*; once full, only batchers may
@@ -26,8 +35,8 @@ A block driver subclasses BlockDevice and implements ``request_fn``.
 
 Simplified: one bio per request (swap I/O is one page), no merging, no
 plugging, no elevator (so elv_may_queue never exempts a task), no
-per-direction request lists (3.5 counts sync requests, reads among them,
-apart from async writes; here one count covers both).
+``rl->starved`` hand-over (the request mempool never fails here: its
+allocations wait).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ if TYPE_CHECKING:
     from emulator.mm.page import Page
 
 READ, WRITE = 0, 1
+BLK_RW_ASYNC, BLK_RW_SYNC = 0, 1
 BIO_POOL_SIZE = 2
 BLKDEV_MIN_RQ = 4
 BLKDEV_MAX_RQ = 128
@@ -69,6 +79,12 @@ def create_io_context(task: Task) -> IOContext:
     if task.io_context is None:
         task.io_context = IOContext()
     return task.io_context
+
+
+def rw_is_sync(rw: int) -> int:
+    """rw_is_sync(): reads are sync; writes only with REQ_SYNC, which swap-out
+    from reclaim (WB_SYNC_NONE) never sets, so every write here is async."""
+    return BLK_RW_SYNC if rw == READ else BLK_RW_ASYNC
 
 
 class Bio:
@@ -116,12 +132,24 @@ class BlockDevice:
         self.rq_pool = Mempool.create_slab_pool(k, slab.request_cache, BLKDEV_MIN_RQ,
                                                 name="request_pool")
         self.nr_requests = BLKDEV_MAX_RQ
-        self.count = 0  # requests allocated (queued or in flight)
         self.congestion_on = self.nr_requests - self.nr_requests // 8 + 1
         self.congestion_off = self.nr_requests - self.nr_requests // 8 - self.nr_requests // 16 - 1
-        self.congested = False
-        self.full = False  #: blk_queue_full: only batchers may allocate
-        self.rq_wait = WaitQueue("request_list.wait")  #: exclusive waiters
+        # struct request_list, indexed BLK_RW_ASYNC / BLK_RW_SYNC:
+        self.rl_count = [0, 0]  #: requests allocated (queued or in flight)
+        self.rl_full = [False, False]  #: blk_queue_full: only batchers may allocate
+        self.rl_congested = [False, False]
+        self.rl_wait = (WaitQueue("request_list.wait[async]"),
+                        WaitQueue("request_list.wait[sync]"))  #: exclusive waiters
+
+    @property
+    def count(self) -> int:
+        """Requests allocated in both directions."""
+        return self.rl_count[0] + self.rl_count[1]
+
+    @property
+    def congested(self) -> bool:
+        """bdi_write_congested(): the async direction's congestion, the one reclaim sees."""
+        return self.rl_congested[BLK_RW_ASYNC]
 
     async def init_pools(self, task: Task) -> None:
         await self.bio_pool.fill(task)
@@ -151,23 +179,26 @@ class BlockDevice:
         ioc.last_waited = trio.current_time()
 
     async def get_request(self, bio: Bio, task: Task) -> Request | None:
-        """get_request(): a request, or None if the queue is full to this task."""
+        """get_request(): a request, or None if the bio's direction is full to this task."""
         ioc = task.io_context
-        if self.count + 1 >= self.congestion_on:
-            if self.count + 1 >= self.nr_requests:
+        is_sync = rw_is_sync(bio.rw)
+        count = self.rl_count[is_sync]
+        if count + 1 >= self.congestion_on:
+            if count + 1 >= self.nr_requests:
                 ioc = create_io_context(task)
-                if not self.full:
+                if not self.rl_full[is_sync]:
                     # The queue fills with this allocation: its task may finish a batch.
                     self.ioc_set_batching(ioc)
-                    self.full = True
+                    self.rl_full[is_sync] = True
                 elif not self.ioc_batching(ioc):
                     return None
-            if not self.congested:
-                self.congested = True
-                self.k.vmscan.set_bdi_congested(True)
-        if self.count >= 3 * self.nr_requests // 2:
+            if not self.rl_congested[is_sync]:  # blk_set_queue_congested(q, is_sync)
+                self.rl_congested[is_sync] = True
+                if is_sync == BLK_RW_ASYNC:
+                    self.k.vmscan.set_bdi_congested(True)
+        if count >= 3 * self.nr_requests // 2:
             return None  # not even a batcher goes 50 % over nr_requests
-        self.count += 1
+        self.rl_count[is_sync] += 1
         elem = await mempool_alloc(self.rq_pool, GFP.WAIT, task)  # GFP_NOIO: never fails
         if self.ioc_batching(ioc):
             ioc.nr_batch_requests -= 1
@@ -178,7 +209,8 @@ class BlockDevice:
         retry as a batcher."""
         req = await self.get_request(bio, task)
         while req is None:
-            await task.sleep_on(self.rq_wait, None, wchan="get_request_wait", iowait=True)
+            await task.sleep_on(self.rl_wait[rw_is_sync(bio.rw)], None,
+                                wchan="get_request_wait", iowait=True)
             self.ioc_set_batching(create_io_context(task))
             req = await self.get_request(bio, task)
         return req
@@ -194,16 +226,19 @@ class BlockDevice:
     def end_request(self, req: Request, error: int, task: Task) -> None:
         """__blk_end_request_all: complete the bio, free the request, maybe uncongest."""
         bio = req.bio
+        is_sync = rw_is_sync(bio.rw)
         bio.end_io(bio, error)
         self.bio_put(bio, task)
         mempool_free(self.rq_pool, req.elem, task)
-        self.count -= 1
-        if self.count < self.congestion_off:  # __freed_request
+        self.rl_count[is_sync] -= 1
+        count = self.rl_count[is_sync]
+        if count < self.congestion_off:  # __freed_request
             # blk_clear_queue_congested on every request freed below the off
-            # threshold: it wakes congestion_wait sleepers even when the queue
-            # was not marked congested.
-            self.congested = False
-            self.k.vmscan.set_bdi_congested(False)
-        if self.count + 1 <= self.nr_requests:
-            self.rq_wait.wake_up(nr_exclusive=1)
-            self.full = False  # blk_clear_queue_full
+            # threshold: an async one wakes congestion_wait sleepers even when
+            # the queue was not marked congested.
+            self.rl_congested[is_sync] = False
+            if is_sync == BLK_RW_ASYNC:
+                self.k.vmscan.set_bdi_congested(False)
+        if count + 1 <= self.nr_requests:
+            self.rl_wait[is_sync].wake_up(nr_exclusive=1)
+            self.rl_full[is_sync] = False  # blk_clear_queue_full

@@ -129,7 +129,9 @@ def explain(d: dict) -> str:
     nbd = d.get("nbd")
     if nbd:
         lines.append(f"NBD: {nbd['inflight']} requests sent and unanswered, {nbd['queued']} "
-                     f"waiting to be sent; queue congested: {nbd['congested']}.")
+                     f"waiting to be sent; requests allocated: {nbd.get('requests_async', '?')} async "
+                     f"(swap-out writes), {nbd.get('requests_sync', '?')} sync (swap-in reads); "
+                     f"write-congested: {nbd['congested']}.")
         for r in nbd["oldest"][:3]:
             lines.append(f"  cookie {r['cookie']} {r['cmd']} @{r['offset']} waiting "
                          f"{r['age_s']} s for its reply")

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from emulator.block import READ, BlockDevice, Request
+from emulator.block import BLK_RW_ASYNC, BLK_RW_SYNC, READ, BlockDevice, Request
 from emulator.flags import GFP_NOIO, GFP, PF
 from emulator.logs import debug_enabled
 from emulator.task import Task
@@ -322,6 +322,8 @@ class NBDDevice(BlockDevice):
             "queued": len(self.waiting_queue),
             "inflight": len(inflight),
             "requests_allocated": self.count,
+            "requests_sync": self.rl_count[BLK_RW_SYNC],
+            "requests_async": self.rl_count[BLK_RW_ASYNC],
             "congested": self.congested,
             "oldest": [
                 {"cookie": c, "cmd": "read" if r.bio.rw == READ else "write",

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import trio
 
-from emulator.block import BLK_BATCH_REQ, BLK_BATCH_TIME, Bio, BlockDevice, IOContext
+from emulator.block import (
+    BLK_BATCH_REQ, BLK_BATCH_TIME, BLK_RW_ASYNC, BLK_RW_SYNC, WRITE, Bio, BlockDevice, IOContext,
+)
 from emulator.config import from_dict
 from emulator.kernel import Kernel
 
@@ -49,7 +51,7 @@ async def test_the_task_that_fills_the_queue_finishes_a_batch_and_others_wait(au
     filler, other = k.new_task("filler", cpu=0), k.new_task("other", cpu=0)
     for _ in range(q.nr_requests):
         await submit(q, filler)
-    assert q.full  # the filling allocation marked it full...
+    assert q.rl_full[BLK_RW_SYNC]  # the filling allocation marked it full...
     with trio.fail_after(1.0):
         await submit(q, filler)  # ...and made the filler a batcher: it goes on
     assert q.count == q.nr_requests + 1
@@ -129,3 +131,38 @@ async def test_a_freed_request_wakes_one_sleeper_the_longest_waiting(autojump_cl
         await trio.sleep(0.1)
         assert done == ["s0", "s1"]
         n.cancel_scope.cancel()
+
+
+async def test_reads_and_writes_have_their_own_request_lists(autojump_clock):
+    """3.5's request_list counts sync (reads) and async (swap-out writes) apart: a
+    queue full of writes does not hold back a swap-in read, and only async
+    congestion is the bdi congestion that reclaim's congestion_wait sees."""
+    k, q = await queue()
+    writer, reader, waker = (k.new_task(c, cpu=0) for c in ("kswapd0", "faulter", "irq"))
+    congestion = []
+    k.vmscan.set_bdi_congested = congestion.append
+
+    async def write(task) -> None:
+        bio = Bio(None)
+        bio.rw = WRITE
+        await q.submit_bio(bio, task)
+
+    for _ in range(q.nr_requests):
+        await write(writer)
+    assert q.rl_count == [q.nr_requests, 0] and q.rl_full == [True, False]
+    assert q.congested and congestion == [True]
+    with trio.fail_after(1.0):
+        for _ in range(q.congestion_on):
+            await submit(q, reader)  # reads: their own nr_requests
+    assert q.rl_count[BLK_RW_SYNC] == q.congestion_on and q.rl_congested == [True, True]
+    assert congestion == [True]  # sync congestion is not the bdi's write congestion
+    with trio.move_on_after(1.0):
+        await write(reader)  # but a write waits on the async list
+    assert reader.wchan is None and q.rl_count[BLK_RW_ASYNC] == q.nr_requests
+    # Freeing reads, even far below the off threshold, wakes no congestion waiter.
+    for _ in range(q.congestion_on):
+        req = next(r for r in q.held if r.bio.rw != WRITE)
+        q.held.remove(req)
+        req.bio.end_io = lambda bio, error: None
+        q.end_request(req, 0, waker)
+    assert q.rl_count == [q.nr_requests, 0] and congestion == [True] and q.congested
