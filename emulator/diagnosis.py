@@ -85,7 +85,7 @@ def swapcache_states(zone) -> dict[str, int]:
 
 
 def _pcp_types(d: dict) -> str:
-    """", 3 unmovable, 12 movable": the non-empty per-cpu lists by migrate type."""
+    """The non-empty per-cpu lists by migrate type, e.g. ", 3 unmovable, 12 movable"."""
     by_type = d.get("pcp_by_type") or {}
     return "".join(f", {n} {name}" for name, n in by_type.items() if n)
 

@@ -82,7 +82,7 @@ class Page:
         #: the migrate type of the allocation that last took this frame; a freed
         #: order-0 page goes to that type's per-cpu list (mm/mmzone.py). Boot
         #: marks every pageblock movable (memmap_init_zone).
-        self.migratetype = 2
+        self.migratetype = 2  # MIGRATE_MOVABLE
 
     # Flag helpers with the kernel's names, for readability at call sites.
     def test(self, flag: PG) -> bool:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import pytest
 
+from emulator.config import from_dict
+from emulator.diagnosis import diagnose, explain
 from emulator.flags import ALLOC_CPUSET, ALLOC_WMARK_MIN, GFP, GFP_ATOMIC, GFP_HIGHUSER_MOVABLE
+from emulator.kernel import Kernel
 from emulator.mm.mmzone import MIGRATE_MOVABLE, MIGRATE_UNMOVABLE, PgData, zone_batchsize
 from emulator.mm.page import Owner
 from emulator.task import current
@@ -157,3 +160,12 @@ def test_free_pcppages_bulk_takes_from_the_lists_in_turn():
     assert pcp.count == zone.nr_pcp_pages == 6
     assert zone.drain_pages(0) == 6 and zone.nr_pcp_pages == 0
     assert all(p.owner is Owner.FREE for p in movable)
+
+
+def test_the_lockup_diagnosis_gives_per_cpu_pages_by_migrate_type():
+    k = Kernel(from_dict({"machine": {"memory_mib": 64, "cpus": 1, "page_cache_mib": 0}}))
+    pa = k.page_alloc
+    pa.get_page_from_freelist(GFP_HIGHUSER_MOVABLE, 0, ALLOC_CPUSET, Owner.ANON, 0)
+    d = diagnose(k, 20.0)
+    assert d["pcp"] == 2 and d["pcp_by_type"] == {"unmovable": 0, "reclaimable": 0, "movable": 2}
+    assert "(+2 on per-cpu lists, 2 movable)" in explain(d)
