@@ -12,13 +12,14 @@ again and so wakes the sleepers), and
 request completion (blk_end_request_all -> bio_endio).
 
 Two request lists' worth of accounting, as in 3.5's struct request_list:
-count, the full mark, the wait queue and congestion are kept apart for sync
+count, the full mark, the wait queue and the bdi's congestion bit (kept by
+vmscan, as mm/backing-dev.c keeps it) are kept apart for sync
 requests (BLK_RW_SYNC: reads, and writes with REQ_SYNC) and async ones
 (BLK_RW_ASYNC: reclaim's swap writes, which pageout issues with
 WB_SYNC_NONE). Each direction has its own nr_requests, so a swap-in read is
-not held back by a queue full of swap-out writes. Only async congestion
-reaches the bdi state that reclaim's congestion_wait(BLK_RW_ASYNC) sleeps
-on; a sync request freed wakes nobody there.
+not held back by a queue full of swap-out writes. Reclaim's congestion_wait
+sleeps on the async direction only, so a sync request freed wakes nobody
+there.
 
 Request batching (3.5's get_request / get_request_wait / __freed_request,
 block/blk.h): the allocation that fills the queue (count + 1 >= nr_requests)
@@ -48,6 +49,7 @@ import trio
 
 from emulator.flags import GFP
 from emulator.mm.mempool import Mempool, mempool_alloc, mempool_free
+from emulator.mm.vmscan import BLK_RW_ASYNC, BLK_RW_SYNC
 from emulator.task import Task
 from emulator.wait import WaitQueue
 
@@ -56,7 +58,6 @@ if TYPE_CHECKING:
     from emulator.mm.page import Page
 
 READ, WRITE = 0, 1
-BLK_RW_ASYNC, BLK_RW_SYNC = 0, 1
 BIO_POOL_SIZE = 2
 BLKDEV_MIN_RQ = 4
 BLKDEV_MAX_RQ = 128
@@ -137,7 +138,6 @@ class BlockDevice:
         # struct request_list, indexed BLK_RW_ASYNC / BLK_RW_SYNC:
         self.rl_count = [0, 0]  #: requests allocated (queued or in flight)
         self.rl_full = [False, False]  #: blk_queue_full: only batchers may allocate
-        self.rl_congested = [False, False]
         self.rl_wait = (WaitQueue("request_list.wait[async]"),
                         WaitQueue("request_list.wait[sync]"))  #: exclusive waiters
 
@@ -149,7 +149,7 @@ class BlockDevice:
     @property
     def congested(self) -> bool:
         """bdi_write_congested(): the async direction's congestion, the one reclaim sees."""
-        return self.rl_congested[BLK_RW_ASYNC]
+        return self.k.vmscan.bdi_congested[BLK_RW_ASYNC]
 
     async def init_pools(self, task: Task) -> None:
         await self.bio_pool.fill(task)
@@ -192,10 +192,7 @@ class BlockDevice:
                     self.rl_full[is_sync] = True
                 elif not self.ioc_batching(ioc):
                     return None
-            if not self.rl_congested[is_sync]:  # blk_set_queue_congested(q, is_sync)
-                self.rl_congested[is_sync] = True
-                if is_sync == BLK_RW_ASYNC:
-                    self.k.vmscan.set_bdi_congested(True)
+            self.k.vmscan.set_bdi_congested(is_sync)  # blk_set_queue_congested
         if count >= 3 * self.nr_requests // 2:
             return None  # not even a batcher goes 50 % over nr_requests
         self.rl_count[is_sync] += 1
@@ -234,11 +231,9 @@ class BlockDevice:
         count = self.rl_count[is_sync]
         if count < self.congestion_off:  # __freed_request
             # blk_clear_queue_congested on every request freed below the off
-            # threshold: an async one wakes congestion_wait sleepers even when
-            # the queue was not marked congested.
-            self.rl_congested[is_sync] = False
-            if is_sync == BLK_RW_ASYNC:
-                self.k.vmscan.set_bdi_congested(False)
+            # threshold: it wakes the direction's congestion_wait sleepers even
+            # when the queue was not marked congested.
+            self.k.vmscan.clear_bdi_congested(is_sync)
         if count + 1 <= self.nr_requests:
             self.rl_wait[is_sync].wake_up(nr_exclusive=1)
             self.rl_full[is_sync] = False  # blk_clear_queue_full

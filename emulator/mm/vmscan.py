@@ -44,6 +44,8 @@ from emulator.mm.page import PG, Page
 from emulator.task import Task
 from emulator.wait import WaitQueue
 
+BLK_RW_ASYNC, BLK_RW_SYNC = 0, 1  #: include/linux/backing-dev.h: the two directions
+
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
     from emulator.mm.mmzone import Zone
@@ -81,9 +83,11 @@ class VMScan:
         self.pgdat = k.pgdat
         self.zone = k.pgdat.zone
         self.vmstat = k.vmstat
-        #: mm/backing-dev.c congestion_wqh[BLK_RW_ASYNC]
-        self.congestion_wqh = WaitQueue("congestion_wait")
-        self.nr_bdi_congested = 0
+        #: the swap device's bdi state bits (BDI_async_congested, BDI_sync_congested)
+        #: and mm/backing-dev.c congestion_wqh[], indexed BLK_RW_ASYNC / BLK_RW_SYNC
+        self.bdi_congested = [False, False]
+        self.congestion_wqh = (WaitQueue("congestion_wait[async]"),
+                               WaitQueue("congestion_wait[sync]"))
         self.kswapd_woken = False
         self.throttled: dict[int, float] = {}  # pid -> since
         self.throttle_events = 0
@@ -93,22 +97,24 @@ class VMScan:
         self.nr_reclaimed_unfreed = 0
 
     # -- congestion ----------------------------------------------------------------
-    def set_bdi_congested(self, congested: bool) -> None:
-        """set_bdi_congested / clear_bdi_congested. Clearing wakes every
-        congestion_wait sleeper each time it is called, not only when the state
-        changes: 3.5's __freed_request calls it for every request freed while
-        the queue is below its off threshold."""
-        if congested:
-            self.nr_bdi_congested = 1
-        else:
-            self.nr_bdi_congested = 0
-            self.congestion_wqh.wake_up()
+    def set_bdi_congested(self, sync: int) -> None:
+        """set_bdi_congested(bdi, sync): mark one direction congested; wakes nobody."""
+        self.bdi_congested[sync] = True
+
+    def clear_bdi_congested(self, sync: int) -> None:
+        """clear_bdi_congested(bdi, sync): clear the direction's bit and wake every
+        congestion_wait sleeper on that direction, each time it is called, not only
+        when the state changes: 3.5's __freed_request calls it for every request
+        freed while the queue is below its off threshold."""
+        self.bdi_congested[sync] = False
+        self.congestion_wqh[sync].wake_up()
 
     async def congestion_wait(self, task: Task, timeout: float) -> None:
         """congestion_wait(BLK_RW_ASYNC, timeout): prepare_to_wait, then
-        io_schedule_timeout: one sleep that ends at the next clear_bdi_congested
-        wake-up or when the timeout passes, whichever comes first."""
-        await task.sleep_on(self.congestion_wqh, None, timeout=timeout,
+        io_schedule_timeout: one sleep that ends at the next async
+        clear_bdi_congested wake-up or when the timeout passes, whichever comes
+        first. Every caller in reclaim waits on the async direction."""
+        await task.sleep_on(self.congestion_wqh[BLK_RW_ASYNC], None, timeout=timeout,
                             wchan="congestion_wait", iowait=True)
 
     async def wait_iff_congested(self, task: Task, timeout: float) -> None:

@@ -35,7 +35,10 @@ class _VMScanStub:
     async def wait_iff_congested(self, task, timeout) -> None:
         pass
 
-    def set_bdi_congested(self, congested: bool) -> None:
+    def set_bdi_congested(self, sync: int) -> None:
+        pass
+
+    def clear_bdi_congested(self, sync: int) -> None:
         pass
 
 

@@ -138,9 +138,9 @@ async def test_reads_and_writes_have_their_own_request_lists(autojump_clock):
     queue full of writes does not hold back a swap-in read, and only async
     congestion is the bdi congestion that reclaim's congestion_wait sees."""
     k, q = await queue()
-    writer, reader, waker = (k.new_task(c, cpu=0) for c in ("kswapd0", "faulter", "irq"))
-    congestion = []
-    k.vmscan.set_bdi_congested = congestion.append
+    vm = k.vmscan
+    writer, reader, waker, reclaimer = (k.new_task(c, cpu=0)
+                                        for c in ("kswapd0", "faulter", "irq", "usemem"))
 
     async def write(task) -> None:
         bio = Bio(None)
@@ -150,19 +150,26 @@ async def test_reads_and_writes_have_their_own_request_lists(autojump_clock):
     for _ in range(q.nr_requests):
         await write(writer)
     assert q.rl_count == [q.nr_requests, 0] and q.rl_full == [True, False]
-    assert q.congested and congestion == [True]
+    assert q.congested and vm.bdi_congested == [True, False]
     with trio.fail_after(1.0):
         for _ in range(q.congestion_on):
             await submit(q, reader)  # reads: their own nr_requests
-    assert q.rl_count[BLK_RW_SYNC] == q.congestion_on and q.rl_congested == [True, True]
-    assert congestion == [True]  # sync congestion is not the bdi's write congestion
+    assert q.rl_count[BLK_RW_SYNC] == q.congestion_on and vm.bdi_congested == [True, True]
     with trio.move_on_after(1.0):
         await write(reader)  # but a write waits on the async list
     assert reader.wchan is None and q.rl_count[BLK_RW_ASYNC] == q.nr_requests
     # Freeing reads, even far below the off threshold, wakes no congestion waiter.
-    for _ in range(q.congestion_on):
-        req = next(r for r in q.held if r.bio.rw != WRITE)
-        q.held.remove(req)
-        req.bio.end_io = lambda bio, error: None
-        q.end_request(req, 0, waker)
-    assert q.rl_count == [q.nr_requests, 0] and congestion == [True] and q.congested
+    async with trio.open_nursery() as n:
+        n.start_soon(vm.congestion_wait, reclaimer, 10.0)
+        await trio.sleep(0.1)
+        assert reclaimer.wchan == "congestion_wait"
+        for _ in range(q.congestion_on):
+            req = next(r for r in q.held if r.bio.rw != WRITE)
+            q.held.remove(req)
+            req.bio.end_io = lambda bio, error: None
+            q.end_request(req, 0, waker)
+        await trio.sleep(0.1)
+        assert reclaimer.wchan == "congestion_wait"  # still asleep
+        n.cancel_scope.cancel()
+    assert q.rl_count == [q.nr_requests, 0] and q.congested
+    assert vm.bdi_congested == [True, False]

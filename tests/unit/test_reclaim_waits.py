@@ -24,7 +24,7 @@ from emulator.kernel import Kernel
 from emulator.mm.memory import MMStruct, do_anonymous_page, exit_mmap
 from emulator.mm.mmzone import LRU_INACTIVE_ANON
 from emulator.mm.page import PG, Owner
-from emulator.mm.vmscan import ScanControl
+from emulator.mm.vmscan import BLK_RW_ASYNC, ScanControl
 from emulator.task import Task
 
 FREE = (Owner.FREE, Owner.PCP)
@@ -36,8 +36,8 @@ def small_kernel() -> Kernel:
 
 # -- congestion_wait ----------------------------------------------------------------------
 async def _sleep_length(timeout: float, congested_after: float, congested: bool) -> float:
-    """How long congestion_wait(timeout) sleeps when set_bdi_congested(congested)
-    is called ``congested_after`` seconds into the sleep."""
+    """How long congestion_wait(timeout) sleeps when the async direction is set
+    congested (or cleared) ``congested_after`` seconds into the sleep."""
     k = small_kernel()
     task = k.new_task("reclaimer", cpu=0)
     ended: list[float] = []
@@ -51,7 +51,10 @@ async def _sleep_length(timeout: float, congested_after: float, congested: bool)
         n.start_soon(sleeper)
         await trio.sleep(congested_after)
         assert not ended and task.wchan == "congestion_wait"
-        k.vmscan.set_bdi_congested(congested)
+        if congested:
+            k.vmscan.set_bdi_congested(BLK_RW_ASYNC)
+        else:
+            k.vmscan.clear_bdi_congested(BLK_RW_ASYNC)
     assert task.wchan is None
     return ended[0] - t0
 
@@ -71,7 +74,7 @@ async def test_a_clear_before_the_sleep_does_not_end_it(autojump_clock):
     went to sleep does not count (as with prepare_to_wait)."""
     k = small_kernel()
     task = k.new_task("reclaimer", cpu=0)
-    k.vmscan.set_bdi_congested(False)
+    k.vmscan.clear_bdi_congested(BLK_RW_ASYNC)
     t0 = trio.current_time()
     await k.vmscan.congestion_wait(task, 0.1)
     assert trio.current_time() - t0 == pytest.approx(0.1)
