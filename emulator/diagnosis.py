@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from emulator.mm.mmzone import MIGRATETYPE_NAMES
+from emulator.mm.mmzone import MIGRATE_PCPTYPES, MIGRATE_RESERVE, MIGRATETYPE_NAMES
 from emulator.mm.page import PG
 
 if TYPE_CHECKING:
@@ -35,7 +35,8 @@ def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
         "free": free,
         "pcp": z.nr_pcp_pages,
         "pcp_by_type": {name.lower(): sum(len(pcp.lists[mt]) for pcp in z.pageset)
-                        for mt, name in enumerate(MIGRATETYPE_NAMES)},
+                        for mt, name in enumerate(MIGRATETYPE_NAMES[:MIGRATE_PCPTYPES])},
+        "free_reserve": z.free_by_migratetype()[MIGRATE_RESERVE],
         "wmark": {"min": wmin, "low": wlow, "high": whigh},
         "atomic_floor": atomic_floor,
         "throttle_threshold": k.pgdat.reserve_pages() // 2,
@@ -90,11 +91,19 @@ def _pcp_types(d: dict) -> str:
     return "".join(f", {n} {name}" for name, n in by_type.items() if n)
 
 
+def _in_reserve(d: dict) -> str:
+    """How many of the free pages are in MIGRATE_RESERVE pageblocks, which an
+    allocation reaches only when every other type's lists are empty."""
+    n = d.get("free_reserve")
+    return f" ({n} in reserve pageblocks)" if n is not None else ""
+
+
 def explain(d: dict) -> str:
     w = d["wmark"]
     lines = [
         f"LOCKUP: no page accessed and no I/O completed for {d['stalled_s']:.1f} s.",
-        f"Memory: {d['free']} pages free (+{d.get('pcp', 0)} on per-cpu lists{_pcp_types(d)}); "
+        f"Memory: {d['free']} pages free{_in_reserve(d)} "
+        f"(+{d.get('pcp', 0)} on per-cpu lists{_pcp_types(d)}); "
         f"watermarks min {w['min']} / low {w['low']} / "
         f"high {w['high']}; GFP_ATOMIC may go down to {d['atomic_floor']}; "
         f"direct reclaimers are throttled below {d['throttle_threshold']}.",

@@ -26,13 +26,28 @@ allocation on a CPU whose list holds only reclaimed anonymous pages pulls
 another batch out of NR_FREE_PAGES. free_pcppages_bulk takes pages from the
 lists round-robin, as 3.5 does.
 
+Pageblocks (3.5's anti-fragmentation grouping): the zone is cut into
+pageblocks of 2^pageblock_order pages, each with a migrate type, and each
+order's free area has one free list per type. An allocation takes the
+smallest block of its own type (__rmqueue_smallest); failing that, it steals
+the largest free block from the other types in the fallbacks[] order
+(__rmqueue_fallback), moving the rest of that pageblock's free pages to its
+own type when the stolen block is large (order >= pageblock_order / 2) or
+the request reclaimable, and claiming the pageblock when half of it or more
+was free; only when nothing else is left does it take from MIGRATE_RESERVE.
+setup_zone_migrate_reserve() marks the first movable pageblocks, enough to
+cover the min watermark and at most two, as MIGRATE_RESERVE: the kernel keeps
+them for high-order atomic allocations, and allocations reach them last. A
+freed page goes to its pageblock's type: order 0 onto the per-cpu list of
+that type (movable for a reserve pageblock) with the type recorded
+(page_private, here ``page.migratetype``), which free_pcppages_bulk hands back
+to __free_one_page; rmqueue_bulk records the type that was asked for.
+
 Simplified: one node with one zone (ZONE_NORMAL), so lowmem_reserve is 0 and
-zonelist fallback never happens. No pageblocks: the buddy lists are not split
-by migrate type (no __rmqueue_fallback, no MIGRATE_RESERVE blocks, so no
-anti-fragmentation grouping), and a freed page goes to the per-cpu list of the
-type it was last allocated as, where 3.5 uses its pageblock's type (the same
-type unless the allocation had fallen back to another type's block). No
-memory hotplug, no CMA.
+zonelist fallback never happens. The free lists are LIFO: __free_one_page's
+placement of a block at the tail of its list when its next-higher buddy is
+free is not modelled. No MIGRATE_ISOLATE, no memory hotplug, no CMA, no
+compaction.
 """
 
 from __future__ import annotations
@@ -50,7 +65,24 @@ LRU_NAMES = ("inactive_anon", "active_anon", "inactive_file", "active_file")
 PAGE_ALLOC_COSTLY_ORDER = 3
 MIGRATE_UNMOVABLE, MIGRATE_RECLAIMABLE, MIGRATE_MOVABLE = 0, 1, 2
 MIGRATE_PCPTYPES = 3  #: the types with a per-cpu list
-MIGRATETYPE_NAMES = ("Unmovable", "Reclaimable", "Movable")
+MIGRATE_RESERVE = MIGRATE_PCPTYPES
+MIGRATE_TYPES = 4  #: 3.5 also has MIGRATE_ISOLATE, which the model does not use
+MIGRATETYPE_NAMES = ("Unmovable", "Reclaimable", "Movable", "Reserve")  # /proc/pagetypeinfo
+#: fallbacks[] (mm/page_alloc.c, 3.5 without CMA): the types each type steals from,
+#: in order; MIGRATE_RESERVE, last in every row, is tried separately by __rmqueue.
+FALLBACKS = {
+    MIGRATE_UNMOVABLE: (MIGRATE_RECLAIMABLE, MIGRATE_MOVABLE),
+    MIGRATE_RECLAIMABLE: (MIGRATE_UNMOVABLE, MIGRATE_MOVABLE),
+    MIGRATE_MOVABLE: (MIGRATE_RECLAIMABLE, MIGRATE_UNMOVABLE),
+}
+#: HUGETLB_PAGE_ORDER on x86-64 (2 MiB); the kernel's pageblock_order when
+#: CONFIG_HUGETLB_PAGE is set, as in distribution kernels.
+pageblock_order = 9
+pageblock_nr_pages = 1 << pageblock_order
+#: build_all_zonelists() disables grouping by mobility below this many pages:
+#: pageblock_nr_pages * MIGRATE_TYPES, where 3.5's MIGRATE_TYPES counts
+#: MIGRATE_ISOLATE too (5).
+MOBILITY_MIN_PAGES = pageblock_nr_pages * (MIGRATE_TYPES + 1)
 
 
 def allocflags_to_migratetype(gfp: int) -> int:
@@ -99,6 +131,17 @@ class PerCpuPages:
         self.count = 0
 
 
+class FreeArea:
+    """struct free_area: the free blocks of one order, one list per migrate type
+    (head pfn -> head page; LIFO), and ``nr_free`` over all of them."""
+
+    __slots__ = ("free_list", "nr_free")
+
+    def __init__(self) -> None:
+        self.free_list: tuple[dict[int, Page], ...] = tuple(dict() for _ in range(MIGRATE_TYPES))
+        self.nr_free = 0
+
+
 class Zone:
     """struct zone: free area, watermarks, LRU lists, reclaim state."""
 
@@ -107,8 +150,13 @@ class Zone:
         self.zone_start_pfn = start_pfn
         self.present_pages = present_pages
         self.mem_map = mem_map
-        self.free_area: list[dict[int, Page]] = [dict() for _ in range(MAX_ORDER)]
+        self.free_area = [FreeArea() for _ in range(MAX_ORDER)]
         self.nr_free_pages = 0
+        # pageblock_flags: one migrate type per pageblock; memmap_init_zone
+        # starts them all movable.
+        nr_blocks = -(-present_pages // pageblock_nr_pages)
+        self.pageblock_flags = [MIGRATE_MOVABLE] * nr_blocks
+        self.page_group_by_mobility_disabled = present_pages < MOBILITY_MIN_PAGES
         self.watermark = [0, 0, 0]  # WMARK_MIN, WMARK_LOW, WMARK_HIGH
         self.lowmem_reserve = [0]
         # LRU lists indexed LRU_INACTIVE_ANON, LRU_ACTIVE_ANON, LRU_INACTIVE_FILE,
@@ -144,7 +192,7 @@ class Zone:
                                  self.lowmem_reserve[classzone_idx], alloc_flags)
 
     def free_area_counts(self) -> list[int]:
-        return [len(a) for a in self.free_area]
+        return [a.nr_free for a in self.free_area]
 
     # Names for the lists, as the kernel's for_each_evictable_lru sees them.
     @property
@@ -189,15 +237,16 @@ class Zone:
         (refilled by rmqueue_bulk when empty), higher orders, or no CPU context,
         straight from the buddy lists."""
         if order or cpu is None:
-            return self.rmqueue_smallest(order)
+            return self.rmqueue(order, migratetype)
         pcp = self.pageset[cpu]
         pages = pcp.lists[migratetype]
         if not pages:
             for _ in range(pcp.batch):  # rmqueue_bulk
-                page = self.rmqueue_smallest(0)
+                page = self.rmqueue(0, migratetype)
                 if page is None:
                     break
                 page.owner = Owner.PCP
+                page.migratetype = migratetype  # set_page_private(page, migratetype)
                 pages.append(page)
             if not pages:
                 return None
@@ -208,16 +257,20 @@ class Zone:
         return pages.popleft()
 
     def free_hot_cold_page(self, page: Page, cpu: int, cold: bool) -> None:
-        """free_hot_cold_page(): onto ``cpu``'s list for the page's migrate type
-        (head if hot, tail if cold); when the CPU's lists reach ``high`` together,
-        ``batch`` pages go back to the buddy lists."""
+        """free_hot_cold_page(): onto ``cpu``'s list for the page's pageblock type
+        (a reserve pageblock's pages share the movable list, keeping their own type
+        for the buddy lists), head if hot, tail if cold; when the CPU's lists reach
+        ``high`` together, ``batch`` pages go back to the buddy lists."""
         pcp = self.pageset[cpu]
         page.owner = Owner.PCP
         page.order = 0
+        migratetype = page.migratetype = self.get_pageblock_migratetype(page.pfn)
+        if migratetype >= MIGRATE_PCPTYPES:
+            migratetype = MIGRATE_MOVABLE
         if cold:
-            pcp.lists[page.migratetype].append(page)
+            pcp.lists[migratetype].append(page)
         else:
-            pcp.lists[page.migratetype].appendleft(page)
+            pcp.lists[migratetype].appendleft(page)
         pcp.count += 1
         self.nr_pcp_pages += 1
         if pcp.count >= pcp.high:
@@ -244,7 +297,7 @@ class Zone:
             while True:
                 page = pages.pop()
                 page.owner = Owner.FREE
-                self.free_one_page(page, 0)
+                self.free_one_page(page, 0, page.migratetype)  # page_private(page)
                 count -= 1
                 batch_free -= 1
                 if not (count and batch_free and pages):
@@ -260,33 +313,143 @@ class Zone:
             self.free_pcppages_bulk(pcp, n)
         return n
 
+    # -- pageblocks --------------------------------------------------------------
+    def get_pageblock_migratetype(self, pfn: int) -> int:
+        return self.pageblock_flags[(pfn - self.zone_start_pfn) >> pageblock_order]
+
+    def set_pageblock_migratetype(self, pfn: int, migratetype: int) -> None:
+        self.pageblock_flags[(pfn - self.zone_start_pfn) >> pageblock_order] = migratetype
+
+    def move_freepages_block(self, pfn: int, migratetype: int) -> int:
+        """move_freepages_block(): every free block that starts in ``pfn``'s
+        pageblock onto ``migratetype``'s lists; returns the pages moved (0 for a
+        pageblock the zone does not hold entirely)."""
+        start = pfn & ~(pageblock_nr_pages - 1)
+        end = start + pageblock_nr_pages - 1
+        if start < self.zone_start_pfn:
+            start = pfn
+        if end >= self.zone_start_pfn + self.present_pages:
+            return 0
+        moved = 0
+        pfn = start
+        mem_map = self.mem_map
+        while pfn <= end:
+            page = mem_map[pfn]
+            if not page.flags & PG.buddy:
+                pfn += 1
+                continue
+            order = page.order
+            area = self.free_area[order]
+            del area.free_list[page.migratetype][pfn]
+            area.free_list[migratetype][pfn] = page
+            page.migratetype = migratetype
+            pfn += 1 << order
+            moved += 1 << order
+        return moved
+
+    def setup_zone_migrate_reserve(self) -> None:
+        """setup_zone_migrate_reserve(): enough movable pageblocks to cover the min
+        watermark, at most two, become MIGRATE_RESERVE (from the zone's start);
+        reserve pageblocks beyond that go back to movable."""
+        reserve = min(2, -(-self.min_wmark_pages // pageblock_nr_pages))
+        start = -(-self.zone_start_pfn // pageblock_nr_pages) * pageblock_nr_pages
+        for pfn in range(start, self.zone_start_pfn + self.present_pages, pageblock_nr_pages):
+            block_migratetype = self.get_pageblock_migratetype(pfn)
+            if reserve > 0:
+                if block_migratetype == MIGRATE_RESERVE:
+                    reserve -= 1
+                    continue
+                if block_migratetype == MIGRATE_MOVABLE:
+                    self.set_pageblock_migratetype(pfn, MIGRATE_RESERVE)
+                    self.move_freepages_block(pfn, MIGRATE_RESERVE)
+                    reserve -= 1
+                    continue
+            if block_migratetype == MIGRATE_RESERVE:
+                self.set_pageblock_migratetype(pfn, MIGRATE_MOVABLE)
+                self.move_freepages_block(pfn, MIGRATE_MOVABLE)
+
     # -- buddy allocator -----------------------------------------------------------
-    def add_free_block(self, page: Page, order: int) -> None:
+    def add_free_block(self, page: Page, order: int, migratetype: int) -> None:
         page.flags = PG.buddy
         page.order = order
-        self.free_area[order][page.pfn] = page
+        page.migratetype = migratetype
+        area = self.free_area[order]
+        area.free_list[migratetype][page.pfn] = page
+        area.nr_free += 1
 
-    def rmqueue_smallest(self, order: int) -> Page | None:
-        """__rmqueue_smallest + expand: take a block of ``order``, splitting larger ones."""
-        for current in range(order, MAX_ORDER):
-            area = self.free_area[current]
-            if not area:
-                continue
-            _, page = area.popitem()  # LIFO: the most recently freed block
-            page.flags = PG(0)
-            # expand(): give the upper halves back to lower orders.
-            high = current
-            while high > order:
-                high -= 1
-                buddy = self.mem_map[page.pfn + (1 << high)]
-                self.add_free_block(buddy, high)
-            page.order = order
+    def del_free_block(self, page: Page) -> None:
+        area = self.free_area[page.order]
+        del area.free_list[page.migratetype][page.pfn]
+        area.nr_free -= 1
+        page.flags = PG(0)
+
+    def expand(self, page: Page, low: int, high: int, migratetype: int) -> None:
+        """expand(): give the upper halves of a split block back to lower orders."""
+        while high > low:
+            high -= 1
+            self.add_free_block(self.mem_map[page.pfn + (1 << high)], high, migratetype)
+        page.order = low
+
+    def rmqueue(self, order: int, migratetype: int) -> Page | None:
+        """__rmqueue(): the type's own lists, then stealing from the others, then
+        the reserve pageblocks."""
+        page = self.rmqueue_smallest(order, migratetype)
+        if page is None and migratetype != MIGRATE_RESERVE:
+            page = self.rmqueue_fallback(order, migratetype)
+            if page is None:
+                page = self.rmqueue_smallest(order, MIGRATE_RESERVE)
+        if page is not None:
             self.nr_free_pages -= 1 << order
+        return page
+
+    def rmqueue_smallest(self, order: int, migratetype: int) -> Page | None:
+        """__rmqueue_smallest(): the smallest block of ``migratetype`` that fits,
+        split down to ``order``. Leaves NR_FREE_PAGES to the caller."""
+        for current in range(order, MAX_ORDER):
+            free_list = self.free_area[current].free_list[migratetype]
+            if not free_list:
+                continue
+            page = free_list[next(reversed(free_list))]  # LIFO: the latest freed
+            self.del_free_block(page)
+            self.expand(page, order, current, migratetype)
             return page
         return None
 
-    def free_one_page(self, page: Page, order: int) -> None:
-        """__free_one_page: merge with free buddies of the same order, then list it."""
+    def rmqueue_fallback(self, order: int, start_migratetype: int) -> Page | None:
+        """__rmqueue_fallback(): the largest free block of another type, in
+        fallbacks[] order. A large steal (order >= pageblock_order / 2), or any
+        steal for a reclaimable allocation, moves the pageblock's other free
+        blocks to ``start_migratetype`` and claims the pageblock when at least
+        half of it was free; a block of pageblock size or more is claimed
+        outright. The split's leftovers go to ``start_migratetype``'s lists."""
+        for current in range(MAX_ORDER - 1, order - 1, -1):
+            area = self.free_area[current]
+            for migratetype in FALLBACKS[start_migratetype]:
+                free_list = area.free_list[migratetype]
+                if not free_list:
+                    continue
+                page = free_list[next(reversed(free_list))]
+                if (current >= pageblock_order // 2
+                        or start_migratetype == MIGRATE_RECLAIMABLE
+                        or self.page_group_by_mobility_disabled):
+                    pages = self.move_freepages_block(page.pfn, start_migratetype)
+                    if (pages >= 1 << (pageblock_order - 1)
+                            or self.page_group_by_mobility_disabled):
+                        self.set_pageblock_migratetype(page.pfn, start_migratetype)
+                self.del_free_block(page)
+                if current >= pageblock_order:  # change_pageblock_range()
+                    for pfn in range(page.pfn, page.pfn + (1 << current), pageblock_nr_pages):
+                        self.set_pageblock_migratetype(pfn, start_migratetype)
+                self.expand(page, order, current, start_migratetype)
+                return page
+        return None
+
+    def free_one_page(self, page: Page, order: int, migratetype: int | None = None) -> None:
+        """free_one_page / __free_one_page: merge with free buddies of the same
+        order, whatever list they are on, then put the block on ``migratetype``'s
+        list (default: its pageblock's type, as __free_pages_ok passes)."""
+        if migratetype is None:
+            migratetype = self.get_pageblock_migratetype(page.pfn)
         pfn = page.pfn
         self.nr_free_pages += 1 << order
         base = self.zone_start_pfn
@@ -298,13 +461,16 @@ class Zone:
             buddy = self.mem_map[buddy_pfn]
             if not (buddy.flags & PG.buddy) or buddy.order != order:
                 break
-            del self.free_area[order][buddy_pfn]
-            buddy.flags = PG(0)
+            self.del_free_block(buddy)
             buddy.order = 0
             pfn = min(pfn, buddy_pfn)
             order += 1
-        head = self.mem_map[pfn]
-        self.add_free_block(head, order)
+        self.add_free_block(self.mem_map[pfn], order, migratetype)
+
+    def free_by_migratetype(self) -> list[int]:
+        """Free pages on the buddy lists per migrate type (/proc/pagetypeinfo's sums)."""
+        return [sum(len(a.free_list[mt]) << o for o, a in enumerate(self.free_area))
+                for mt in range(MIGRATE_TYPES)]
 
     def __repr__(self) -> str:
         return (f"<Zone {self.name} free={self.nr_free_pages} min={self.watermark[0]} "
@@ -332,7 +498,9 @@ def zone_watermark_ok(free_pages: int, nr_free: list[int], order: int, mark: int
 
 
 def setup_per_zone_wmarks(zones: list[Zone], min_free_kbytes: int) -> None:
-    """__setup_per_zone_wmarks: split pages_min over zones by size; low/high = min + tmp/4, /2."""
+    """__setup_per_zone_wmarks: split pages_min over zones by size; low/high = min + tmp/4, /2.
+    The arithmetic only: PgData then sets up each zone's reserve pageblocks, the
+    kernel function's last step."""
     pages_min = min_free_kbytes >> (PAGE_SHIFT - 10)
     lowmem_pages = sum(z.present_pages for z in zones)
     for z in zones:
@@ -366,6 +534,7 @@ class PgData:
         self.min_free_kbytes = min_free_kbytes
         setup_per_zone_wmarks(self.node_zones, min_free_kbytes)
         for z in self.node_zones:
+            z.setup_zone_migrate_reserve()
             z.setup_pagesets(nr_cpus)
         self.kswapd_wait = WaitQueue("kswapd_wait")
         self.pfmemalloc_wait = WaitQueue("pfmemalloc_wait")

@@ -79,9 +79,10 @@ class Page:
         self.contents: tuple[int, int, int] | None = None
         self.slab = None  #: the slab this frame belongs to (SLAB/SLUB)
         self.private = None
-        #: the migrate type of the allocation that last took this frame; a freed
-        #: order-0 page goes to that type's per-cpu list (mm/mmzone.py). Boot
-        #: marks every pageblock movable (memmap_init_zone).
+        #: the migrate type of the list the frame is on while free: a buddy
+        #: block's free list, or the type recorded with a per-cpu page
+        #: (page_private: its pageblock's type when freed, the requested type
+        #: when rmqueue_bulk took it); stale while the page is allocated.
         self.migratetype = 2  # MIGRATE_MOVABLE
 
     # Flag helpers with the kernel's names, for readability at call sites.

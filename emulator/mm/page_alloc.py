@@ -12,9 +12,10 @@ ALLOC_NO_WATERMARKS), 4 (softirq with PF_MEMALLOC may use the reserves),
 every page a reserve-entitled caller gets from the slow path is marked, as
 patch 1 alone did).
 
-Per-cpu page lists (mmzone.py): order-0 pages come from and go to the running
-CPU's list for the allocation's migrate type (allocflags_to_migratetype);
-__free_pages finds that CPU through ``current``. A direct reclaimer
+Per-cpu page lists (mmzone.py): order-0 pages come from the running CPU's
+list for the allocation's migrate type (allocflags_to_migratetype) and go
+back to the list for their pageblock's type; __free_pages finds that CPU
+through ``current``. A direct reclaimer
 whose first attempt after reclaim fails drains every CPU's list
 (drain_all_pages) and tries once more, as 3.6 does.
 
@@ -102,7 +103,6 @@ class PageAllocator:
             page = zone.buffered_rmqueue(order, cpu, migratetype)
             if page is None:
                 return None
-            page.migratetype = migratetype
             self._prep_new_page(page, order, owner)
             if self.k.patches.has(5) and alloc_flags & ALLOC_NO_WATERMARKS:
                 # Patch 5: marked only when this very attempt ignored the watermarks.

@@ -1,6 +1,7 @@
-"""The buddy allocator (emulator/mm/mmzone.py: __rmqueue_smallest + expand,
+"""The buddy allocator (emulator/mm/mmzone.py: __rmqueue + expand,
 __free_one_page): splitting, merging, boot-time decomposition, and a hypothesis
 test that random alloc/free sequences keep every frame in exactly one place.
+Migrate types and pageblocks are in test_pageblocks.py.
 """
 
 from __future__ import annotations
@@ -11,22 +12,31 @@ from hypothesis import strategies as st
 from emulator.config import from_dict
 from emulator.flags import ALLOC_NO_WATERMARKS, GFP
 from emulator.kernel import Kernel
-from emulator.mm.mmzone import MAX_ORDER, PgData
+from emulator.mm.mmzone import MAX_ORDER, MIGRATE_MOVABLE, PgData
 from emulator.mm.page import PG, Owner
 
 
 def free_blocks(zone) -> dict[int, int]:
-    """head pfn -> order, for every block on the free lists."""
-    return {pfn: o for o, area in enumerate(zone.free_area) for pfn in area}
+    """head pfn -> order, for every block on the free lists (of any migrate type)."""
+    return {pfn: o for o, area in enumerate(zone.free_area)
+            for free_list in area.free_list for pfn in free_list}
 
 
 def check_free_lists(zone) -> None:
     for o, area in enumerate(zone.free_area):
-        for pfn, page in area.items():
-            assert page.pfn == pfn and page.order == o and page.flags & PG.buddy
-            assert (pfn - zone.zone_start_pfn) % (1 << o) == 0, f"misaligned block {pfn}/{o}"
-            assert pfn + (1 << o) <= zone.zone_start_pfn + zone.present_pages
-    assert zone.nr_free_pages == sum(len(a) << o for o, a in enumerate(zone.free_area))
+        assert area.nr_free == sum(len(fl) for fl in area.free_list)
+        for mt, free_list in enumerate(area.free_list):
+            for pfn, page in free_list.items():
+                assert page.pfn == pfn and page.order == o and page.flags & PG.buddy
+                assert page.migratetype == mt
+                assert (pfn - zone.zone_start_pfn) % (1 << o) == 0, f"misaligned block {pfn}/{o}"
+                assert pfn + (1 << o) <= zone.zone_start_pfn + zone.present_pages
+    assert zone.nr_free_pages == sum(a.nr_free << o for o, a in enumerate(zone.free_area))
+
+
+def take(zone, order: int):
+    """__rmqueue for a movable block, as a page-cache or anonymous allocation asks."""
+    return zone.rmqueue(order, MIGRATE_MOVABLE)
 
 
 def test_boot_decomposes_memory_into_maximal_aligned_blocks():
@@ -42,7 +52,7 @@ def test_split_gives_upper_halves_to_lower_orders_and_merge_restores():
     pgdat = PgData(4096, None)  # four order-10 blocks
     zone = pgdat.zone
     before = free_blocks(zone)
-    page = zone.rmqueue_smallest(0)
+    page = take(zone, 0)
     base = page.pfn
     assert base % 1024 == 0 and page.order == 0
     after = free_blocks(zone)
@@ -59,17 +69,17 @@ def test_split_gives_upper_halves_to_lower_orders_and_merge_restores():
 
 def test_smallest_fitting_block_is_used():
     zone = PgData(4096, None).zone
-    a = zone.rmqueue_smallest(0)  # splits an order-10 block
-    b = zone.rmqueue_smallest(3)  # must come from the order-3 leftover, not another 10
+    a = take(zone, 0)  # splits an order-10 block
+    b = take(zone, 3)  # must come from the order-3 leftover, not another 10
     assert zone.free_area_counts()[10] == 3
     assert b.pfn == a.pfn + 8 and b.order == 3
-    c = zone.rmqueue_smallest(10)
+    c = take(zone, 10)
     assert c.order == 10 and zone.free_area_counts()[10] == 2
 
 
 def test_merge_only_with_free_buddies_of_the_same_order():
     zone = PgData(1024, None).zone
-    pages = [zone.rmqueue_smallest(0) for _ in range(1024)]
+    pages = [take(zone, 0) for _ in range(1024)]
     assert zone.nr_free_pages == 0 and free_blocks(zone) == {}
     by_pfn = {p.pfn: p for p in pages}
     zone.free_one_page(by_pfn[0], 0)
@@ -91,7 +101,7 @@ def test_merge_only_with_free_buddies_of_the_same_order():
 def test_no_merge_past_the_end_of_the_zone():
     zone = PgData(1536, None).zone  # 1024 + 512: the order-9 block's order-9 buddy is absent
     assert free_blocks(zone) == {0: 10, 1024: 9}
-    p = zone.rmqueue_smallest(9)
+    p = take(zone, 9)
     zone.free_one_page(p, 9)
     assert free_blocks(zone) == {0: 10, 1024: 9}
 
@@ -149,7 +159,7 @@ def test_random_alloc_free_sequences_conserve_frames(seq):
         if op == "alloc":
             page = pa.get_page_from_freelist(GFP(0), arg, ALLOC_NO_WATERMARKS, Owner.KERNEL)
             if page is None:
-                assert all(not zone.free_area[o] for o in range(arg, MAX_ORDER))
+                assert all(not zone.free_area[o].nr_free for o in range(arg, MAX_ORDER))
             else:
                 assert page.order == arg and page.pfn % (1 << arg) == 0
                 held.append(page)
