@@ -85,9 +85,12 @@ pageblock_nr_pages = 1 << pageblock_order
 MOBILITY_MIN_PAGES = pageblock_nr_pages * (MIGRATE_TYPES + 1)
 
 
-def allocflags_to_migratetype(gfp: int) -> int:
+def allocflags_to_migratetype(gfp: int, mobility_disabled: bool = False) -> int:
     """allocflags_to_migratetype() (include/linux/gfp.h): __GFP_MOVABLE and
-    __GFP_RECLAIMABLE, as two bits, are the migrate type."""
+    __GFP_RECLAIMABLE, as two bits, are the migrate type; everything is
+    unmovable while grouping by mobility is disabled."""
+    if mobility_disabled:
+        return MIGRATE_UNMOVABLE
     return (bool(gfp & GFP.MOVABLE) << 1) | bool(gfp & GFP.RECLAIMABLE)
 
 
@@ -232,29 +235,33 @@ class Zone:
         self.pageset = [PerCpuPages(cpu, batch) for cpu in range(nr_cpus)]
 
     def buffered_rmqueue(self, order: int, cpu: int | None,
-                         migratetype: int = MIGRATE_UNMOVABLE) -> Page | None:
+                         migratetype: int = MIGRATE_UNMOVABLE, cold: bool = False) -> Page | None:
         """buffered_rmqueue(): order 0 from ``cpu``'s list for ``migratetype``
-        (refilled by rmqueue_bulk when empty), higher orders, or no CPU context,
+        (refilled by rmqueue_bulk when empty), from its head, or its tail for a
+        ``cold`` (__GFP_COLD) request; higher orders, or no CPU context,
         straight from the buddy lists."""
         if order or cpu is None:
             return self.rmqueue(order, migratetype)
         pcp = self.pageset[cpu]
         pages = pcp.lists[migratetype]
         if not pages:
-            for _ in range(pcp.batch):  # rmqueue_bulk
+            # rmqueue_bulk: the pages in the order taken, from the end the
+            # allocation takes from, so the first one taken is used first.
+            add = pages.appendleft if cold else pages.append
+            for _ in range(pcp.batch):
                 page = self.rmqueue(0, migratetype)
                 if page is None:
                     break
                 page.owner = Owner.PCP
                 page.migratetype = migratetype  # set_page_private(page, migratetype)
-                pages.append(page)
+                add(page)
             if not pages:
                 return None
             pcp.count += len(pages)
             self.nr_pcp_pages += len(pages)
         pcp.count -= 1
         self.nr_pcp_pages -= 1
-        return pages.popleft()
+        return pages.pop() if cold else pages.popleft()
 
     def free_hot_cold_page(self, page: Page, cpu: int, cold: bool) -> None:
         """free_hot_cold_page(): onto ``cpu``'s list for the page's pageblock type
@@ -318,6 +325,10 @@ class Zone:
         return self.pageblock_flags[(pfn - self.zone_start_pfn) >> pageblock_order]
 
     def set_pageblock_migratetype(self, pfn: int, migratetype: int) -> None:
+        """set_pageblock_migratetype(): with grouping by mobility disabled, every
+        pageblock is recorded unmovable, reserve ones included (3.5)."""
+        if self.page_group_by_mobility_disabled:
+            migratetype = MIGRATE_UNMOVABLE
         self.pageblock_flags[(pfn - self.zone_start_pfn) >> pageblock_order] = migratetype
 
     def move_freepages_block(self, pfn: int, migratetype: int) -> int:

@@ -99,8 +99,8 @@ class PageAllocator:
                 # left to atomic and __GFP_HIGH callers, which cannot reclaim.
                 below_min = (alloc_flags & (ALLOC_HIGH | ALLOC_HARDER)
                              and not zone.zone_watermark_ok(order, zone.min_wmark_pages))
-            migratetype = allocflags_to_migratetype(gfp)
-            page = zone.buffered_rmqueue(order, cpu, migratetype)
+            migratetype = allocflags_to_migratetype(gfp, zone.page_group_by_mobility_disabled)
+            page = zone.buffered_rmqueue(order, cpu, migratetype, bool(gfp & GFP.COLD))
             if page is None:
                 return None
             self._prep_new_page(page, order, owner)

@@ -7,12 +7,12 @@ Expected values are worked out by hand from 3.5's mm/page_alloc.c.
 from __future__ import annotations
 
 from emulator.config import from_dict
-from emulator.flags import GFP
+from emulator.flags import GFP, GFP_HIGHUSER_MOVABLE
 from emulator.kernel import Kernel
 from emulator.diagnosis import diagnose, explain
 from emulator.mm.mmzone import (
     MIGRATE_MOVABLE, MIGRATE_RECLAIMABLE, MIGRATE_RESERVE, MIGRATE_UNMOVABLE, PgData,
-    pageblock_nr_pages,
+    allocflags_to_migratetype, pageblock_nr_pages,
 )
 from emulator.mm.page import Owner
 from emulator.task import current
@@ -90,6 +90,11 @@ def test_grouping_by_mobility_is_off_below_five_pageblocks():
     steal claims its pageblock."""
     zone = PgData(2048, None).zone
     assert zone.page_group_by_mobility_disabled
+    assert allocflags_to_migratetype(GFP_HIGHUSER_MOVABLE, True) == MIGRATE_UNMOVABLE
+    # The reserve pageblock's free pages went to the reserve lists, but the
+    # pageblock itself is recorded unmovable, so frees there go to unmovable.
+    assert zone.free_by_migratetype()[MIGRATE_RESERVE] > 0
+    assert zone.get_pageblock_migratetype(0) == MIGRATE_UNMOVABLE
     while (p := zone.rmqueue(0, MIGRATE_MOVABLE)) is not None:
         last = p
     zone.free_one_page(last, 0)

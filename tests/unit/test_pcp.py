@@ -169,3 +169,20 @@ def test_the_lockup_diagnosis_gives_per_cpu_pages_by_migrate_type():
     d = diagnose(k, 20.0)
     assert d["pcp"] == 2 and d["pcp_by_type"] == {"unmovable": 0, "reclaimable": 0, "movable": 2}
     assert "(+2 on per-cpu lists, 2 movable)" in explain(d)
+
+
+def test_a_cold_allocation_takes_the_tail_of_the_list():
+    """buffered_rmqueue(): __GFP_COLD (skb page fragments) takes list->prev, the
+    coldest page; a fresh batch is laid out so either end takes the first page
+    rmqueue_bulk took."""
+    k = make_kernel("slub", cpus=1, memory_mib=64)  # batch 3
+    zone, pa = k.pgdat.zone, k.page_alloc
+    hot = pa.get_page_from_freelist(GFP_ATOMIC, 0, ALLOC_CPUSET, Owner.SKB, 0)
+    cold_first = pa.get_page_from_freelist(GFP_ATOMIC | GFP.COLD, 0, ALLOC_CPUSET, Owner.SKB, 0)
+    assert cold_first.pfn == hot.pfn + 2  # the batch's third page: the tail
+    pa.free_pages(hot, 0)  # outside a task: straight to the buddy lists
+    k2 = make_kernel("slub", cpus=1, memory_mib=64)
+    fresh = k2.page_alloc.get_page_from_freelist(GFP_ATOMIC | GFP.COLD, 0, ALLOC_CPUSET,
+                                                  Owner.SKB, 0)
+    again = k2.page_alloc.get_page_from_freelist(GFP_ATOMIC, 0, ALLOC_CPUSET, Owner.SKB, 0)
+    assert fresh.pfn == hot.pfn and again.pfn == hot.pfn + 2
