@@ -41,7 +41,9 @@ them for high-order atomic allocations, and allocations reach them last. A
 freed page goes to its pageblock's type: order 0 onto the per-cpu list of
 that type (movable for a reserve pageblock) with the type recorded
 (page_private, here ``page.migratetype``), which free_pcppages_bulk hands back
-to __free_one_page; rmqueue_bulk records the type that was asked for.
+to __free_one_page; rmqueue_bulk records the type that was asked for. Below
+pageblock_nr_pages * 5 pages (10 MiB) grouping by mobility is disabled and
+every request and every pageblock counts as unmovable.
 
 Simplified: one node with one zone (ZONE_NORMAL), so lowmem_reserve is 0 and
 zonelist fallback never happens. The free lists are LIFO: __free_one_page's
