@@ -95,15 +95,15 @@ def _in_reserve(d: dict) -> str:
     """How many of the free pages are in MIGRATE_RESERVE pageblocks, which an
     allocation reaches only when every other type's lists are empty."""
     n = d.get("free_reserve")
-    return f" ({n} in reserve pageblocks)" if n is not None else ""
+    return f"; {n} of the free in reserve pageblocks" if n is not None else ""
 
 
 def explain(d: dict) -> str:
     w = d["wmark"]
     lines = [
         f"LOCKUP: no page accessed and no I/O completed for {d['stalled_s']:.1f} s.",
-        f"Memory: {d['free']} pages free{_in_reserve(d)} "
-        f"(+{d.get('pcp', 0)} on per-cpu lists{_pcp_types(d)}); "
+        f"Memory: {d['free']} pages free "
+        f"(+{d.get('pcp', 0)} on per-cpu lists{_pcp_types(d)}{_in_reserve(d)}); "
         f"watermarks min {w['min']} / low {w['low']} / "
         f"high {w['high']}; GFP_ATOMIC may go down to {d['atomic_floor']}; "
         f"direct reclaimers are throttled below {d['throttle_threshold']}.",

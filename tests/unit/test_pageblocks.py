@@ -147,7 +147,7 @@ def test_per_cpu_pages_carry_their_type_back_to_the_buddy_lists():
         assert spare and all(p.migratetype == MIGRATE_UNMOVABLE for p in spare)
         d = diagnose(k, 20.0)
         assert d["free_reserve"] == zone.free_by_migratetype()[MIGRATE_RESERVE]
-        assert f"pages free ({d['free_reserve']} in reserve pageblocks)" in explain(d)
+        assert f"; {d['free_reserve']} of the free in reserve pageblocks)" in explain(d)
         zone.drain_pages(0)
     finally:
         current.reset(token)

@@ -168,7 +168,7 @@ def test_the_lockup_diagnosis_gives_per_cpu_pages_by_migrate_type():
     pa.get_page_from_freelist(GFP_HIGHUSER_MOVABLE, 0, ALLOC_CPUSET, Owner.ANON, 0)
     d = diagnose(k, 20.0)
     assert d["pcp"] == 2 and d["pcp_by_type"] == {"unmovable": 0, "reclaimable": 0, "movable": 2}
-    assert "(+2 on per-cpu lists, 2 movable)" in explain(d)
+    assert "(+2 on per-cpu lists, 2 movable; " in explain(d)
 
 
 def test_a_cold_allocation_takes_the_tail_of_the_list():
