@@ -3,7 +3,8 @@
 Models: include/linux/mmzone.h (struct zone, struct free_area, pg_data_t) and
 from mm/page_alloc.c: init_per_zone_wmark_min (min_free_kbytes from memory
 size), __setup_per_zone_wmarks, __zone_watermark_ok, __free_one_page (buddy
-merge), __rmqueue_smallest and expand (buddy split).
+merge), __rmqueue, __rmqueue_smallest, __rmqueue_fallback and expand (buddy
+split), move_freepages_block and setup_zone_migrate_reserve (pageblocks).
 
 The node carries kswapd's wait queue and patch 15's ``pfmemalloc_wait``.
 
