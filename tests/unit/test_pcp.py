@@ -173,16 +173,15 @@ def test_the_lockup_diagnosis_gives_per_cpu_pages_by_migrate_type():
 
 def test_a_cold_allocation_takes_the_tail_of_the_list():
     """buffered_rmqueue(): __GFP_COLD (skb page fragments) takes list->prev, the
-    coldest page; a fresh batch is laid out so either end takes the first page
-    rmqueue_bulk took."""
-    k = make_kernel("slub", cpus=1, memory_mib=64)  # batch 3
-    zone, pa = k.pgdat.zone, k.page_alloc
-    hot = pa.get_page_from_freelist(GFP_ATOMIC, 0, ALLOC_CPUSET, Owner.SKB, 0)
-    cold_first = pa.get_page_from_freelist(GFP_ATOMIC | GFP.COLD, 0, ALLOC_CPUSET, Owner.SKB, 0)
-    assert cold_first.pfn == hot.pfn + 2  # the batch's third page: the tail
-    pa.free_pages(hot, 0)  # outside a task: straight to the buddy lists
-    k2 = make_kernel("slub", cpus=1, memory_mib=64)
-    fresh = k2.page_alloc.get_page_from_freelist(GFP_ATOMIC | GFP.COLD, 0, ALLOC_CPUSET,
-                                                  Owner.SKB, 0)
-    again = k2.page_alloc.get_page_from_freelist(GFP_ATOMIC, 0, ALLOC_CPUSET, Owner.SKB, 0)
-    assert fresh.pfn == hot.pfn and again.pfn == hot.pfn + 2
+    coldest page; rmqueue_bulk lays a fresh batch out so that either end first
+    hands out the first page it took. Two identical machines, batch 3: the
+    batch is the same three pages p, p+1, p+2 in both."""
+    def first_two(*gfps):
+        pa = make_kernel("slub", cpus=1, memory_mib=64).page_alloc
+        return [pa.get_page_from_freelist(g, 0, ALLOC_CPUSET, Owner.SKB, 0).pfn for g in gfps]
+
+    hot, cold = first_two(GFP_ATOMIC, GFP_ATOMIC | GFP.COLD)
+    assert cold == hot + 2  # a hot refill, then the tail: the batch's last page
+    cold_first, hot_next = first_two(GFP_ATOMIC | GFP.COLD, GFP_ATOMIC)
+    assert cold_first == hot  # a cold refill hands out the first page taken...
+    assert hot_next == hot + 2  # ...and the head is then the last one taken
