@@ -12,8 +12,9 @@ and its bytes are retransmitted later.
 The sender is a separate host: its own OS thread writing to real loopback
 TCP connections at ``rate_kib_s`` per stream with blocking sends, so TCP flow
 control holds it back when the machine's receive queues are full. The
-machine's side of each stream is a Sock with its own NET_RX handler and a
-reader process ("netreader") that consumes ``reader_rate_kib_s`` per stream.
+machine's side of each stream is a TCP socket on the machine's NIC (the same
+RX ring and softirq as the NBD socket) and a reader process ("netreader")
+that consumes ``reader_rate_kib_s`` per stream with tcp_recvmsg.
 
 Simplified: the reader is a task without an address space (its receive
 buffer copy is not charged); one reader per stream.
@@ -29,8 +30,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from actors.cpu import running
-from actors.softirq import net_rx_action
-from net.sock import Sock
+from net.tcp import TcpSock
 
 if TYPE_CHECKING:
     from emulator.config import BackgroundConfig
@@ -91,7 +91,7 @@ class BackgroundSender:
                 pass
 
 
-async def netreader(k: Kernel, sock: Sock, rate_kib_s: int, cpu: int) -> None:
+async def netreader(k: Kernel, sock: TcpSock, rate_kib_s: int, cpu: int) -> None:
     """A user process reading its socket at ``rate_kib_s``."""
     task = k.new_task("netreader", cpu=cpu)
     rate = max(1, rate_kib_s) * 1024
@@ -99,7 +99,8 @@ async def netreader(k: Kernel, sock: Sock, rate_kib_s: int, cpu: int) -> None:
         start = trio.current_time()
         got = 0
         while True:
-            data = await sock.recvmsg(task, wchan=f"sk_wait_data({sock.name})")
+            data = await sock.tcp_recvmsg(task, CHUNK, waitall=False,
+                                          wchan=f"sk_wait_data({sock.name})")
             if not data:
                 return
             got += len(data)
@@ -111,9 +112,9 @@ async def netreader(k: Kernel, sock: Sock, rate_kib_s: int, cpu: int) -> None:
 
 
 async def start_background_traffic(k: Kernel, nursery, bg: BackgroundConfig, mss: int,
-                                   senders: list) -> list[Sock]:
-    """Open ``bg.streams`` connections from a sender thread and start, for each, a
-    NET_RX handler and a reader process. Returns the machine-side sockets."""
+                                   senders: list) -> list[TcpSock]:
+    """Open ``bg.streams`` connections from a sender thread, attach each to the NIC
+    and start a reader process for it. Returns the machine-side sockets."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(bg.streams)
@@ -125,11 +126,11 @@ async def start_background_traffic(k: Kernel, nursery, bg: BackgroundConfig, mss
     for i in range(bg.streams):
         raw, _ = listener.accept()
         raw.setblocking(False)
-        socks.append(Sock(k, raw, f"bg{i}"))
+        sock = TcpSock(k, raw, f"bg{i}", mss)
+        k.netdev.attach(sock)
+        socks.append(sock)
     listener.close()
     ncpu = len(k.cpus)
     for i, sock in enumerate(socks):
-        ctx = k.new_task(f"ksoftirqd/bg{i}", cpu=(i + 1) % ncpu, in_softirq=True)
-        nursery.start_soon(net_rx_action, k, sock, ctx, mss)
         nursery.start_soon(netreader, k, sock, bg.reader_rate_kib_s, (i + 1) % ncpu)
     return socks

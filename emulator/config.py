@@ -86,7 +86,8 @@ class BackgroundConfig:
 
 @attrs.frozen
 class NetworkConfig:
-    rx_buffers: str = "kmalloc"
+    rx_buffers: str = "page_frag"  # the NIC driver's RX buffers: e1000's page fragments
+    rx_ring: int = 256  # RX descriptors (E1000_DEFAULT_RXD)
     mss: int = 1448
     background: BackgroundConfig = BackgroundConfig()
 
@@ -194,6 +195,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
     "time": {"hz_scale": lambda k, v: _float(k, v, 0.001, 100.0)},
     "network": {
         "rx_buffers": lambda k, v: _choice(k, v, ("kmalloc", "page_frag")),
+        "rx_ring": lambda k, v: _int(k, v, 48, 4096),  # e1000's limits (E1000_MIN/MAX_RXD)
         "mss": lambda k, v: _int(k, v, 256, 65483),
     },
     "network.background": {

@@ -1,17 +1,31 @@
-"""Why the machine stopped: the lockup diagnosis.
+"""Why the machine stopped: the lockup diagnosis and the wait-for cycle.
 
 Models what a kernel engineer assembles from a hung machine: SysRq-m's memory
 report (free pages against the watermarks, who holds memory), SysRq-w's
 blocked tasks with their wait channels (the hung-task detector's report), the
-NBD device's in-flight requests, and the socket statistics (drops,
-retransmission backoff). Built only from the machine's state at the moment
-the watchdog fires; the ``text`` is written so the cycle can be read off it.
+NBD device's in-flight requests, the NIC's RX ring, and the socket statistics
+(who owns the socket and since when, the backlog, drops and retransmission
+backoff, the unacknowledged transmit queue). Built only from the machine's
+state at the moment the watchdog fires; the ``text`` is written so the cycle
+can be read off it.
+
+``nbd_wait_cycle`` is the wait-for graph the watchdog consults: swap-out
+frees memory only when NBD replies complete writeback, so the machine is in a
+closed cycle when memory can come from nowhere else (no page free above the
+min watermark, no clean page any reclaimer could take without I/O) and the
+replies themselves wait for memory: the NBD socket is owned by a task that
+sleeps in the page allocator (3.5's sender in direct reclaim), the NIC has no
+receive buffer left, the receiver is in the allocator, or the requests not
+yet sent wait for a sender that is. A long retransmission backoff with
+nothing else blocked is not a cycle: the peer's next retransmission may get
+through.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from emulator.mm.mmzone import MIGRATE_PCPTYPES, MIGRATE_RESERVE, MIGRATETYPE_NAMES
@@ -19,6 +33,7 @@ from emulator.mm.page import PG
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
+    from emulator.task import Task
 
 
 def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
@@ -54,11 +69,61 @@ def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
         "tasks": tasks,
         "throttled": len(k.vmscan.throttled),
         "nbd": nbd.statistics() if nbd is not None else None,
-        "sockets": [s.statistics() for s in sockets],
-        "skbs_live": k.skb.live if getattr(k, "skb", None) else 0,
+        "sockets": [attrs.asdict(s.statistics()) for s in sockets],
+        "nic": attrs.asdict(k.netdev.statistics()) if k.netdev is not None else None,
+        "skbs_live": k.skb.live if k.skb is not None else 0,
+        "cycle": nbd_wait_cycle(k, nbd),
     }
     d["text"] = explain(d)
     return d
+
+
+def in_allocator(task: Task | None) -> bool:
+    """Is the task inside __alloc_pages_slowpath's reclaim loop (direct reclaim, its
+    congestion waits, the throttle)?"""
+    return task is not None and task.activity is not None and not task.exited
+
+
+def nbd_wait_cycle(k: Kernel, nbd) -> list[str] | None:
+    """The closed wait-for cycle through the NBD device, in words, or None."""
+    if nbd is None or nbd.harderror:
+        return None
+    if not (nbd.queue_head or nbd.waiting_queue or nbd.active_req):
+        return None  # nothing waits for a reply
+    z = k.pgdat.zone
+    if z.nr_free_pages > z.watermark[0]:
+        return None  # a watermark-respecting allocation can still succeed
+    states = swapcache_states(z)
+    if states["clean_on_lru"] + k.nr_page_cache:
+        return None  # reclaim can still free a clean page without I/O
+    memory = ("memory waits for NBD replies: every reclaimable page needs its swap "
+              "writeback completed, and there is no free page above the min watermark")
+    if states["clean_isolated"]:
+        memory += (f" (the {states['clean_isolated']} clean swap-cache pages that exist sit in "
+                   f"the isolated batches of reclaimers that wait for the block layer)")
+    sock = nbd.sock
+    owner = sock.owner
+    tasks = {t.comm: t for t in k.tasks.values()}
+    waits: list[str] = []
+    if owner is not None and in_allocator(owner):
+        waits.append(f"NBD replies wait for the socket, owned by {owner.comm}/{owner.pid} since "
+                     f"{trio.current_time() - sock.owned_since:.1f} s, which is in the page allocator "
+                     f"({owner.activity}), not entitled to the reserve; packets meanwhile go "
+                     f"to the socket's backlog")
+    if k.netdev is not None and not k.netdev.ring:
+        waits.append("NBD replies wait for a receive buffer: the NIC's RX ring is empty and "
+                     "refilling it needs memory")
+    reader = tasks.get("nbd-client")
+    if in_allocator(reader):
+        waits.append(f"NBD replies wait for the receiver nbd-client/{reader.pid}, which sleeps "
+                     f"in the page allocator ({reader.activity})")
+    sender = tasks.get("nbd0")
+    if not nbd.queue_head and nbd.waiting_queue and in_allocator(sender) and owner is not sender:
+        waits.append(f"the next swap writes wait for the sender nbd0/{sender.pid}, which sleeps "
+                     f"in the page allocator ({sender.activity})")
+    if not waits:
+        return None
+    return [memory, *waits]
 
 
 def swapcache_states(zone) -> dict[str, int]:
@@ -157,13 +222,13 @@ def explain(d: dict) -> str:
         if ss and ss["stalls"]:
             lines.append(f"  Earlier, the sender stalled in direct reclaim during {ss['stalls']} "
                          f"sends; " + _exposures(ss))
+    nic = d.get("nic")
+    if nic:
+        lines.append(f"NIC: {nic['posted']} of {nic['ring_size'] - 1} RX buffers posted; "
+                     f"{nic['rx_no_buffer']} frames dropped with none posted, "
+                     f"{nic['alloc_rx_buff_failed']} refills failed.")
     for s in d["sockets"]:
-        if s["consecutive_drops"] or any(s["drops"].values()):
-            lines.append(
-                f"Socket {s['sock']} (SOCK_MEMALLOC={s['memalloc']}): drops {s['drops']}, "
-                f"{s['consecutive_drops']} consecutive, next retransmission in "
-                f"{s['rto_s']} s; {s['rx_queued_skbs']} skbs queued, "
-                f"{s['tx_unacked_skbs']} unacknowledged.")
+        lines.append(_socket_line(s))
     waits: dict[str, list[str]] = {}
     for t in d["tasks"]:
         key = t.get("wchan") or t.get("state", "?")
@@ -174,32 +239,28 @@ def explain(d: dict) -> str:
     lines.append("Tasks:")
     for key, who in sorted(waits.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"  {len(who):3d} in {key}: {', '.join(who[:6])}{' ...' if len(who) > 6 else ''}")
-    cycle = []
-    sender = next((t for t in d["tasks"] if t["comm"] == "nbd0"), None)
-    sender_reclaims = bool(sender and "direct reclaim" in (sender.get("activity") or ""))
-    if nbd and nbd["queued"] and sender_reclaims:
-        nbd_sock = next((s for s in d["sockets"] if s["sock"].startswith("nbd")), None)
-        entitled = ("" if nbd_sock is None or nbd_sock["memalloc"] else
-                    " and is not entitled to the reserve (its socket lacks SOCK_MEMALLOC)")
-        held = (d.get("swapcache") or {}).get("clean_isolated", 0)
-        hostage = (f"; the {held} clean swap-cache pages that exist sit in the isolated "
-                   f"batches of reclaimers that wait for a block request only the sender "
-                   f"can free" if held else "")
-        cycle.append(f"{nbd['queued']} swap writes wait to be sent, but the NBD sender (nbd0) "
-                     f"needs memory to send them{entitled}; it is in direct reclaim "
-                     f"({sender.get('activity')}), which cannot start swap I/O and finds no "
-                     f"clean page to free — every reclaimable page waits for writeback that "
-                     f"only the sender can start{hostage}")
-    if nbd and nbd["inflight"]:
-        drops = sum(sum(s["drops"].values()) for s in d["sockets"] if s["sock"].startswith("nbd"))
-        if drops:
-            cycle.append("swap writeback waits for NBD replies, and the replies are dropped "
-                         "because receiving them needs memory that only writeback can free")
-        else:
-            cycle.append("swap writeback waits for NBD replies that are not arriving")
+    cycle = d.get("cycle")
     if cycle:
         lines.append("Cycle: " + "; ".join(cycle) + ".")
+    else:
+        lines.append("No closed wait-for cycle: nothing progressed for the hung-task time.")
     return "\n".join(lines)
+
+
+def _socket_line(s: dict) -> str:
+    """One socket: ownership, backlog, queues, drops."""
+    own = ("not owned" if s["owner"] is None else
+           f"owned by {s['owner']} for {s['owned_s']} s"
+           + (f" (asleep in {s['owner_wchan']})" if s["owner_wchan"] else " (running)")
+           + (f", {s['lock_waiters']} waiting in lock_sock" if s["lock_waiters"] else ""))
+    drops = ", ".join(f"{n} {r}" for r, n in s["drops"].items()) or "none"
+    return (f"Socket {s['sock']} (SOCK_MEMALLOC={s['memalloc']}): {own}; backlog "
+            f"{s['backlog_skbs']} skbs / {s['backlog_bytes']} of {s['backlog_limit']} bytes; "
+            f"prequeue {s['prequeue_skbs']}, receive queue {s['rx_queued_skbs']} "
+            f"({s['rmem_alloc']} of {s['sk_rcvbuf']} bytes); {s['tx_unacked_skbs']} transmit "
+            f"skbs unacknowledged ({s['wmem_queued']} of {s['sk_sndbuf']} bytes); drops: {drops}"
+            + (f"; the peer retransmits in {s['rto_s']} s after {s['consecutive_drops']} "
+               f"losses" if s["consecutive_drops"] else "") + ".")
 
 
 def now() -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
+from typing import TYPE_CHECKING
 
 from actors.cpu import CPU, sched_wakeup_granularity
 from emulator.config import Config
@@ -27,6 +28,10 @@ from emulator.mm.mmzone import PgData
 from emulator.mm.page import PAGE_SHIFT
 from emulator.mm.vmstat import VMStat
 from emulator.task import Task
+
+if TYPE_CHECKING:
+    from net.dev import NetDevice
+    from net.skbuff import SkbAllocator
 
 
 class Kernel:
@@ -57,6 +62,10 @@ class Kernel:
         self.oom = OOMKiller(self)
         self.swap = SwapInfo(self, cfg.swap.size_mib << (20 - PAGE_SHIFT))
         self.slab = create_slab_allocator(self, cfg.machine.slab)
+        #: net/core/skbuff.c and the NIC (net/dev.py): set when the machine boots
+        #: (emulator.machine.boot_kernel), as the network stack initialises after mm.
+        self.skb: SkbAllocator | None = None
+        self.netdev: NetDevice | None = None
         #: Forward progress: page accesses by processes and completed I/Os.
         #: The watchdog declares a lockup when it stops moving.
         self.progress = 0

@@ -27,20 +27,21 @@ from actors.cpu import running
 from actors.kswapd import create_kswapd, kswapd
 from actors.process import UserProcess
 from actors.sampler import log_vmstat, sampler
-from actors.softirq import net_rx_action
+from actors.softirq import start_net_rx
 from actors.watchdog import watchdog
 from actors.workloads import WORKLOADS
 from emulator import logs
 from emulator.config import Config, ConfigError
-from emulator.diagnosis import diagnose
+from emulator.diagnosis import diagnose, nbd_wait_cycle
 from emulator.flags import PF
 from emulator.kernel import Kernel
 from net.nbd.blockdev import NBDDevice
 from net.nbd.client import NBDHandshakeError, nbd_handshake, parse_nbd_url
 from net.nbd.server import ExportSpec
 from net.nbd.thread import NBDServerThread
+from net.dev import NetDevice
 from net.skbuff import SkbAllocator
-from net.sock import Sock, connect_raw
+from net.tcp import TcpSock, connect_raw
 
 log = structlog.get_logger("swapnbd")
 
@@ -75,7 +76,7 @@ class Machine:
         self.debug_log = debug_log
         self.k: Kernel | None = None
         self.nbd: NBDDevice | None = None
-        self.sockets: list[Sock] = []
+        self.sockets: list[TcpSock] = []
         self.processes: list[UserProcess] = []
         self.server: NBDServerThread | None = None
         self.result: RunResult | None = None
@@ -157,10 +158,11 @@ class Machine:
         log.info("nbd_connect", export=export, size=info.size, flags=info.flags,
                  host=host, port=port)
 
-        # Boot-time allocations (mempools) by the init task.
+        # Boot-time allocations (mempools, the NIC's RX ring) by the init task.
         init = k.new_task("swapper", PF.KTHREAD, cpu=0)
         async with running(init):
             await self.nbd.init_pools(init)
+            await k.netdev.e1000_open(init)
             await k.populate_page_cache(init, cfg.machine.page_cache_mib << (20 - 12))
 
         ncpu = cfg.machine.cpus
@@ -172,11 +174,13 @@ class Machine:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(kswapd, k, kswapd_task)
+            start_net_rx(k, nursery, k.netdev)
             start_nbd_device(k, nursery, self.nbd)
             await self._start_background(nursery)
             nursery.start_soon(k.slab.reap_loop)
             nursery.start_soon(sampler, k, cfg.run.sample_interval_ms / 1000, self._extra)
-            nursery.start_soon(watchdog, k, cfg.run.lockup_timeout_s, self._on_lockup)
+            nursery.start_soon(watchdog, k, cfg.run.lockup_timeout_s,
+                               lambda: nbd_wait_cycle(k, self.nbd), self._on_lockup)
             task_status.started(self)
             with trio.move_on_after(cfg.run.max_duration_s) as deadline:
                 async with trio.open_nursery() as procs:
@@ -230,9 +234,10 @@ class Machine:
             log.info("run_end", outcome=outcome, elapsed_s=round(elapsed, 3), error=self._error)
             return
         if outcome in ("completed", "failed"):
-            # Orderly shutdown: sockets give their skbs back (sock_release).
+            # Orderly shutdown: sockets give their skbs back (sock_release), the NIC its ring.
             for s in self.sockets:
                 s.release(self._any_task())
+            k.netdev.release(self._any_task())
         cpus = [c.stat() for c in k.cpus]
         times = {
             "user_s": round(sum(t.utime for t in k.tasks.values()), 4),
@@ -266,9 +271,10 @@ class Machine:
 
 
 def boot_kernel(cfg: Config) -> Kernel:
-    """The kernel with its network buffer allocator (call inside trio)."""
+    """The kernel with its network buffer allocator and its NIC (call inside trio)."""
     k = Kernel(cfg)
-    k.skb = SkbAllocator(k)
+    k.skb = SkbAllocator(k, cfg.network.rx_buffers)
+    k.netdev = NetDevice(k, cfg.network.rx_ring)
     return k
 
 
@@ -286,22 +292,22 @@ async def attach_nbd_swap(k: Kernel, host: str, port: int, export: str, swap_byt
                           f"{export!r} at {host}:{port} ({info.size} bytes)")
     if info.read_only:
         raise ConfigError("swap.server", f"the NBD export {export!r} is read-only")
-    dev = NBDDevice(k, Sock(k, raw, "nbd0"), info, mss)
+    sock = TcpSock(k, raw, "nbd0", mss)
+    k.netdev.attach(sock)
+    dev = NBDDevice(k, sock, info, mss)
     k.swap.bdev = dev
     return dev, stream
 
 
 def start_nbd_device(k: Kernel, nursery: trio.Nursery, dev: NBDDevice) -> None:
-    """NBD_DO_IT: the nbd0 kernel thread, the receiver in nbd-client's context, and the
-    NET_RX handler of the NBD socket (on CPU 0)."""
+    """NBD_DO_IT: the nbd0 kernel thread and the receiver in nbd-client's context. (The
+    NIC's softirq, which receives for every socket, is started by the caller.)"""
     async def kthread(task, fn) -> None:
         async with running(task):
             await fn(task)
 
     nursery.start_soon(kthread, k.new_task("nbd0", PF.KTHREAD), dev.nbd_thread)
     nursery.start_soon(kthread, k.new_task("nbd-client"), dev.nbd_do_it)
-    rx_ctx = k.new_task("ksoftirqd/nbd0", cpu=0, in_softirq=True)
-    nursery.start_soon(net_rx_action, k, dev.sock, rx_ctx, dev.mss)
 
 
 async def run_machine(cfg: Config, log_path: str | None = None, **kw) -> RunResult:

@@ -30,7 +30,7 @@ SIGKILL from the OOM killer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -64,7 +64,7 @@ class Task:
         "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
         "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start", "slice_used",
         "on_cpu", "mm", "exited", "allocstall", "allocstall_high_order", "direct_reclaimed",
-        "activity", "nice", "io_context",
+        "activity", "nice", "io_context", "bh_disabled",
         "__weakref__",
     )
 
@@ -94,6 +94,9 @@ class Task:
         self.activity: str | None = None  #: what a running task is busy with (diagnosis)
         self.nice = 0
         self.io_context = None  #: block-layer batching state (emulator.block.IOContext)
+        #: local_bh_disable() depth: process context with softirqs off, as release_sock's
+        #: backlog processing runs (in_interrupt() is true there, in_serving_softirq() not)
+        self.bh_disabled = 0
 
     @property
     def load_weight(self) -> int:
@@ -106,10 +109,19 @@ class Task:
 
     # -- context predicates (include/linux/hardirq.h) --------------------------
     def in_interrupt(self) -> bool:
-        return self.in_softirq
+        """in_interrupt(): serving a softirq, or in process context with softirqs
+        disabled (local_bh_disable adds SOFTIRQ_DISABLE_OFFSET to preempt_count)."""
+        return self.in_softirq or self.bh_disabled > 0
 
     def in_serving_softirq(self) -> bool:
+        """in_serving_softirq(): only a softirq handler itself, not a bh-disabled section."""
         return self.in_softirq
+
+    def local_bh_disable(self) -> None:
+        self.bh_disabled += 1
+
+    def local_bh_enable(self) -> None:
+        self.bh_disabled -= 1
 
     # -- scheduling ------------------------------------------------------------
     async def cond_resched(self) -> None:
@@ -151,6 +163,17 @@ class Task:
         self._sleep_begin(wchan, iowait)
         try:
             await trio.sleep(seconds)
+        finally:
+            self._sleep_end(iowait)
+        await self.cpu.acquire(self, wakeup=True)
+
+    async def sleep_until(self, fn: Callable[[], Awaitable[object]], *, wchan: str,
+                          iowait: bool = False) -> None:
+        """Sleep off the CPU until ``await fn()`` returns: for waits on something outside
+        the emulated kernel, such as a real socket becoming writable."""
+        self._sleep_begin(wchan, iowait)
+        try:
+            await fn()
         finally:
             self._sleep_end(iowait)
         await self.cpu.acquire(self, wakeup=True)

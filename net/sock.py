@@ -1,90 +1,184 @@
-"""Emulated kernel sockets over real TCP sockets.
+"""struct sock: ownership, the backlog, buffers and SOCK_MEMALLOC.
 
-Models include/net/sock.h and net/core/sock.c (3.6): ``sk_allocation`` (the
-GFP mask for the socket's own allocations, GFP_KERNEL by default),
-SOCK_MEMALLOC with sk_set_memalloc / sk_clear_memalloc and the global
-memalloc-socket count behind sk_memalloc_socks() (patch 8), sk_gfp_atomic
-(patch 7), sk_filter's first check that drops a pfmemalloc skb for a socket
-without SOCK_MEMALLOC (the series' change; here gated by patch 9), the
-receive queue bounded by sk_rcvbuf (TCP's advertised window keeps the peer
-from sending more, so a full queue stops the receive handler rather than
-dropping), and tcp_sendmsg's transmit path: data cut into MSS-sized skbs
-(one per call on a GSO route) whose linear part comes from kmalloc and whose
-remaining payload is copied into page fragments of ``sk_sndmsg_page`` (3.6's
-per-socket send page, allocated with sk_allocation), sk_stream_wait_memory when
-an allocation fails, and the write queue that keeps every sent skb (and its
-page fragments) charged until the peer acknowledges it.
+Models include/net/sock.h, net/core/sock.c and net/core/stream.c (3.5; the
+series' changes gated by their patches):
 
-The real bytes travel over a real, non-blocking TCP socket on loopback. The
-receive side never reads a byte before an skb exists for it (actors/softirq.py
-peeks, allocates, then consumes), so a failed allocation or an sk_filter drop
-leaves the bytes in the real socket: the peer "retransmits" them when the
-emulated retransmission timer fires.
+- The socket lock (socket_lock_t): ``lock_sock`` / ``release_sock`` /
+  ``sock_owned_by_user``. lock_sock sleeps uninterruptibly (__lock_sock) as an
+  exclusive waiter while another task owns the socket, and there is no
+  fairness: a task that calls lock_sock while nobody owns it takes it, even
+  if a woken waiter has not run yet. An owner that sleeps (in the page
+  allocator, say) keeps the socket. release_sock runs the backlog
+  (__release_sock) in the releasing task's context with softirqs disabled,
+  then gives up ownership and wakes one waiter. The socket stays owned while
+  its backlog is processed, so packets arriving meanwhile join it;
+  sk_backlog.len is reset only once the backlog is empty.
+- The backlog: sk_add_backlog, bounded by sk_rcvqueues_full (backlog.len +
+  rmem_alloc > limit, the arriving skb not counted); sk_backlog_rcv, and
+  patch 12's __sk_backlog_rcv, which sets PF_MEMALLOC while a pfmemalloc skb
+  is processed. (In process context with softirqs disabled in_interrupt() is
+  true, so that flag grants no reserves there, only in a softirq; this is
+  the kernel's behaviour, kept.)
+- SOCK_MEMALLOC: sk_set_memalloc / sk_clear_memalloc and the memalloc socket
+  count behind sk_memalloc_socks() (patch 8), sk_gfp_atomic (patch 7), and
+  sk_filter's first check that drops a pfmemalloc skb for a socket without
+  SOCK_MEMALLOC (patch 9).
+- Buffers: sk_rcvbuf, sk_sndbuf, sk_rmem_alloc, sk_wmem_queued;
+  sk_stream_memory_free, sk_stream_wait_memory (which releases ownership while
+  it sleeps: one random 2..HZ/5+1-jiffy nap when the wait is for memory, until
+  write space otherwise), sk_stream_write_space, sk_stream_moderate_sndbuf,
+  and sk_wait_data.
 
-Simplified: acknowledgements are not separate packets on the wire. For the
-NBD socket, a request's transmit skbs are acknowledged by the request's reply;
-a receiving socket's ACKs are skbs allocated with sk_gfp_atomic and freed at
-once (an ACK that cannot be allocated is counted in ``tcp_ack_nomem`` and has
-no further effect, because the real peer's TCP already acknowledged). No
-Nagle, no congestion window, no send-buffer limit (swap writes are bounded by
-the block queue's 128 requests), no receive-buffer autotuning.
+What a packet does once it reaches the socket, and how data is sent and
+received, is the protocol's: net/tcp.py.
+
+Simplified: no accounting against tcp_mem / sk_forward_alloc. The limits
+(tcp_mem is 17-35 MB on a 192 MiB machine) are never approached by the
+model's few sockets, so sk_rmem_schedule and sk_wmem_schedule always succeed,
+and tcp_memory_pressure, which a failed transmit allocation sets, would be
+cleared again at the socket's next sk_mem_reclaim: it is left out.
 """
 
 from __future__ import annotations
 
-import errno
-import socket
 from collections import deque
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
-from emulator.flags import GFP, GFP_ATOMIC, GFP_KERNEL
+from emulator.flags import GFP, GFP_KERNEL, PF
 from emulator.task import Task
 from emulator.wait import WaitQueue
-from emulator.mm.page import PAGE_SIZE, Owner
-from net.skbuff import SKB_SHARED_INFO, SKB_DATA_ALIGN, SkBuff
+from net.skbuff import SkBuff
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
 
-TCP_RTO_MIN = 0.2  # HZ/5
-TCP_RTO_MAX = 120.0
-MAX_TCP_HEADER = 320  # MAX_TCP_HEADER on x86_64: TCP + IP + link headers and options, aligned
-#: select_size() on a GSO route: SKB_WITH_OVERHEAD(2048 - MAX_TCP_HEADER).
-SELECT_SIZE = 2048 - MAX_TCP_HEADER - SKB_DATA_ALIGN(SKB_SHARED_INFO)
-TCP_RMEM_DEFAULT = 87380  # tcp_rmem[1]
-ACK_SIZE = 0  # an ACK carries no payload, only MAX_TCP_HEADER of headroom
+SOCK_MIN_SNDBUF = 2048
+#: Jiffies at HZ = 250, the tick the model's "2 jiffies" and HZ/5 assume (seconds).
+JIFFY = 0.004
+
+
+@attrs.frozen
+class SockStatistics:
+    """A snapshot of one socket (trio-style ``statistics()``)."""
+
+    sock: str  #: the socket's name ("nbd0", "bg0", ...)
+    memalloc: bool  #: SOCK_MEMALLOC
+    sk_allocation: int  #: the GFP mask of the socket's own allocations
+    owner: str | None  #: "comm/pid" of the task that owns the socket, or None
+    owned_s: float | None  #: for how long it has owned it
+    owner_wchan: str | None  #: what the owner sleeps on (None: it runs)
+    lock_waiters: int  #: tasks asleep in lock_sock
+    backlog_skbs: int  #: packets waiting in the backlog
+    backlog_bytes: int  #: sk_backlog.len (truesize), reset when the backlog drains
+    backlog_limit: int  #: sk_rcvbuf + sk_sndbuf, TCP's bound
+    prequeue_skbs: int  #: packets parked for the reader (TCP's prequeue)
+    rx_queued_skbs: int  #: the receive queue
+    rmem_alloc: int
+    sk_rcvbuf: int
+    tx_unacked_skbs: int  #: the write queue: sent and not yet acknowledged (or unsent)
+    wmem_queued: int
+    sk_sndbuf: int
+    drops: dict  #: reason -> packets dropped for this socket
+    consecutive_drops: int  #: the peer's retransmission backoff count
+    rto_s: float  #: the peer's next retransmission timeout
+    rx_bytes: int
+    tx_bytes: int
 
 
 class Sock:
-    """A struct sock bound to one real TCP socket."""
+    """A struct sock. TCP (net/tcp.py) subclasses it with the protocol."""
 
-    def __init__(self, k: Kernel, raw: socket.socket, name: str) -> None:
+    def __init__(self, k: Kernel, name: str) -> None:
         self.k = k
-        self.raw = raw
         self.name = name
         self.sk_allocation: GFP = GFP_KERNEL
         self.memalloc = False  #: SOCK_MEMALLOC
-        self.sk_rcvbuf = TCP_RMEM_DEFAULT * 2
+        # socket_lock_t
+        self.owner: Task | None = None  #: sk_lock.owned, and by whom
+        self.owned_since = 0.0
+        self.lock_wq = WaitQueue(f"{name}.sk_lock.wq")
+        # the backlog
+        self.backlog: deque[SkBuff] = deque()
+        self.backlog_len = 0  #: sk_backlog.len
+        #: the batch __release_sock took off the backlog and is processing
+        self.backlog_draining: deque[SkBuff] = deque()
+        # buffers
+        self.sk_rcvbuf = 0
+        self.sk_sndbuf = 0
         self.receive_queue: deque[SkBuff] = deque()
-        self.rmem_alloc = 0  # truesize of queued RX skbs
-        self.write_queue: deque[SkBuff] = deque()  # sent, not yet acknowledged
-        self.wmem_queued = 0
+        self.rmem_alloc = 0  #: sk_rmem_alloc: truesize of the receive queue
+        self.write_queue: deque[SkBuff] = deque()
+        self.wmem_queued = 0  #: sk_wmem_queued
+        self.nospace = False  #: SOCK_NOSPACE: a writer waited for sndbuf
         self.sk_sleep = WaitQueue(f"{name}.sk_sleep")
-        self.rcv_space = WaitQueue(f"{name}.rcv_space")
-        self.eof = False
-        self.error = 0
-        # The peer's retransmission state for packets we dropped.
-        self.rto = TCP_RTO_MIN
-        self.consecutive_drops = 0
-        self.drops = {"nomem": 0, "pfmemalloc": 0}
-        self.rx_bytes = 0
-        self.tx_bytes = 0
-        self.sndmsg_page = None  #: sk->sk_sndmsg_page
-        self.sndmsg_off = 0
+        self.error = 0  #: sk_err
+        self.eof = False  #: RCV_SHUTDOWN: the peer closed
+        self.drops: dict[str, int] = {}
 
-    # -- SOCK_MEMALLOC -------------------------------------------------------------
+    # -- the socket lock ------------------------------------------------------------
+    def sock_owned_by_user(self) -> bool:
+        return self.owner is not None
+
+    async def lock_sock(self, task: Task) -> None:
+        """lock_sock(): own the socket, sleeping uninterruptibly while another task does."""
+        while self.owner is not None:
+            await task.sleep_on(self.lock_wq, None, wchan=f"lock_sock({self.name})")
+        self.owner = task
+        self.owned_since = trio.current_time()
+
+    async def release_sock(self, task: Task) -> None:
+        """release_sock(): process the backlog in this task's context, then give up
+        ownership and wake one task waiting in lock_sock."""
+        while self.backlog:  # __release_sock
+            self.backlog_draining, self.backlog = self.backlog, deque()
+            task.local_bh_disable()
+            try:
+                while self.backlog_draining:
+                    await self.sk_backlog_rcv(self.backlog_draining.popleft(), task)
+                    await task.cond_resched()  # cond_resched_softirq
+            finally:
+                task.local_bh_enable()
+        self.backlog_len = 0
+        self.owner = None
+        self.lock_wq.wake_up(nr_exclusive=1)
+
+    # -- the backlog ------------------------------------------------------------------
+    def sk_rcvqueues_full(self, limit: int) -> bool:
+        """sk_rcvqueues_full(): backlog and receive queue over ``limit`` (the arriving
+        skb's own truesize is not counted)."""
+        return self.backlog_len + self.rmem_alloc > limit
+
+    def sk_add_backlog(self, skb: SkBuff, limit: int) -> bool:
+        """sk_add_backlog(): False (-ENOBUFS) when the queues are full."""
+        if self.sk_rcvqueues_full(limit):
+            return False
+        self.backlog.append(skb)
+        self.backlog_len += skb.truesize
+        return True
+
+    async def sk_backlog_rcv(self, skb: SkBuff, task: Task) -> None:
+        """sk_backlog_rcv(); with patch 12, __sk_backlog_rcv sets PF_MEMALLOC while a
+        pfmemalloc skb is processed."""
+        k = self.k
+        if not (skb.pfmemalloc and k.sk_memalloc_socks() and k.patches.has(12)):
+            await self.backlog_rcv(skb, task)
+            return
+        assert self.memalloc, "__sk_backlog_rcv: a pfmemalloc skb on a socket without SOCK_MEMALLOC"
+        saved = task.flags & PF.MEMALLOC
+        task.flags |= PF.MEMALLOC
+        try:
+            await self.backlog_rcv(skb, task)
+        finally:
+            task.flags = (task.flags & ~PF.MEMALLOC) | saved
+
+    async def backlog_rcv(self, skb: SkBuff, task: Task) -> None:  # pragma: no cover
+        """sk->sk_backlog_rcv: the protocol's receive handler."""
+        raise NotImplementedError
+
+    # -- SOCK_MEMALLOC ----------------------------------------------------------------
     def sk_set_memalloc(self) -> None:
         """sk_set_memalloc (patch 8): SOCK_MEMALLOC and __GFP_MEMALLOC on sk_allocation."""
         if not self.k.patches.has(8) or self.memalloc:
@@ -113,213 +207,63 @@ class Sock:
             return False
         return True
 
-    # -- receive side (called by the NET_RX handler) -------------------------------------
-    def rcv_space_ok(self) -> bool:
-        return self.rmem_alloc < self.sk_rcvbuf or self.eof
+    # -- the stream's buffers ---------------------------------------------------------
+    def sk_stream_memory_free(self) -> bool:
+        return self.wmem_queued < self.sk_sndbuf
 
-    def queue_rcv_skb(self, skb: SkBuff, data: bytes) -> None:
-        skb.data = data
-        skb.sk = self
-        self.receive_queue.append(skb)
-        self.rmem_alloc += skb.truesize
-        self.rx_bytes += len(data)
-        self.k.vmstat["skb_rx_queued"] += 1
-        self.sk_sleep.wake_up()  # sk_data_ready
+    def sk_stream_wspace(self) -> int:
+        return self.sk_sndbuf - self.wmem_queued
 
-    def rx_dropped(self, reason: str) -> float:
-        """A packet for this socket was dropped: the peer will retransmit after its RTO
-        (which doubles with every consecutive loss, up to TCP_RTO_MAX)."""
-        self.drops[reason] += 1
-        self.consecutive_drops += 1
-        rto = self.rto
-        self.rto = min(self.rto * 2, TCP_RTO_MAX)
-        self.k.vmstat["tcp_retransmit_timeouts"] += 1
-        return rto
+    def sk_stream_write_space(self) -> None:
+        """sk_stream_write_space(): wake writers once a third of sndbuf is free again."""
+        if self.sk_stream_wspace() >= self.wmem_queued // 2:
+            self.nospace = False
+            self.sk_sleep.wake_up()
 
-    def rx_delivered(self) -> None:
-        self.consecutive_drops = 0
-        self.rto = TCP_RTO_MIN
+    def sk_stream_moderate_sndbuf(self) -> None:
+        """sk_stream_moderate_sndbuf(): after a failed allocation, shrink sndbuf to
+        half of what is queued (at least SOCK_MIN_SNDBUF)."""
+        self.sk_sndbuf = max(min(self.sk_sndbuf, self.wmem_queued // 2), SOCK_MIN_SNDBUF)
 
-    async def tcp_send_ack(self, task: Task) -> None:
-        """An ACK for received data: an skb with sk_gfp_atomic(GFP_ATOMIC), freed once sent."""
-        skb = await self.k.skb.alloc_skb(MAX_TCP_HEADER, self.sk_gfp_atomic(GFP_ATOMIC), 0, task)
-        if skb is None:
-            self.k.vmstat["tcp_ack_nomem"] += 1
-            return
-        self.k.skb.kfree_skb(skb, task)
-
-    # -- the consumer ---------------------------------------------------------------------
-    async def recvmsg(self, task: Task, wchan: str = "sk_wait_data") -> bytes:
-        """Take the next skb's data off the receive queue and free the skb.
-        Returns b"" at end of stream."""
-        if not self.receive_queue:
-            await task.sleep_on(self.sk_sleep, lambda: bool(self.receive_queue) or self.eof,
-                                wchan=wchan)
-        if not self.receive_queue:
-            return b""
-        skb = self.receive_queue.popleft()
-        data = skb.data
-        self.rmem_alloc -= skb.truesize
-        self.k.vmstat["skb_rx_queued"] -= 1
-        self.k.skb.kfree_skb(skb, task)
-        self.rcv_space.wake_up()
-        return data
-
-    # -- transmit ----------------------------------------------------------------------------
-    async def sendmsg(self, task: Task, data: bytes) -> list[SkBuff]:
-        """tcp_sendmsg (3.6) on a GSO-capable route (loopback): one skb per call
-        (size_goal exceeds any NBD request), its linear area from select_size()
-        = SKB_WITH_OVERHEAD(2048 - MAX_TCP_HEADER) so the head's data lands in
-        kmalloc-2048, the rest copied into page fragments of the socket's
-        sk_sndmsg_page (order-0 pages from sk_stream_alloc_page with
-        sk_allocation). A failed allocation waits in sk_stream_wait_memory and
-        retries. The skbs stay charged until ``ack``."""
-        k = self.k
+    async def sk_stream_wait_memory(self, task: Task) -> None:
+        """sk_stream_wait_memory(): called owning the socket after an allocation failed
+        (send buffer not full: one nap of 2..HZ/5+1 jiffies) or with the send buffer
+        full (until write space). Ownership is released for the sleep
+        (sk_wait_event), so the backlog is processed on the way."""
+        vm_wait = 0.0
+        if self.sk_stream_memory_free():
+            vm_wait = self.k.hz((self.k.rng.randrange(50) + 2) * JIFFY)
         while True:
-            skb = await k.skb.alloc_skb(SELECT_SIZE + MAX_TCP_HEADER, self.sk_allocation, 0, task)
-            if skb is not None:
-                break
-            await self._wait_memory(task)
-        skb.sk = self
-        skb.frags = []
-        linear = min(len(data), SELECT_SIZE)
-        rest = len(data) - linear
-        try:
-            while rest:
-                page = self.sndmsg_page
-                if page is None or self.sndmsg_off >= PAGE_SIZE:
-                    if page is not None:
-                        self._put_sndmsg_page()
-                    page = await self._alloc_sndmsg_page(task)
-                copy = min(rest, PAGE_SIZE - self.sndmsg_off)
-                page.private[0] += 1  # get_page() for the skb's fragment
-                skb.frags.append(page)
-                skb.truesize += copy
-                self.sndmsg_off += copy
-                rest -= copy
-        except BaseException:
-            self._free_tx_skb(skb, task)
-            raise
-        await self._send_all(task, data)
-        self.write_queue.append(skb)
-        self.wmem_queued += skb.truesize
-        k.vmstat["skb_tx_queued"] += 1
-        k.vmstat["net_bytes_in_flight"] += len(data)
-        self.tx_bytes += len(data)
-        return [skb]
+            if self.error:
+                raise ConnectionError(f"{self.name}: socket error {self.error}")
+            if self.sk_stream_memory_free() and not vm_wait:
+                return
+            self.nospace = True
+            await self.sk_wait_event(task, lambda: bool(self.error) or (
+                self.sk_stream_memory_free() and not vm_wait), vm_wait or None,
+                wchan=f"sk_stream_wait_memory({self.name})")
+            vm_wait = 0.0
 
-    async def _alloc_sndmsg_page(self, task: Task):
-        """sk_stream_alloc_page(): alloc_pages(sk->sk_allocation, 0), waiting for memory."""
-        k = self.k
-        while True:
-            page = await k.page_alloc.alloc_page(self.sk_allocation, task, owner=Owner.SKB)
-            if page is not None:
-                break
-            await self._wait_memory(task)
-        page.private = [1]  # page_count: the socket's own reference
-        self.sndmsg_page = page
-        self.sndmsg_off = 0
-        return page
+    async def sk_wait_data(self, task: Task, wchan: str | None = None) -> None:
+        """sk_wait_data(): release the socket, sleep until data (or the prequeue's
+        wake-up, an error, end of stream), own it again."""
+        await self.sk_wait_event(task, self.data_ready, None,
+                                 wchan=wchan or f"sk_wait_data({self.name})")
 
-    def _put_sndmsg_page(self) -> None:
-        page = self.sndmsg_page
-        self.sndmsg_page = None
-        self._put_page(page)
+    def data_ready(self) -> bool:
+        return bool(self.receive_queue) or self.eof or bool(self.error)
 
-    def _put_page(self, page) -> None:
-        page.private[0] -= 1
-        if not page.private[0]:
-            self.k.page_alloc.free_page(page)
+    async def sk_wait_event(self, task: Task, condition, timeout: float | None, *,
+                            wchan: str) -> None:
+        """sk_wait_event(): release_sock, one sleep on sk_sleep (until a wake-up or the
+        timeout) unless ``condition`` already holds, lock_sock."""
+        await self.release_sock(task)
+        if not condition():
+            if timeout is None:
+                await task.sleep_on(self.sk_sleep, condition, wchan=wchan)
+            else:
+                await task.sleep_on(self.sk_sleep, None, timeout=timeout, wchan=wchan)
+        await self.lock_sock(task)
 
-    async def _wait_memory(self, task: Task) -> None:
-        """sk_stream_wait_memory: a short random sleep (2 jiffies .. HZ/5) before
-        retrying; fails the send if the socket broke meanwhile."""
-        k = self.k
-        await task.sleep(k.hz(0.008 + k.rng.random() * 0.192),
-                         wchan=f"sk_stream_wait_memory({self.name})")
-        if self.error:
-            raise ConnectionError(f"{self.name}: socket error {self.error}")
-
-    def _free_tx_skb(self, skb: SkBuff, task: Task) -> None:
-        for page in skb.frags or ():
-            self._put_page(page)
-        skb.frags = None
-        self.k.skb.kfree_skb(skb, task)
-
-    def ack(self, skbs: list[SkBuff], nbytes: int, task: Task) -> None:
-        """tcp_clean_rtx_queue: the peer acknowledged these skbs; free them."""
-        k = self.k
-        for s in skbs:
-            try:
-                self.write_queue.remove(s)
-            except ValueError:
-                continue
-            self.wmem_queued -= s.truesize
-            k.vmstat["skb_tx_queued"] -= 1
-            self._free_tx_skb(s, task)
-        k.vmstat["net_bytes_in_flight"] -= nbytes
-
-    async def _send_all(self, task: Task, data: bytes) -> None:
-        view = memoryview(data)
-        raw = self.raw
-        while view:
-            try:
-                n = raw.send(view)
-            except BlockingIOError:
-                n = 0
-            except OSError as e:
-                self.error = e.errno or errno.EPIPE
-                raise ConnectionError(f"{self.name}: send failed: {e}") from None
-            view = view[n:]
-            if view:
-                # The real socket's buffer is full: sleep (off the CPU) until writable.
-                task._sleep_begin(f"sk_stream_wait_sndbuf({self.name})", False)
-                try:
-                    await trio.lowlevel.wait_writable(raw)
-                finally:
-                    task._sleep_end(False)
-                await task.cpu.acquire(task, wakeup=True)
-
-    # -- teardown --------------------------------------------------------------------------
-    def release(self, task: Task) -> None:
-        """Free every skb the socket still holds (sock_release at shutdown)."""
-        k = self.k
-        while self.receive_queue:
-            skb = self.receive_queue.popleft()
-            self.rmem_alloc -= skb.truesize
-            k.vmstat["skb_rx_queued"] -= 1
-            k.skb.kfree_skb(skb, task)
-        while self.write_queue:
-            skb = self.write_queue.popleft()
-            self.wmem_queued -= skb.truesize
-            k.vmstat["skb_tx_queued"] -= 1
-            self._free_tx_skb(skb, task)
-        if self.sndmsg_page is not None:
-            self._put_sndmsg_page()
-        self.sk_clear_memalloc()
-
-    def statistics(self) -> dict:
-        return {"sock": self.name, "memalloc": self.memalloc,
-                "sk_allocation": int(self.sk_allocation),
-                "rx_queued_skbs": len(self.receive_queue), "rmem_alloc": self.rmem_alloc,
-                "tx_unacked_skbs": len(self.write_queue), "wmem_queued": self.wmem_queued,
-                "drops": dict(self.drops), "consecutive_drops": self.consecutive_drops,
-                "rto_s": self.rto, "rx_bytes": self.rx_bytes, "tx_bytes": self.tx_bytes}
-
-
-async def connect_raw(host: str, port: int) -> socket.socket:
-    """A connected, non-blocking stdlib TCP socket (trio does the connect)."""
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    last: Exception | None = None
-    for family, type_, proto, _, addr in infos:
-        raw = socket.socket(family, type_, proto)
-        raw.setblocking(False)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tsock = trio.socket.from_stdlib_socket(raw)
-        try:
-            await tsock.connect(addr)
-            return raw
-        except OSError as e:
-            last = e
-            raw.close()
-    raise ConnectionError(f"cannot connect to {host}:{port}: {last}")
+    def dropped(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1

@@ -3,7 +3,7 @@
 Models: mm/slab_common.c and include/linux/slab.h (3.6) — kmem_cache_create,
 kmem_cache_alloc/kmem_cache_free, kmalloc/kfree (mm/kmalloc.py), the SLAB_*
 creation flags, the caches the rest of the machine uses (kmalloc-*,
-skbuff_head_cache, radix_tree_node, bio, blkdev_requests) and the counters
+skbuff_head_cache, skbuff_fclone_cache, radix_tree_node, bio, blkdev_requests) and the counters
 NR_SLAB_RECLAIMABLE / NR_SLAB_UNRECLAIMABLE. ``create_slab_allocator(k, kind)``
 picks the allocator as CONFIG_SLAB / CONFIG_SLUB does at build time.
 
@@ -80,6 +80,9 @@ BYTES_PER_WORD = 8
 
 #: Object sizes of the standard non-kmalloc caches (x86_64, 3.6), in bytes.
 SKBUFF_HEAD_SIZE = 256  #: sizeof(struct sk_buff) ~ 232, cache-line aligned to 256
+#: skbuff_fclone_cache: 2 * sizeof(struct sk_buff) + sizeof(atomic_t) (fclone_ref) = 468,
+#: which SLAB_HWCACHE_ALIGN rounds to 512 (SLUB then merges it into kmalloc-512).
+SKBUFF_FCLONE_SIZE = 2 * 232 + 4
 RADIX_TREE_NODE_SIZE = 576  #: sizeof(struct radix_tree_node) on x86_64
 BIO_SIZE = 192  #: struct bio + inline bvec ("bio-0"), cache-line aligned
 REQUEST_SIZE = 352  #: sizeof(struct request)
@@ -163,6 +166,8 @@ class SlabAllocator:
         self._kmalloc_lookup = kmalloc_mod.build_lookup(self.kmalloc_caches)
         self.skbuff_head_cache = self.kmem_cache_create(
             "skbuff_head_cache", SKBUFF_HEAD_SIZE, 0, flags=SLAB_HWCACHE_ALIGN | SLAB_PANIC)
+        self.skbuff_fclone_cache = self.kmem_cache_create(
+            "skbuff_fclone_cache", SKBUFF_FCLONE_SIZE, 0, flags=SLAB_HWCACHE_ALIGN | SLAB_PANIC)
         self.radix_tree_node = self.kmem_cache_create(
             "radix_tree_node", RADIX_TREE_NODE_SIZE, 0,
             flags=SLAB_PANIC | SLAB_RECLAIM_ACCOUNT, ctor=True)

@@ -30,6 +30,18 @@ KERNEL = (
     "oom_kill",
 )
 
+#: Network counters with the kernel's names: /proc/net/netstat's TcpExt fields in
+#: lower case (TCPBacklogDrop -> tcp_backlog_drop), and the e1000's ethtool counter.
+NETSTAT = (
+    "tcp_backlog_drop",  # TCPBacklogDrop: a segment for an owned socket past the backlog bound
+    "tcp_prequeued",  # TCPPrequeued: segments parked for a waiting reader
+    "tcp_prequeue_dropped",  # TCPPrequeueDropped: the prequeue overflowed into the softirq
+    "delayed_acks",  # DelayedACKs: ACKs sent by the delayed-ACK timer
+    "delayed_ack_locked",  # DelayedACKLocked: the timer found the socket owned
+    "tcp_rcv_pruned",  # RcvPruned: a segment dropped for receive memory
+    "alloc_rx_buff_failed",  # e1000: RX ring refills that failed
+)
+
 #: Counters the emulator adds (documented in docs/MODEL.md).
 EMULATOR = (
     "nr_pcp_pages",  # free pages on per-cpu lists (zoneinfo's pagesets "count", summed)
@@ -42,8 +54,9 @@ EMULATOR = (
     "slab_pfmemalloc_refused",
     "slab_alloc_pfmemalloc",
     "skb_alloc", "skb_alloc_pfmemalloc", "skb_drop_nomem", "skb_drop_pfmemalloc",
-    "skb_rx_queued", "skb_tx_queued", "net_bytes_in_flight",
-    "tcp_retransmit_timeouts", "tcp_ack_nomem",
+    "skb_rx_queued", "skb_tx_queued",
+    "tcp_retransmit_timeouts", "tcp_ack_nomem", "tcp_backlog_queued", "rx_copybreak",
+    "nic_rx_posted",
     "nbd_requests", "nbd_replies", "nbd_inflight", "nbd_errors",
     "nbd_sender_reclaim", "nbd_sender_reclaim_exposed", "nbd_sender_near_miss",
     "mempool_wait", "integrity_errors", "throttle_active",
@@ -63,7 +76,7 @@ class VMStat(dict):
     """A dict of counters with every known name present (0 by default)."""
 
     def __init__(self) -> None:
-        super().__init__((name, 0) for name in KERNEL + EMULATOR)
+        super().__init__((name, 0) for name in KERNEL + NETSTAT + EMULATOR)
 
     def snapshot(self) -> dict[str, int]:
         snap = dict(self)

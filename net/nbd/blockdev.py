@@ -1,21 +1,28 @@
-"""The kernel's NBD block driver (drivers/block/nbd.c, 3.6) on an emulated socket.
+"""The kernel's NBD block driver (drivers/block/nbd.c, 3.5/3.6) on an emulated socket.
 
 Models: do_nbd_request putting requests on ``waiting_queue`` and waking the
-``nbd0`` kernel thread (nbd_thread, PF_KTHREAD, nice -20), which sends each request
-(nbd_handle_req -> nbd_send_req -> sock_xmit) and moves it to the in-flight
-list (``queue_head``); the receiver running nbd_do_it in the nbd-client
-process's context, which reads replies (nbd_read_stat), matches them to
-requests by handle and completes them (nbd_end_request); a socket error fails
-every queued and in-flight request with -EIO (nbd_clear_que).
+``nbd0`` kernel thread (nbd_thread, PF_KTHREAD, nice -20), which sends each
+request (nbd_handle_req -> nbd_send_req: the 28-byte header with MSG_MORE for
+a write, then the write's data, two sock_xmit calls, each a tcp_sendmsg that
+owns the socket) and moves it to the in-flight list (``queue_head``); the
+receiver running nbd_do_it in the nbd-client process's context, which reads
+each 16-byte reply (nbd_read_stat: sock_xmit(receive), a tcp_recvmsg with
+MSG_WAITALL), finds its request by handle (nbd_find_request, which first waits
+on active_wq while that request is still being sent), reads a read's data,
+and completes it (nbd_end_request), so writeback completes in nbd-client's
+context; a socket error fails every queued and in-flight request with -EIO
+(nbd_clear_que).
 
-Patch 14: nbd_do_it calls sk_set_memalloc on the socket, and sock_xmit runs
-with PF_MEMALLOC and sk_allocation = GFP_NOIO | __GFP_MEMALLOC. Without it,
-sock_xmit sets sk_allocation = GFP_NOIO and nothing else.
+Patch 14: nbd_do_it calls sk_set_memalloc on the socket, and sock_xmit runs,
+for sending and receiving, with PF_MEMALLOC and sk_allocation = GFP_NOIO |
+__GFP_MEMALLOC. Without it, sock_xmit sets sk_allocation = GFP_NOIO and
+nothing else: the 3.5 sender may sleep in direct reclaim while it owns the
+socket, and then no reply can be processed before it lets go.
 
-Every byte goes through the emulated socket (net/sock.py): requests are sent
-as skbs charged to emulated memory and held until the reply acknowledges
-them; replies are read from skbs the NET_RX handler allocated. The reply
-decoder is the sans-I/O ``TransmissionClient`` of net/nbd/protocol.py.
+Every byte goes through the emulated TCP socket (net/tcp.py): requests are
+sent as skbs charged to emulated memory and held until TCP processes the
+peer's ACK for them; replies arrive in skbs the NIC's receive path allocated.
+The reply decoder is the sans-I/O ``TransmissionClient`` of net/nbd/protocol.py.
 
 Emulator accounting (not a kernel counter): every send during which the
 sender entered direct reclaim is a *sender stall*. While a stall lasts with no
@@ -53,7 +60,7 @@ from emulator.logs import debug_enabled
 from emulator.task import Task
 from emulator.wait import WaitQueue
 from net.nbd import protocol as P
-from net.sock import Sock
+from net.tcp import TcpSock
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
@@ -121,17 +128,18 @@ class SendMarks:
 class NBDDevice(BlockDevice):
     name = "nbd0"
 
-    def __init__(self, k: Kernel, sock: Sock, info: P.ExportInfo, mss: int) -> None:
+    def __init__(self, k: Kernel, sock: TcpSock, info: P.ExportInfo, mss: int) -> None:
         super().__init__(k)
         self.sock = sock
         self.info = info
         self.mss = mss
         self.waiting_queue: deque[Request] = deque()
         self.waiting_wq = WaitQueue("nbd.waiting_wq")
-        self.queue_head: dict[int, tuple[Request, list, int]] = {}
+        self.queue_head: dict[int, Request] = {}  #: sent, awaiting a reply
         self.tx = P.TransmissionClient()
         self._cookies = itertools.count(1)
         self.active_req: Request | None = None
+        self.active_wq = WaitQueue("nbd.active_wq")
         self.harderror = 0
         self.latencies = array("d")
         self.requests = 0
@@ -180,17 +188,17 @@ class NBDDevice(BlockDevice):
         self._send_marks = SendMarks(k, task)
         self._exposed_since = None if self.queue_head else req.started
         try:
-            skbs = await self.sock_xmit_send(task, wire)
+            await self.nbd_send_req(wire, cmd, task)
         except ConnectionError as e:
-            self.active_req = None
+            self._clear_active()
             self._harderror(str(e), task)
             self.end_request(req, NBD_EIO, task)
             return
-        self.active_req = None
         if task.allocstall != self._send_marks.allocstall:
             self._account_stall(req, task)
         self._exposed_since = None
-        self.queue_head[cookie] = (req, skbs, len(wire))
+        self.queue_head[cookie] = req
+        self._clear_active()
         self.requests += 1
         k.vmstat["nbd_requests"] += 1
         k.vmstat["nbd_inflight"] = len(self.waiting_queue) + len(self.queue_head)
@@ -198,6 +206,19 @@ class NBDDevice(BlockDevice):
             log.debug("nbd_request", cookie=cookie, cmd="read" if cmd == P.NBD_CMD_READ else "write",
                       offset=bio.offset, length=bio.length, pid=task.pid, comm=task.comm,
                       cpu=task.cpu.id)
+
+    def _clear_active(self) -> None:
+        """active_req = NULL; wake_up_all(&nbd->active_wq)."""
+        self.active_req = None
+        self.active_wq.wake_up()
+
+    async def nbd_send_req(self, wire: bytes, cmd: int, task: Task) -> None:
+        """nbd_send_req(): the 28-byte request header (with MSG_MORE for a write), then
+        a write's data: two sock_xmit calls, each a tcp_sendmsg of its own."""
+        header, data = wire[:P.REQUEST_HEADER_SIZE], wire[P.REQUEST_HEADER_SIZE:]
+        await self.sock_xmit(task, header, more=cmd == P.NBD_CMD_WRITE)
+        if data:
+            await self.sock_xmit(task, data)
 
     def _account_stall(self, req: Request, task: Task) -> None:
         """The send of ``req`` entered direct reclaim: a sender stall (module docstring)."""
@@ -225,16 +246,30 @@ class NBDDevice(BlockDevice):
         return {"pgfree": vm["pgfree"] - marks.pgfree,
                 "pgalloc_below_min": vm["pgalloc_below_min"] - marks.below_min}
 
-    async def sock_xmit_send(self, task: Task, data: bytes) -> list:
-        """sock_xmit(send): GFP_NOIO (plus __GFP_MEMALLOC and PF_MEMALLOC with patch 14)."""
-        sock = self.sock
+    def _sock_xmit_begin(self, task: Task) -> int:
+        """sock_xmit(): sk_allocation GFP_NOIO; patch 14 adds __GFP_MEMALLOC and runs the
+        whole call with PF_MEMALLOC. Returns the task's PF_MEMALLOC to restore."""
         patched = self.k.patches.has(14)
-        sock.sk_allocation = GFP_NOIO | GFP.MEMALLOC if patched else GFP_NOIO
+        self.sock.sk_allocation = GFP_NOIO | GFP.MEMALLOC if patched else GFP_NOIO
         saved = task.flags & PF.MEMALLOC
         if patched:
             task.flags |= PF.MEMALLOC
+        return saved
+
+    async def sock_xmit(self, task: Task, data: bytes, *, more: bool = False) -> None:
+        """sock_xmit(send): one kernel_sendmsg (tcp_sendmsg)."""
+        saved = self._sock_xmit_begin(task)
         try:
-            return await sock.sendmsg(task, data)
+            await self.sock.tcp_sendmsg(task, data, more)
+        finally:
+            task.flags = (task.flags & ~PF.MEMALLOC) | saved
+
+    async def sock_xmit_recv(self, task: Task, length: int) -> bytes:
+        """sock_xmit(receive): one kernel_recvmsg (tcp_recvmsg, MSG_WAITALL)."""
+        saved = self._sock_xmit_begin(task)
+        try:
+            return await self.sock.tcp_recvmsg(task, length, waitall=True,
+                                               wchan="nbd_read_stat(sk_wait_data)")
         finally:
             task.flags = (task.flags & ~PF.MEMALLOC) | saved
 
@@ -243,35 +278,48 @@ class NBDDevice(BlockDevice):
         """The receiver, in the nbd-client process (NBD_DO_IT): read replies forever."""
         if self.k.patches.has(14):
             self.sock.sk_set_memalloc()
-        tx = self.tx
         while True:
-            data = await self.sock.recvmsg(task, wchan="nbd_read_stat(sk_wait_data)")
-            if not data:
-                self._harderror(f"connection closed by the server ({self.sock.error or 'EOF'})", task)
+            try:
+                ev, req = await self.nbd_read_stat(task)
+            except (ConnectionError, P.ProtocolError) as e:
+                self._harderror(str(e), task)
                 return
-            tx.receive_data(data)
-            while True:
-                try:
-                    ev = tx.next_event()
-                except P.ProtocolError as e:
-                    self._harderror(f"protocol error: {e}", task)
-                    return
-                if ev is P.NEED_DATA:
-                    break
-                self.nbd_end_request(ev, task)
+            self.nbd_end_request(ev, req, task)
             await task.cond_resched()
 
-    def nbd_end_request(self, ev: P.Reply, task: Task) -> None:
+    async def nbd_read_stat(self, task: Task) -> tuple:
+        """nbd_read_stat(): the 16-byte reply; nbd_find_request; a read's data."""
+        sock = self.sock
+        hdr = await self.sock_xmit_recv(task, P.SIMPLE_REPLY_SIZE)
+        if len(hdr) < P.SIMPLE_REPLY_SIZE:
+            raise ConnectionError(f"connection closed by the server ({sock.error or 'EOF'})")
+        self.tx.receive_data(hdr)
+        ev = self.tx.next_event()  # a protocol error (bad magic, unknown handle) raises
+        req = await self.nbd_find_request(P.reply_cookie(hdr), task)
+        if ev is P.NEED_DATA:  # a read reply: the data follows into the bio's page
+            data = await self.sock_xmit_recv(task, req.bio.length)
+            if len(data) < req.bio.length:
+                raise ConnectionError(f"connection closed by the server ({sock.error or 'EOF'})")
+            self.tx.receive_data(data)
+            ev = self.tx.next_event()
+        return ev, req
+
+    async def nbd_find_request(self, cookie: int, task: Task) -> Request:
+        """nbd_find_request(): wait while the request is still being sent
+        (active_req), then take it off the in-flight list."""
+        if self.active_req is not None and self.active_req.cookie == cookie:
+            await task.sleep_on(self.active_wq, lambda: self.active_req is None
+                                or self.active_req.cookie != cookie,
+                                wchan="nbd_find_request(active_wq)")
+        req = self.queue_head.pop(cookie, None)
+        if req is None:
+            raise P.ProtocolError(f"reply for unknown handle {cookie}")
+        return req
+
+    def nbd_end_request(self, ev: P.Reply, req: Request, task: Task) -> None:
         k = self.k
-        entry = self.queue_head.pop(ev.cookie, None)
-        if entry is None:
-            self._harderror(f"reply for unknown handle {ev.cookie}", task)
-            return
-        req, skbs, nbytes = entry
         if not self.queue_head and self.active_req is not None:
             self._exposed_since = trio.current_time()  # the send in progress is exposed
-        # The reply acknowledges the request's bytes: its transmit skbs are freed.
-        self.sock.ack(skbs, nbytes, task)
         latency = trio.current_time() - req.started
         self.latencies.append(latency)
         self.replies += 1
@@ -295,9 +343,8 @@ class NBDDevice(BlockDevice):
         self.harderror = NBD_EIO
         log.error("nbd_error", error="harderror", reason=why,
                   inflight=len(self.queue_head), queued=len(self.waiting_queue))
-        for cookie, (req, skbs, nbytes) in list(self.queue_head.items()):
+        for cookie, req in list(self.queue_head.items()):
             del self.queue_head[cookie]
-            self.sock.ack(skbs, nbytes, task)
             self.k.vmstat["nbd_errors"] += 1
             self.end_request(req, NBD_EIO, task)
         while self.waiting_queue:
@@ -328,7 +375,7 @@ class NBDDevice(BlockDevice):
             "oldest": [
                 {"cookie": c, "cmd": "read" if r.bio.rw == READ else "write",
                  "offset": r.bio.offset, "age_s": round(now - r.started, 3)}
-                for c, (r, _, _) in inflight[:8]
+                for c, r in inflight[:8]
             ],
             "active_req": self.active_req.cookie if self.active_req else None,
             "harderror": self.harderror,

@@ -282,6 +282,12 @@ class _NeedData:
 NEED_DATA = _NeedData()
 
 
+def reply_cookie(header: bytes) -> int:
+    """The cookie (handle) of a simple reply's 16-byte header, as a kernel driver
+    reads it to find the request before the reply's data arrives."""
+    return _simple_unpack_from(header)[2]
+
+
 def _transmission_flag(bit: int) -> property:
     """A read-only ``bool`` property: is ``bit`` set in ``self.flags``?"""
 

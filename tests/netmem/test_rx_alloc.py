@@ -1,31 +1,39 @@
-"""NET_RX buffer allocation against memory levels, per kernel and socket kind.
+"""The NIC's RX ring refilled at memory levels, per kernel, buffer kind and socket kind.
 
-The kernel's outcome for one received frame (reference §2.2, §6.2-6.4):
+The driver posts its buffers ahead of time (e1000_alloc_rx_buffers, GFP_ATOMIC
+in the NAPI softirq): a frame that arrives takes a posted buffer whatever
+memory looks like then, and what memory decides is whether the ring could be
+refilled. Here the ring has one descriptor, the kernel is fresh (its slab
+caches and page-fragment cache are cold, so a buffer needs new pages), memory
+is held at a level, the NAPI poll refills the ring, and one full-size frame
+arrives (reference §6.2-6.4, net/dev.py, net/skbuff.py):
 
-* above the low watermark, or between min and low: an ordinary buffer;
-* below min but above GFP_ATOMIC's floor is the same for both kernels in
-  that the first attempt fails only below min/2 (a __GFP_NOMEMALLOC attempt
-  has ALLOC_HIGH but not ALLOC_HARDER); the test uses a quarter of min, where:
-  - vanilla: GFP_ATOMIC (HIGH|HARDER, floor 3/8 min) fails -> dropped for nomem;
-  - swapnbd (a SOCK_MEMALLOC socket exists, so RX carries __GFP_MEMALLOC):
-    the reserves serve it and mark it pfmemalloc -> delivered to the memalloc
-    socket, dropped by sk_filter for an ordinary socket;
-* at zero free pages: dropped for nomem everywhere.
-
-Slab caches start empty (a fresh kernel), so every buffer needs slab pages.
+* above the low watermark, or between min and low: refilled, delivered;
+* at a quarter of min (below GFP_ATOMIC's floor of 3/8 min):
+  - vanilla: the refill fails, the ring stays empty, the frame is dropped;
+  - swapnbd (a SOCK_MEMALLOC socket exists, so the refill carries
+    __GFP_MEMALLOC): a kmalloc'ed buffer (__alloc_skb with SKB_ALLOC_RX: head
+    and data may use the reserves; kmalloc_reserve marks it) is pfmemalloc:
+    delivered to the memalloc socket, dropped by sk_filter for an ordinary one.
+    A page-fragment buffer gets its page from the reserves but build_skb takes
+    its head with plain GFP_ATOMIC, which a cold slab cannot serve there: the
+    refill fails and the frame is dropped (a 3.6 hole; on a machine that has
+    been receiving, freed heads usually wait in the cache);
+* at zero free pages: nothing can refill: dropped everywhere.
 """
 
 from __future__ import annotations
 
 import pytest
+import trio
 
-from actors.softirq import netif_receive
-from emulator.flags import GFP_NOIO, GFP, PF
-from net.sock import Sock
-from netmem_helpers import FakeRaw, hold_free_at, kernel, release
+from emulator.flags import PF
+from netmem_helpers import hold_free_at, release
+from tcp_helpers import tcp_on_nic
 
 LEVELS = ["above_low", "min_to_low", "quarter_min", "zero"]
-FRAME = bytes(range(256)) * 4  # 1 KiB of payload
+FRAME = bytes(range(256)) * 4  # 1 KiB of payload: above copybreak, takes a ring buffer
+RING = 2  # one descriptor can hold a buffer
 
 
 def level_pages(k, level: str) -> int:
@@ -35,103 +43,111 @@ def level_pages(k, level: str) -> int:
 
 
 EXPECTED = {
-    # (kernel, socket) -> outcome per level
-    ("vanilla", "memalloc"): ["delivered", "delivered", "nomem", "nomem"],
-    ("vanilla", "ordinary"): ["delivered", "delivered", "nomem", "nomem"],
-    ("swapnbd", "memalloc"): ["delivered", "delivered", "delivered_pfmemalloc", "nomem"],
-    ("swapnbd", "ordinary"): ["delivered", "delivered", "sk_filter", "nomem"],
+    # (kernel, buffers, socket) -> outcome of the frame after the refill, per level
+    ("vanilla", "page_frag", "memalloc"): ["delivered", "delivered", "no_rx_buffer", "no_rx_buffer"],
+    ("vanilla", "page_frag", "ordinary"): ["delivered", "delivered", "no_rx_buffer", "no_rx_buffer"],
+    ("vanilla", "kmalloc", "memalloc"): ["delivered", "delivered", "no_rx_buffer", "no_rx_buffer"],
+    ("vanilla", "kmalloc", "ordinary"): ["delivered", "delivered", "no_rx_buffer", "no_rx_buffer"],
+    ("swapnbd", "page_frag", "memalloc"): ["delivered", "delivered", "no_rx_buffer",
+                                           "no_rx_buffer"],
+    ("swapnbd", "page_frag", "ordinary"): ["delivered", "delivered", "no_rx_buffer",
+                                           "no_rx_buffer"],
+    ("swapnbd", "kmalloc", "memalloc"): ["delivered", "delivered", "delivered_pfmemalloc",
+                                         "no_rx_buffer"],
+    ("swapnbd", "kmalloc", "ordinary"): ["delivered", "delivered", "sk_filter", "no_rx_buffer"],
 }
 
 
 @pytest.mark.parametrize("slab", ["slub", "slab"])
 @pytest.mark.parametrize("patches", ["vanilla", "swapnbd"])
+@pytest.mark.parametrize("buffers", ["page_frag", "kmalloc"])
 @pytest.mark.parametrize("kind", ["memalloc", "ordinary"])
 @pytest.mark.parametrize("level", LEVELS)
-async def test_rx_frame_outcome(level, kind, patches, slab):
-    k = kernel(patches, slab)
-    # The NBD socket exists in every case; with the patches it is SOCK_MEMALLOC.
-    nbd = Sock(k, FakeRaw(), "nbd0")
-    nbd.sk_set_memalloc()
-    sock = nbd if kind == "memalloc" else Sock(k, FakeRaw(), "bg0")
-    sock.raw = FakeRaw(FRAME)
-    ctx = k.new_task("ksoftirqd", cpu=0, in_softirq=True)
-    await ctx.cpu.acquire(ctx)
-    held = hold_free_at(k, level_pages(k, level))
-    backoff = await netif_receive(k, sock, ctx, FRAME)
-    vm = k.vmstat
-    if backoff == 0:
-        skb = sock.receive_queue[0]
-        outcome = "delivered_pfmemalloc" if skb.pfmemalloc else "delivered"
-        assert skb.data == FRAME
-        assert not sock.raw.data  # consumed from the real socket only once accepted
-    elif vm["skb_drop_pfmemalloc"]:
-        outcome = "sk_filter"
-        assert sock.raw.data == FRAME  # the bytes wait for the retransmission
-    else:
-        outcome = "nomem"
-        assert vm["skb_drop_nomem"] == 1
-        assert sock.raw.data == FRAME
-    assert outcome == EXPECTED[(patches, kind)][LEVELS.index(level)]
-    # The softirq context never keeps PF_MEMALLOC after the packet.
-    assert not ctx.flags & PF.MEMALLOC
-    # Drops raise the retransmission timeout exponentially.
-    if backoff:
-        assert sock.rto == 2 * backoff
-    while sock.receive_queue:
-        await sock.recvmsg(ctx)
-    release(k, held)
-    assert k.skb.live == 0
-    k.slab.check()
+async def test_rx_frame_outcome(level, kind, buffers, patches, slab):
+    name = "nbd0" if kind == "memalloc" else "bg0"
+    async with tcp_on_nic(patches, slab, f"network.rx_buffers={buffers}", name=name,
+                          open_ring=False) as n:
+        k, sock, nic = n.k, n.sock, n.nic
+        nic.ring_size = RING
+        # With the patches the NBD socket is SOCK_MEMALLOC, whichever socket receives.
+        memalloc_socks = int(patches == "swapnbd")
+        k.memalloc_socks += memalloc_socks
+        sock.memalloc = kind == "memalloc" and patches == "swapnbd"
+        held = hold_free_at(k, level_pages(k, level))
+        await n.poll()  # nothing has arrived: the poll refills the ring
+        refill_failed = k.vmstat["alloc_rx_buff_failed"] > 0
+        assert len(nic.ring) == (not refill_failed)
+        n.peer_send(FRAME)
+        await n.poll()
+        vm = k.vmstat
+        if sock.rcv_nxt == len(FRAME):
+            skb = sock.receive_queue[-1]
+            outcome = "delivered_pfmemalloc" if skb.pfmemalloc else "delivered"
+            assert skb.data == FRAME
+        elif vm["skb_drop_pfmemalloc"]:
+            outcome = "sk_filter"
+            assert sock.drops == {"pfmemalloc": 1}
+        else:
+            outcome = "no_rx_buffer"
+            assert vm["skb_drop_nomem"] >= 1 and refill_failed and not nic.ring
+            assert sock.drops["no_rx_buffer"] >= 1
+        assert outcome == EXPECTED[(patches, buffers, kind)][LEVELS.index(level)]
+        if not outcome.startswith("delivered"):
+            # Lost frames are the peer's to retransmit: their bytes are not consumed.
+            assert sock.rcv_nxt == 0
+            assert n.pending_bytes() + sum(len(d) for _, d in sock.resend) == len(FRAME)
+        # The softirq context never keeps PF_MEMALLOC after the packet.
+        assert not n.ctx.flags & PF.MEMALLOC
+        release(k, held)
+        sock.release(n.ctx)
+        nic.release(n.ctx)
+        k.memalloc_socks -= memalloc_socks
+        k.skb.drain(n.ctx)
+        assert k.skb.live == 0
+        k.slab.check()
 
 
-@pytest.mark.parametrize("patches", ["vanilla", "swapnbd"])
-async def test_ack_carries_memalloc_only_with_patch_7(patches):
-    k = kernel(patches)
-    nbd = Sock(k, FakeRaw(), "nbd0")
-    nbd.sk_set_memalloc()
-    assert bool(nbd.sk_gfp_atomic(GFP.HIGH) & GFP.MEMALLOC) == (patches == "swapnbd")
+async def test_copybreak_keeps_the_ring_buffer():
+    """A frame of at most 256 bytes is copied into a small skb (truesize 768) and its
+    ring buffer stays posted; if that allocation fails the ring buffer goes up."""
+    async with tcp_on_nic("vanilla", "slub", name="bg0") as n:
+        k, sock, nic = n.k, n.sock, n.nic
+        posted = len(nic.ring)
+        n.peer_send(b"a" * 16)
+        await n.poll()
+        assert len(nic.ring) == posted and k.vmstat["rx_copybreak"] == 1
+        assert sock.receive_queue[-1].truesize == 768
+        held = hold_free_at(k, 0)
+        n.peer_send(b"b" * 16)
+        await n.poll()  # the copy fails: the ring buffer itself goes up, refill fails too
+        assert k.vmstat["rx_copybreak"] == 1 and len(nic.ring) == posted - 1
+        assert sock.receive_queue[-1].truesize == 2176  # a 1920-byte page fragment
+        release(k, held)
 
 
-@pytest.mark.parametrize("patches,task_flags,memalloc_bit,expect", [
-    # 3.6's sock_xmit: sk_allocation GFP_NOIO|__GFP_MEMALLOC under PF_MEMALLOC.
-    ("swapnbd", PF.KTHREAD | PF.MEMALLOC, True, "reserves"),
-    # PF_MEMALLOC alone grants the reserves, whatever the mask and kernel.
-    ("swapnbd", PF.KTHREAD | PF.MEMALLOC, False, "reserves"),
-    ("vanilla", PF.KTHREAD | PF.MEMALLOC, True, "reserves"),
-])
-async def test_tx_alloc_below_min_with_reserve_rights(patches, task_flags, memalloc_bit, expect):
-    """An NBD-sender-like allocation below the min watermark. (Without PF_MEMALLOC,
-    __kmalloc_reserve's first, __GFP_NOMEMALLOC attempt with a __GFP_WAIT mask would
-    enter direct reclaim and loop: 3.6 relies on sock_xmit's PF_MEMALLOC.)"""
-    k = kernel(patches)
-    task = k.new_task("nbd0", task_flags)
-    await task.cpu.acquire(task)
-    held = hold_free_at(k, k.pgdat.zone.watermark[0] // 4)
-    before = k.vmstat["pgalloc_pfmemalloc"]
-    gfp = GFP_NOIO | (GFP.MEMALLOC if memalloc_bit else GFP(0))
-    skb = await k.skb.alloc_skb(1408, gfp, 0, task)
-    assert skb is not None and expect == "reserves"
-    assert k.vmstat["pgalloc_pfmemalloc"] > before
-    k.skb.kfree_skb(skb, task)
-    release(k, held)
-
-
-@pytest.mark.parametrize("memalloc_bit", [False, True])
-async def test_vanilla_nbd_sender_below_min_loops_in_direct_reclaim(memalloc_bit):
-    """3.5's sock_xmit: GFP_NOIO without PF_MEMALLOC (and __GFP_MEMALLOC means nothing
-    without patch 3). Below min the allocation enters direct reclaim, which cannot
-    start I/O, and retries forever (order 0, and GFP_NOIO never OOM-kills)."""
-    import trio
-
-    k = kernel("vanilla")
-    task = k.new_task("nbd0", PF.KTHREAD)
-    await task.cpu.acquire(task)
-    held = hold_free_at(k, k.pgdat.zone.watermark[0] // 4)
-    gfp = GFP_NOIO | (GFP.MEMALLOC if memalloc_bit else GFP(0))
-    before = k.vmstat["pgalloc_pfmemalloc"]
-    with trio.move_on_after(0.5) as scope:
-        await k.skb.alloc_skb(1408, gfp, 0, task)
-    assert scope.cancelled_caught
-    assert k.vmstat["allocstall"] > 1  # it kept reclaiming
-    assert k.vmstat["pgalloc_pfmemalloc"] == before  # never touched the reserves
-    release(k, held)
+async def test_the_ring_drops_only_when_empty():
+    """With refills failing, frames still arrive in the buffers already posted; only
+    once none is left does the NIC drop (rx_no_buffer), and the next successful
+    refill lets the peer's retransmission through."""
+    async with tcp_on_nic("vanilla", "slub", "time.hz_scale=0.1", name="bg0",
+                          open_ring=False) as n:
+        k, sock, nic = n.k, n.sock, n.nic
+        nic.ring_size = 4
+        await n.poll()  # three buffers posted at ample memory
+        assert len(nic.ring) == 3
+        k.skb.drain(n.ctx)  # no half-used page left in the fragment cache
+        held = hold_free_at(k, 0)
+        for i in range(3):
+            n.peer_send(FRAME)
+            await n.poll()
+            assert sock.rcv_nxt == (i + 1) * len(FRAME) and len(nic.ring) == 2 - i
+        assert k.vmstat["alloc_rx_buff_failed"] == 3 and k.vmstat["skb_drop_nomem"] == 0
+        n.peer_send(FRAME)
+        await n.poll()
+        assert k.vmstat["skb_drop_nomem"] == 1 and sock.rcv_nxt == 3 * len(FRAME)
+        release(k, held)
+        await n.poll()  # refilled; the frame waits for the peer's retransmission
+        assert nic.ring and sock.rcv_nxt == 3 * len(FRAME)
+        await trio.sleep_until(sock.peer_resume_at)
+        await n.poll()
+        assert sock.rcv_nxt == 4 * len(FRAME)

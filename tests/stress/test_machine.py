@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from actors.watchdog import HUNG_TASK_TIMEOUT_S
 from net.nbd import protocol as P
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +31,9 @@ SMALL = ("machine.memory_mib=16", "machine.cpus=2", "workload.processes_per_cpu=
          "run.lockup_timeout_s=20", "run.max_duration_s=120")
 
 LOCKUP_TIMEOUT_S = 3.0
+#: Kernel time runs 20 times faster for the never-replying server, so that the
+#: hung-task rule (120 s of kernel time) fires after 6 s.
+HZ_SCALE = 0.05
 #: Filling memory before the server's silence matters, plus the watchdog's period.
 LOCKUP_MARGIN_S = 25.0
 
@@ -152,21 +156,27 @@ async def test_rate_limited_workload_is_paced(machine):
 
 
 async def test_never_replying_server_is_a_lockup(machine, nursery):
+    """A server that never answers is not a wait-for cycle inside the machine (the
+    replies wait for the peer): the hung-task rule declares the lockup, after
+    HUNG_TASK_TIMEOUT_S scaled by time.hz_scale, not after run.lockup_timeout_s."""
     srv = await nursery.start(TinyNBDServer("silent").serve)
-    with trio.fail_after(LOCKUP_TIMEOUT_S + LOCKUP_MARGIN_S + 30):
+    hung_task = HUNG_TASK_TIMEOUT_S * HZ_SCALE
+    with trio.fail_after(hung_task + LOCKUP_MARGIN_S + 30):
         m = await machine(QUICK, *SMALL, f"swap.server={srv.url!r}",
-                          f"run.lockup_timeout_s={LOCKUP_TIMEOUT_S}")
+                          f"run.lockup_timeout_s={LOCKUP_TIMEOUT_S}", f"time.hz_scale={HZ_SCALE}")
         start = trio.current_time()
-        r = await m.wait_done(timeout=LOCKUP_TIMEOUT_S + LOCKUP_MARGIN_S)
+        r = await m.wait_done(timeout=hung_task + LOCKUP_MARGIN_S)
     assert srv.requests > 0  # the machine did try to swap to it
     assert r.outcome == "lockup", r.outcome
     assert r.exit_status == 3
-    assert trio.current_time() - start >= LOCKUP_TIMEOUT_S
-    # The diagnosis names the stalled NBD requests: sent, never answered.
+    assert trio.current_time() - start >= hung_task
+    # The diagnosis names the stalled NBD requests: sent, never answered; no cycle.
     nbd = r.diagnosis["nbd"]
     assert nbd["inflight"] > 0 and nbd["harderror"] == 0
-    assert all(req["age_s"] >= LOCKUP_TIMEOUT_S for req in nbd["oldest"])
-    assert r.diagnosis["stalled_s"] >= LOCKUP_TIMEOUT_S
+    assert all(req["age_s"] >= hung_task for req in nbd["oldest"])
+    assert r.diagnosis["stalled_s"] >= hung_task
+    assert r.diagnosis["cycle"] is None
+    assert "No closed wait-for cycle" in r.diagnosis["text"]
     assert m.events_named("lockup")
     assert m.events[-1]["event"] == "run_end" and m.events[-1]["outcome"] == "lockup"
 
@@ -175,9 +185,10 @@ async def test_cli_run_against_never_replying_server_exits_3(nursery, tmp_path):
     srv = await nursery.start(TinyNBDServer("silent").serve)
     log = tmp_path / "run.jsonl"
     cmd = [sys.executable, "-m", "emulator.cli", "run", QUICK, "--quiet", "--log", str(log),
-           "--set", f"swap.server={srv.url}", "--set", f"run.lockup_timeout_s={LOCKUP_TIMEOUT_S}"]
+           "--set", f"swap.server={srv.url}", "--set", f"run.lockup_timeout_s={LOCKUP_TIMEOUT_S}",
+           "--set", f"time.hz_scale={HZ_SCALE}"]
     cmd += [a for o in SMALL if not o.startswith("run.lockup") for a in ("--set", o)]
-    with trio.fail_after(LOCKUP_TIMEOUT_S + LOCKUP_MARGIN_S + 30):
+    with trio.fail_after(HUNG_TASK_TIMEOUT_S * HZ_SCALE + LOCKUP_MARGIN_S + 30):
         proc = await trio.run_process(cmd, check=False, capture_stdout=True,
                                       capture_stderr=True, cwd=tmp_path,
                                       env={**os.environ, "COLUMNS": "200"})

@@ -8,8 +8,10 @@ completes only when the NBD sender sends it:
 
 * 3.5: the sender allocates with GFP_NOIO and no PF_MEMALLOC, so it stops at
   the min watermark and enters direct reclaim, which may not start swap I/O
-  and finds nothing clean. Nothing decides this; the watchdog observes that no
-  page is accessed and no I/O completes, and its diagnosis shows the cycle.
+  and finds nothing clean, and it does so inside tcp_sendmsg, owning the NBD
+  socket, so no reply can be processed until it lets go. Nothing decides
+  this; the watchdog observes that no page is accessed and no I/O completes
+  and that the wait-for graph is a closed cycle, and its diagnosis names it.
 * 3.6 with the series: the NBD socket is SOCK_MEMALLOC and the sender runs
   with PF_MEMALLOC (patch 14), so it sends from the reserves and the machine
   swaps its way through, with every page that comes back from swap verified.
@@ -37,8 +39,14 @@ async def test_vanilla_slub_locks_up_when_nothing_clean_is_left(machine):
     assert d["nbd"]["queued"] > 0  # swap writes wait to be sent
     sender = [t for t in d["tasks"] if t["comm"] == "nbd0"]
     assert sender and sender[0].get("allocstall")  # 3.5's GFP_NOIO sender had to reclaim
-    assert "NBD sender (nbd0) needs memory" in d["text"]
-    assert "not entitled to the reserve" in d["text"]  # the link the series breaks
+    # The closed cycle: memory waits for replies, replies wait for the socket that the
+    # sender owns while it is in the allocator, not entitled to the reserve (the link
+    # the series breaks).
+    assert d["cycle"] and "owned by nbd0/" in d["cycle"][1]
+    assert "not entitled to the reserve" in d["cycle"][1]
+    assert "Cycle: memory waits for NBD replies" in d["text"]
+    (sock,) = [s for s in d["sockets"] if s["sock"] == "nbd0"]
+    assert sock["owner"].startswith("nbd0/") and not sock["memalloc"]
     assert result.vm["skb_drop_nomem"] == 0  # a transmit deadlock: no packet was lost
     # The stall that never ended is exposed: nothing in flight, no reply coming,
     # for about the whole watchdog period.

@@ -23,19 +23,16 @@ from net.nbd.blockdev import NBDDevice
 
 
 class ScriptedSock:
-    """sendmsg runs the next scripted step (or returns at once); acks are no-ops."""
+    """tcp_sendmsg runs the next scripted step in a request's last call (the one
+    without MSG_MORE), or returns at once."""
 
     def __init__(self) -> None:
         self.sk_allocation = 0
         self.steps: list = []
 
-    async def sendmsg(self, task: Task, data: bytes) -> list:
-        if self.steps:
+    async def tcp_sendmsg(self, task: Task, data: bytes, more: bool = False) -> None:
+        if self.steps and not more:
             await self.steps.pop(0)(task)
-        return []
-
-    def ack(self, skbs: list, nbytes: int, task: Task) -> None:
-        pass
 
 
 class Device(NBDDevice):
@@ -60,7 +57,7 @@ async def test_stalls_and_exposures_are_timed_from_the_replies(autojump_clock):
     k, sock, dev, task = device()
 
     def reply(cookie: int) -> None:
-        dev.nbd_end_request(P.Reply(cookie=cookie, error=0), task)
+        dev.nbd_end_request(P.Reply(cookie=cookie, error=0), dev.queue_head.pop(cookie), task)
 
     def stall(before: float, then=None, after: float = 0.0, reclaimed: int = 0):
         async def step(t: Task) -> None:

@@ -21,8 +21,10 @@ from emulator.flags import ALLOC_NO_WATERMARKS, GFP_ATOMIC, GFP_KERNEL, PF
 from emulator.mm.page import Owner
 
 SIZES = [8, 60, 200, 256, 500, 1000, 2048, 3000, 4096, 8192, 9000]
-#: the standard caches (under SLUB, skbuff_head_cache and bio are kmalloc-256/-192).
-CACHES = ["skbuff_head_cache", "bio_cache", "request_cache", "radix_tree_node"]
+#: the standard caches (under SLUB, skbuff_head_cache, skbuff_fclone_cache and bio are
+#: kmalloc-256/-512/-192).
+CACHES = ["skbuff_head_cache", "skbuff_fclone_cache", "bio_cache", "request_cache",
+          "radix_tree_node"]
 
 op = st.one_of(
     st.tuples(st.just("alloc"), st.sampled_from(SIZES), st.integers(0, 2), st.integers(1, 40)),
@@ -82,7 +84,7 @@ async def run_ops(kind: str, ops, memalloc: bool) -> None:
     assert all(d["num_objs"] == 0 for d in info)
     merged = kind == "slub" and not nomerge
     assert (s.skbuff_head_cache is s.kmalloc_caches[256]) == merged
-    assert sum(len(d["aliases"]) for d in info) == (2 if merged else 0)
+    assert sum(len(d["aliases"]) for d in info) == (3 if merged else 0)
 
 
 @pytest.mark.parametrize("kind", ["slab", "slub", "slub-nomerge"])

@@ -45,6 +45,9 @@ def test_slub_standard_caches_merge_as_in_3_6(cpus):
     assert s.kmalloc_caches[256].refcount == 2 and s.kmalloc_caches[192].refcount == 2
     # The merged caches keep their kmalloc geometry (reference §5.2 table).
     assert s.skbuff_head_cache.size == 256 and s.skbuff_head_cache.object_size == 256
+    # skbuff_fclone_cache: 468 B, HWCACHE_ALIGN -> 512 -> kmalloc-512 (order 1 on 2 CPUs).
+    assert s.skbuff_fclone_cache is s.kmalloc_caches[512]
+    assert s.kmalloc_caches[512].aliases == ["skbuff_fclone_cache"]
     assert len(s.caches) == 13 + 2  # kmalloc-8 .. kmalloc-8192, radix_tree_node, requests
     s.check()
 
@@ -56,8 +59,10 @@ def test_slub_slabinfo_lists_a_merged_cache_once():
     assert "skbuff_head_cache" not in info and "bio" not in info
     assert info["kmalloc-256"]["aliases"] == ["skbuff_head_cache"]
     assert info["kmalloc-192"]["aliases"] == ["bio"]
+    assert info["kmalloc-512"]["aliases"] == ["skbuff_fclone_cache"]
     assert info["radix_tree_node"]["aliases"] == [] and info["blkdev_requests"]["aliases"] == []
-    assert all(not d["aliases"] for n, d in info.items() if n not in ("kmalloc-192", "kmalloc-256"))
+    merged = ("kmalloc-192", "kmalloc-256", "kmalloc-512")
+    assert all(not d["aliases"] for n, d in info.items() if n not in merged)
     # /sys/kernel/slab: mergeable caches live under a unique id, their names are links.
     assert info["kmalloc-256"]["sysfs_name"] == ":t-0000256"
     assert info["kmalloc-192"]["sysfs_name"] == ":t-0000192"
@@ -67,7 +72,8 @@ def test_slub_slabinfo_lists_a_merged_cache_once():
 def test_slab_never_merges():
     k = make_kernel("slab", memory_mib=16)
     s = k.slab
-    std = [s.skbuff_head_cache, s.bio_cache, s.request_cache, s.radix_tree_node]
+    std = [s.skbuff_head_cache, s.skbuff_fclone_cache, s.bio_cache, s.request_cache,
+           s.radix_tree_node]
     assert len({id(c) for c in std + list(s.kmalloc_caches.values())}) == len(std) + 10
     assert s.skbuff_head_cache.name == "skbuff_head_cache" and s.bio_cache.name == "bio"
     info = names(s)
@@ -90,7 +96,8 @@ def test_slub_nomerge_is_the_old_behaviour():
     assert info["skbuff_head_cache"]["aliases"] == [] and info["bio"]["aliases"] == []
     # slab_unmergeable() is true for every cache: sysfs uses the plain names.
     assert all(d["sysfs_name"] == n for n, d in info.items())
-    assert len(s.caches) == 13 + 4
+    assert s.skbuff_fclone_cache is not s.kmalloc_caches[512]
+    assert len(s.caches) == 13 + 5
     # The geometry is the same as the merged cache's.
     assert s.skbuff_head_cache.oo == s.kmalloc_caches[256].oo
     s.check()
