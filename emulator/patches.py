@@ -56,17 +56,17 @@ PATCHES: dict[int, Patch] = {
               "sk_set_memalloc / sk_clear_memalloc, SOCK_MEMALLOC and the memalloc "
               "socket count exist; without it sk_set_memalloc is unavailable"),
         Patch(9, "netvm: allow skb allocation to use PFMEMALLOC reserves",
-              "__alloc_skb(SKB_ALLOC_RX) adds __GFP_MEMALLOC when sk_memalloc_socks(); "
-              "kmalloc_reserve marks skb->pfmemalloc; sk_filter drops pfmemalloc skbs "
-              "for sockets without SOCK_MEMALLOC"),
+              "__alloc_skb(SKB_ALLOC_RX) and the NIC's page fragments add __GFP_MEMALLOC "
+              "when sk_memalloc_socks(); kmalloc_reserve marks skb->pfmemalloc; "
+              "sk_filter drops pfmemalloc skbs for sockets without SOCK_MEMALLOC"),
         Patch(10, "netvm: propagate page->pfmemalloc to skb",
-              "no separate effect: the model's drivers attach no pages to skbs (patch 11 "
-              "covers page-backed RX buffers)"),
+              "no separate effect: the model's drivers attach no pages to skbs"),
         Patch(11, "netvm: propagate page->pfmemalloc from skb_alloc_page to skb",
-              "RX page-fragment buffers carved from a pfmemalloc page mark the skb "
-              "pfmemalloc (network.rx_buffers = \"page_frag\")"),
+              "no effect: no driver here allocates RX pages with __skb_alloc_page "
+              "(e1000's page fragments go through build_skb, which 3.6 does not mark)"),
         Patch(12, "netvm: set PF_MEMALLOC as appropriate during SKB processing",
-              "the NET_RX handler sets PF_MEMALLOC while it delivers a pfmemalloc skb"),
+              "PF_MEMALLOC while NET_RX delivers a pfmemalloc skb, and while "
+              "__sk_backlog_rcv processes one from a socket's backlog"),
         Patch(13, "mm: micro-optimise slab to avoid a function call",
               "no behavioural effect (a static key around the SLAB pfmemalloc checks); "
               "the model gates the checks on sk_memalloc_socks() either way"),

@@ -188,7 +188,7 @@ class NetDevice:
         the acknowledgement poll while data is unacknowledged, the watchdog while the
         ring is short."""
         t = min((s.next_timer() for s in self.socks), default=float("inf"))
-        if any(s.snd_una < s.raw_sent and now >= s.ack_retry_at for s in self.socks):
+        if any(s.ack_hint < s.raw_sent and now >= s.ack_retry_at for s in self.socks):
             t = min(t, now + ACK_POLL_S)
         if self.desc_unused():
             t = min(t, self.last_watchdog + E1000_WATCHDOG_S)

@@ -47,9 +47,11 @@ decides what the emulated kernel does with it:
   from the real socket, within the window this socket last advertised. A
   segment dropped anywhere (no RX buffer, sk_filter, a full backlog, an
   overflowing receive queue) is "lost": its bytes go back to the peer, which
-  retransmits them after its retransmission timeout, 200 ms doubling per
-  consecutive loss up to 120 s (TCP_RTO_MIN / TCP_RTO_MAX), and segments
-  after it are lost with it (no out-of-order queue).
+  retransmits them (selectively, as with SACK) after its retransmission
+  timeout, 200 ms doubling per consecutive loss up to 120 s (TCP_RTO_MIN /
+  TCP_RTO_MAX). Segments processed after a gap (a loss, or a backlog drained
+  before the prequeue that holds earlier data) wait on the out-of-order
+  queue (tcp_data_queue_ofo / tcp_ofo_queue).
 - Acknowledgements from the peer are the real peer's: how much of what we
   wrote it has acknowledged is ``ioctl(SIOCOUTQ)`` on the real socket. A
   segment carries the cumulative acknowledgement known when the NIC takes it;
@@ -175,6 +177,7 @@ class TcpSock(Sock):
         self.rq_off = 0  #: bytes already read from the head of the receive queue
         self.rcv_wup = 0  #: rcv_nxt when the window was last advertised
         self.rcv_wnd = self.window_clamp
+        self.ofo: list[SkBuff] = []  #: out_of_order_queue, by seq
         self.raw_seq = 0  #: bytes taken from the real socket
         self.resend: list[tuple[int, bytes]] = []  #: lost segments, by seq: the peer resends them
         self.peer_rto = TCP_RTO_MIN  #: the peer's retransmission timeout
@@ -281,8 +284,7 @@ class TcpSock(Sock):
 
     def tcp_lose(self, skb: SkBuff, reason: str, task: Task) -> None:
         """A segment taken by the NIC was dropped: free it; its data goes back to the
-        peer, to be retransmitted (with every later segment of ours still in flight,
-        which would arrive out of order)."""
+        peer, to be retransmitted."""
         self.dropped(reason)
         self.k.skb.kfree_skb(skb, task)
         if skb.end_seq > skb.seq:
@@ -425,13 +427,13 @@ class TcpSock(Sock):
             self.k.skb.kfree_skb(skb, task)  # a pure ACK
             return
         if skb.seq != self.rcv_nxt:
-            # A segment after a lost one: out of order, lost with it (no OFO queue).
-            self.tcp_lose(skb, "out_of_order", task)
+            await self.tcp_data_queue_ofo(skb, task)
             return
         if not self._tcp_copy_to_user(skb, task):
             if not self.tcp_data_queue(skb, task):
                 return
         self.rx_bytes += skb.end_seq - skb.seq
+        self.tcp_ofo_queue(task)
         self.ack_sched = True  # tcp_event_data_recv
         await self.tcp_ack_snd_check(task)
 
@@ -451,8 +453,7 @@ class TcpSock(Sock):
 
     def tcp_data_queue(self, skb: SkBuff, task: Task) -> bool:
         """tcp_data_queue(): onto the receive queue, after tcp_try_rmem_schedule."""
-        if self.rmem_alloc > self.sk_rcvbuf and not self.tcp_prune_queue():
-            self.k.vmstat["tcp_rcv_pruned"] += 1  # RcvPruned
+        if not self.tcp_try_rmem_schedule():
             self.tcp_lose(skb, "rcvbuf", task)
             return False
         self.receive_queue.append(skb)
@@ -460,6 +461,44 @@ class TcpSock(Sock):
         self.rcv_nxt = skb.end_seq
         self.k.vmstat["skb_rx_queued"] += 1
         self.sk_sleep.wake_up()  # sk_data_ready
+        return True
+
+    async def tcp_data_queue_ofo(self, skb: SkBuff, task: Task) -> None:
+        """tcp_data_queue_ofo(): a segment beyond a gap waits, charged to the socket,
+        on the out-of-order queue; the gap makes us ACK at once (a duplicate ACK).
+        One that overlaps what we have is a duplicate: freed."""
+        if skb.end_seq <= self.rcv_nxt or any(o.seq == skb.seq for o in self.ofo):
+            self.k.skb.kfree_skb(skb, task)
+            return
+        if not self.tcp_try_rmem_schedule():
+            self.tcp_lose(skb, "rcvbuf", task)
+            return
+        insort(self.ofo, skb, key=lambda o: o.seq)
+        self.rmem_alloc += skb.truesize
+        self.k.vmstat["tcp_ofo_queued"] += 1
+        self.ack_sched = True
+        await self.tcp_send_ack(task)
+
+    def tcp_ofo_queue(self, task: Task) -> None:
+        """tcp_ofo_queue(): segments the new data made contiguous join the receive queue."""
+        while self.ofo and self.ofo[0].seq <= self.rcv_nxt:
+            skb = self.ofo.pop(0)
+            self.rmem_alloc -= skb.truesize
+            if skb.end_seq <= self.rcv_nxt:  # covered meanwhile: a duplicate
+                self.k.skb.kfree_skb(skb, task)
+                continue
+            self.receive_queue.append(skb)
+            self.rmem_alloc += skb.truesize
+            self.rcv_nxt = skb.end_seq
+            self.rx_bytes += skb.end_seq - skb.seq
+            self.k.vmstat["skb_rx_queued"] += 1
+            self.sk_sleep.wake_up()
+
+    def tcp_try_rmem_schedule(self) -> bool:
+        """tcp_try_rmem_schedule(): over sk_rcvbuf, tcp_prune_queue; False: drop."""
+        if self.rmem_alloc > self.sk_rcvbuf and not self.tcp_prune_queue():
+            self.k.vmstat["tcp_rcv_pruned"] += 1  # RcvPruned
+            return False
         return True
 
     def tcp_prune_queue(self) -> bool:
@@ -780,6 +819,10 @@ class TcpSock(Sock):
                     self.rmem_alloc -= skb.truesize
                     k.vmstat["skb_rx_queued"] -= 1
                 k.skb.kfree_skb(skb, task)
+        while self.ofo:
+            skb = self.ofo.pop()
+            self.rmem_alloc -= skb.truesize
+            k.skb.kfree_skb(skb, task)
         while self.write_queue:
             skb = self.write_queue.popleft()
             self.wmem_queued -= skb.truesize

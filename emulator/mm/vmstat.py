@@ -39,6 +39,7 @@ NETSTAT = (
     "delayed_acks",  # DelayedACKs: ACKs sent by the delayed-ACK timer
     "delayed_ack_locked",  # DelayedACKLocked: the timer found the socket owned
     "tcp_rcv_pruned",  # RcvPruned: a segment dropped for receive memory
+    "tcp_ofo_queued",  # TCPOFOQueue: segments that waited on the out-of-order queue
     "alloc_rx_buff_failed",  # e1000: RX ring refills that failed
 )
 

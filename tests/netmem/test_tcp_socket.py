@@ -282,3 +282,32 @@ async def test_our_window_bounds_what_the_peer_may_send():
         assert sock.rcv_wup + sock.rcv_wnd > edge  # the window update went out
         await n.poll()
         assert sock.raw_seq > edge
+
+
+async def test_a_backlog_drained_before_the_prequeue_goes_out_of_order():
+    """A segment parked on the reader's prequeue, then the socket taken by another
+    task before the reader runs: the next segment goes to the backlog and is
+    processed first, beyond the gap, so it waits on the out-of-order queue (and we
+    ACK at once); the reader then processes the prequeue and gets both in order."""
+    async with tcp_on_nic("vanilla", "slub", name="bg0") as n:
+        k, sock = n.k, n.sock
+        reader = k.new_task("netreader", cpu=1)
+        holder = k.new_task("holder", cpu=1)
+        got = []
+        async with trio.open_nursery() as nursery:
+            async def read(task):
+                got.append(await sock.tcp_recvmsg(task, 200, waitall=True))
+
+            nursery.start_soon(run_as, reader, read)
+            await wait_until(lambda: reader.wchan is not None and sock.ucopy_task is reader)
+            n.peer_send(b"a" * 100)
+            await n.poll()
+            assert len(sock.prequeue) == 1
+            await sock.lock_sock(holder)  # before the woken reader gets to run
+            n.peer_send(b"b" * 100)
+            await n.poll()
+            assert len(sock.backlog) == 1
+            await run_as(holder, sock.release_sock)
+            assert len(sock.ofo) == 1 and k.vmstat["tcp_ofo_queued"] == 1
+        assert got == [b"a" * 100 + b"b" * 100]
+        assert not sock.ofo and not sock.drops and sock.rmem_alloc == 0
