@@ -25,8 +25,11 @@ throttle_begin         a direct reclaimer throttled (patch 15): pid, comm, free,
                        threshold
 throttle_end           ... released: waited_s, timed_out
 alloc_fail             debug: an allocation returned NULL
-skb_drop               reason ("nomem" | "pfmemalloc"), sock, free, consecutive,
-                       rto_s
+skb_drop               a segment lost: reason ("nomem": no RX buffer posted;
+                       "pfmemalloc": sk_filter; "backlog": an owned socket's
+                       backlog full; "rcvbuf": receive memory), sock, free,
+                       consecutive (the peer's timeouts in a row), rto_s (until
+                       its retransmission)
 nbd_connect            export size and flags
 nbd_request            debug: cookie, cmd, offset, length
 nbd_reply              debug: cookie, error, latency_s

@@ -155,7 +155,7 @@ class NetDevice:
         k = self.k
         if not self.ring:
             k.vmstat["skb_drop_nomem"] += 1  # rx_no_buffer_count
-            sock.lose_frame(frame, "no_rx_buffer")
+            sock.lose_frame(frame, "nomem")
             return 0
         buf = self.ring.popleft()
         skb, used = buf, 1

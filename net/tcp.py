@@ -276,24 +276,31 @@ class TcpSock(Sock):
     def lose_frame(self, frame: Frame, reason: str) -> None:
         """A segment was dropped before the NIC took it (no RX buffer): the peer sends
         it again after its retransmission timeout."""
-        self.dropped(reason)
         if frame.len:
-            self._peer_backoff(reason)
+            self._peer_backoff()
         else:
             self._ack_lost()
+        self._log_drop(reason)
 
     def tcp_lose(self, skb: SkBuff, reason: str, task: Task) -> None:
         """A segment taken by the NIC was dropped: free it; its data goes back to the
         peer, to be retransmitted."""
-        self.dropped(reason)
         self.k.skb.kfree_skb(skb, task)
         if skb.end_seq > skb.seq:
             insort(self.resend, (skb.seq, skb.data))
-            self._peer_backoff(reason)
+            self._peer_backoff()
         if skb.ack_seq >= self.ack_hint:
             self._ack_lost()
+        self._log_drop(reason)
 
-    def _peer_backoff(self, reason: str) -> None:
+    def _log_drop(self, reason: str) -> None:
+        self.dropped(reason)
+        now = trio.current_time()
+        log.info("skb_drop", reason=reason, sock=self.name,
+                 free=self.k.pgdat.zone.nr_free_pages, consecutive=self.consecutive_drops,
+                 rto_s=round(max(0.0, self.peer_resume_at - now), 3))
+
+    def _peer_backoff(self) -> None:
         now = trio.current_time()
         k = self.k
         if now >= self.peer_resume_at:  # a new timeout, not one already running
@@ -303,9 +310,6 @@ class TcpSock(Sock):
             k.vmstat["tcp_retransmit_timeouts"] += 1
             if self.nic is not None:
                 self.nic.kick()
-        log.info("skb_drop", reason=reason, sock=self.name, free=k.pgdat.zone.nr_free_pages,
-                 consecutive=self.consecutive_drops,
-                 rto_s=round(self.peer_resume_at - now, 3))
 
     def _ack_lost(self) -> None:
         """An ACK frame was lost: our retransmission timer elicits another."""
