@@ -46,8 +46,10 @@ async def net_rx_action(k: Kernel, nic: NetDevice, ctx: Task) -> None:
                     armed[sock] = trio.Event()
                     nursery.start_soon(rx_interrupt, nic, sock, armed)
                     nursery.start_soon(wire_xmit, sock)
+            ctx.wchan = "net_rx_action(idle)"  # no interrupt pending, no timer due
             with trio.move_on_at(nic.next_deadline(trio.current_time())):
                 await nic.irq.wait()
+            ctx.wchan = None
             nic.irq = trio.Event()
             await ctx.cpu.acquire(ctx)
             try:
