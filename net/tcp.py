@@ -632,7 +632,8 @@ class TcpSock(Sock):
                 copied += await self._copy_to_skb(task, skb, data, copied)
             self.tcp_push(more)
         finally:
-            await self.release_sock(task)
+            if self.owner is task:  # (not after a cancellation inside sk_wait_event)
+                await self.release_sock(task)
 
     async def _new_segment(self, task: Task, copied: int) -> SkBuff | None:
         """new_segment: sk_stream_alloc_skb, or wait (None: try again)."""
@@ -778,7 +779,8 @@ class TcpSock(Sock):
         finally:
             if self.ucopy_task is task:
                 self.ucopy_task, self.ucopy_buf, self.ucopy_len = None, None, 0
-            await self.release_sock(task)
+            if self.owner is task:  # (not after a cancellation inside sk_wait_event)
+                await self.release_sock(task)
         return bytes(buf)
 
     def _copy_from_queue(self, task: Task, buf: bytearray, length: int) -> None:
