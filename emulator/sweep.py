@@ -54,7 +54,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,7 @@ class RunOutput:
 def execute_run(task: RunTask) -> RunOutput:
     """Run one ``swapnbd run`` subprocess to its end (on a worker) and return its row
     and its log; ``interrupted`` (no row) if the sweep was stopped first."""
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     host = host_info()
     stop = _stop_check(task.stop)
     if stop():
@@ -659,7 +659,8 @@ def cluster_of(args: argparse.Namespace) -> Cluster | str:
         return "--workers must be at least 1"
     if workers > cores and not args.oversubscribe:
         return (f"--workers {workers} is more than the {cores} cores: runs would share cores, "
-                f"which changes their timing and so their outcomes (--oversubscribe to do it anyway)")
+                "which changes their timing and so their outcomes "
+                "(--oversubscribe to do it anyway)")
     return Cluster(workers=workers)
 
 

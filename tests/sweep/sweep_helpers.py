@@ -30,8 +30,8 @@ def sweep_argv(out: Path, *args: str, overrides=SMALL) -> list[str]:
 
 def run_sweep(out: Path, *args: str, overrides=SMALL) -> subprocess.CompletedProcess:
     """The command to its end (the environment, PYTHONPATH included, is inherited)."""
-    return subprocess.run(sweep_argv(out, *args, overrides=overrides), capture_output=True,
-                          text=True, timeout=TIMEOUT_S, cwd=ROOT)
+    return subprocess.run(sweep_argv(out, *args, overrides=overrides), check=False,
+                          capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
 
 
 def rows_of(out: Path) -> list[dict]:

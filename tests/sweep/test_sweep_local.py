@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 from sweep_helpers import (ROOT, TIMEOUT_S, alive, cmdline, rows_of, run_processes, run_sweep,
@@ -160,7 +161,7 @@ def test_a_lost_worker_s_run_is_retried_once(tmp_path):
     try:
         victim = wait_for(lambda: run_processes(proc.pid), TIMEOUT_S, "a running run")[0]
         seed = int(re.search(r"run\.seed=(\d+)", " ".join(cmdline(victim)))[1])
-        worker = int(open(f"/proc/{victim}/stat").read().rsplit(")", 1)[1].split()[1])
+        worker = int(Path(f"/proc/{victim}/stat").read_text().rsplit(")", 1)[1].split()[1])
         os.kill(worker, signal.SIGKILL)
         _, err = proc.communicate(timeout=TIMEOUT_S)
     finally:

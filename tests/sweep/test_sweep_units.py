@@ -130,7 +130,8 @@ def test_large_logs_are_shipped_compressed_and_still_readable(tmp_path):
 # -- summaries and plot -----------------------------------------------------------------
 def _rows():
     rows = []
-    for mem, outcomes in (("16", ["lockup"] * 3 + ["completed"]), ("24", ["completed"] * 3 + ["error"])):
+    for mem, outcomes in (("16", ["lockup"] * 3 + ["completed"]),
+                          ("24", ["completed"] * 3 + ["error"])):
         for seed, outcome in enumerate(outcomes, 1):
             rows.append({"run_id": f"q-{mem}-{seed}", "cell": f"quick machine.memory_mib={mem}",
                          "config": "configs/quick.toml", "grid": {"machine.memory_mib": mem},
