@@ -1,12 +1,9 @@
 """Sweep throughput: runs per hour of the same grid with 1 and with 2 workers,
 and how each cell's P(lockup) moves between them.
 
-Runs ``swapnbd sweep`` (a real process, a LocalCluster) for each worker count
-into its own fresh directory, in blocks of seeds taken in turn (1 worker then
-2 for the first block, 2 then 1 for the next, ...; each block extends its
-directory's sweep by resuming), so that whatever else the machine does affects
-both counts alike. The wall time of every command (cluster start and shutdown
-included) is summed per worker count. Prints one markdown table per worker
+Runs ``swapnbd sweep`` (a real process, a LocalCluster) once per worker count,
+each into a fresh directory so nothing resumes, and times the whole command
+(cluster start and shutdown included). Prints one markdown table per worker
 count (runs, wall time, runs per hour, mean load average at run start) and one
 of P(lockup) with its 95% Wilson interval per cell and worker count.
 
@@ -16,8 +13,7 @@ machine, lockups detected after 5 s, page cache 0, 2 and 4 MiB, seeds 1-40
 cache vanilla always locks up; with a little, its outcome is a race, and the
 timing of a run depends on what else shares the cores.
 
-    flock -x /work/locks/quiet python benchmarks/sweep_rate.py [--seeds 1-40] [--workers 1,2] \
-        [--blocks 4]
+    flock -x /work/locks/quiet python benchmarks/sweep_rate.py [--seeds 1-40] [--workers 1,2]
 
 Not part of the test run: the figures depend on the machine and its load.
 """
@@ -62,19 +58,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1-40")
     ap.add_argument("--workers", default="1,2", help="worker counts to compare")
-    ap.add_argument("--blocks", type=int, default=4, help="seed blocks to alternate over")
     args = ap.parse_args()
-    first, last = (int(x) for x in args.seeds.split("-"))
-    counts = [int(x) for x in args.workers.split(",")]
-    size = -(-(last - first + 1) // args.blocks)
-    walls = dict.fromkeys(counts, 0.0)
+    results = {}
     with tempfile.TemporaryDirectory(prefix="sweep-rate-") as tmp:
-        for b, lo in enumerate(range(first, last + 1, size)):
-            seeds = f"{first}-{min(last, lo + size - 1)}"  # resumes: only the new block runs
-            for n in counts if b % 2 == 0 else counts[::-1]:
-                walls[n] += sweep(Path(tmp) / f"w{n}", n, seeds)
-                print(f"block {b + 1}, {n} worker(s): {walls[n]:.0f} s so far", file=sys.stderr)
-        results = {n: (walls[n], read_rows(Path(tmp) / f"w{n}")) for n in counts}
+        for n in (int(x) for x in args.workers.split(",")):
+            out = Path(tmp) / f"w{n}"
+            wall = sweep(out, n, args.seeds)
+            results[n] = (wall, read_rows(out))
+            print(f"{n} worker(s): {len(results[n][1])} runs in {wall:.0f} s", file=sys.stderr)
     print("| workers | runs | wall s | runs/hour | mean load (1 min) at run start |")
     print("|---|---|---|---|---|")
     for n, (wall, rows) in results.items():
