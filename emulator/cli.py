@@ -2,7 +2,8 @@
 
 Subcommands: ``run`` (emulate one machine from a TOML config), ``serve`` (the
 userspace NBD server alone), ``analyze`` / ``compare`` / ``plot`` (read run
-logs), ``experiment`` (the seed's four kernels, patch ablation).
+logs), ``experiment`` (the seed's four kernels, patch ablation), ``sweep``
+(many runs over Dask workers, emulator/sweep.py).
 
 Exit status of ``run``: 0 completed; 3 locked up (the watchdog fired; the
 diagnosis is printed and logged); 4 the workload failed (data integrity
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     acli.add_plot_arguments(p)
     p = sub.add_parser("experiment", help="the seed's experiment and patch ablation")
     add_experiment_arguments(p)
+    from emulator.sweep import add_sweep_arguments
+
+    p = sub.add_parser("sweep", help="many runs (configs x grid x seeds) over Dask workers")
+    add_sweep_arguments(p)
     return parser
 
 
@@ -113,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from emulator.experiment import experiment_main
 
         return experiment_main(args)
+    if args.command == "sweep":
+        from emulator.sweep import sweep_main
+
+        return sweep_main(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,9 +1,9 @@
 """``swapnbd experiment``: the seed's four kernels, and patch ablation.
 
 ``seed`` runs configs/vanilla-slub.toml, swapnbd-slub.toml, vanilla-slab.toml
-and swapnbd-slab.toml (identical but for kernel.patches and machine.slab) one
-after the other, each with its own log, then prints one MMTests-style table
-with the published figures beside the emulated ones.
+and swapnbd-slab.toml (identical but for kernel.patches and machine.slab),
+each with its own log, then prints one MMTests-style table with the published
+figures beside the emulated ones.
 
 ``ablation`` runs the swapnbd kernel minus one patch at a time and vanilla
 plus one patch at a time, on one slab allocator, and tabulates each outcome.
@@ -12,7 +12,13 @@ plus one patch at a time, on one slab allocator, and tabulates each outcome.
 (S: the configs' seed after ``--set``), each in its own ``OUT/run-i``
 directory, and ends with a table of how many runs of each kernel completed
 and how many locked up. An outcome here can be a race (docs/EXPERIMENT.md),
-so one run says little about its odds.
+so one run says little about its odds; the table of counts gives P(lockup)
+with its 95% Wilson interval.
+
+The runs go through the sweep engine (emulator/sweep.py): each is a ``swapnbd
+run`` subprocess on a Dask worker, in parallel (``--workers``, ``--scheduler``
+as for ``swapnbd sweep``), with ``OUT/runs.jsonl`` holding one row per run; the
+tables are printed from those rows. Rerunning the same command resumes.
 
 Each run is an independent machine; nothing here influences an outcome.
 """
@@ -23,14 +29,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import trio
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from emulator.analysis.outcomes import NOT_DECIDED, wilson_interval
 from emulator.config import ConfigError, load
 from emulator.patches import PATCHES
+from emulator.sweep import (VM_KEYS, RunSpec, cluster_of, plan_rows, progress_console,
+                            run_sweep)
 
 SEED_KERNELS = ["vanilla-slub", "swapnbd-slub", "vanilla-slab", "swapnbd-slab"]
 
@@ -73,6 +82,8 @@ ROWS = [
 
 
 def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
+    from emulator.sweep import add_cluster_arguments
+
     p.add_argument("which", choices=["seed", "ablation"], help="which experiment")
     p.add_argument("--out", default="runs", help="directory for the runs' logs (default: runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -84,6 +95,7 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=1, metavar="N",
                    help="repeat the experiment N times with seeds S..S+N-1, each in OUT/run-i, "
                         "and count the outcomes (default 1)")
+    add_cluster_arguments(p)
 
 
 def _outcome_text(r) -> str:
@@ -92,45 +104,46 @@ def _outcome_text(r) -> str:
     return r.outcome
 
 
-async def _run_all(plan: list[tuple[str, object, str]], console: Console):
-    from emulator.machine import Machine
-    from emulator.report import _progress_line
-
-    results = {}
-    for i, (name, cfg, log_path) in enumerate(plan, 1):
-        m = Machine(cfg, log_path)
-        start = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            async def show() -> None:
-                while True:
-                    await trio.sleep(5)
-                    console.print(f"[{i}/{len(plan)}] {name}: {_progress_line(m, start)}",
-                                  highlight=False)
-            nursery.start_soon(show)
-            r = await m.run()
-            nursery.cancel_scope.cancel()
-        console.print(f"[{i}/{len(plan)}] {name}: {_outcome_text(r)} "
-                      f"(elapsed {r.elapsed_s:.1f} s, log {log_path})", highlight=False)
-        results[name] = r
-    return results
-
-
-def _plan(args: argparse.Namespace, out: Path, overrides: list[str]) -> list:
-    plan = []
+def _variants(args: argparse.Namespace) -> list[tuple[str, Path, list[str], str]]:
+    """(kernel name, config, extra overrides, log stem) of each run of one plan."""
     if args.which == "seed":
-        for name in SEED_KERNELS:
-            cfg = load(Path(args.configs) / f"{name}.toml", overrides)
-            plan.append((name, cfg, str(out / f"{name}.jsonl")))
-    else:
-        base = Path(args.configs) / f"swapnbd-{args.slab}.toml"
-        all_p = sorted(PATCHES)
-        for n in all_p:
-            cfg = load(base, [*overrides, f"kernel.patches={[p for p in all_p if p != n]}"])
-            plan.append((f"swapnbd-{n}", cfg, str(out / f"ablation-{args.slab}-minus{n}.jsonl")))
-        for n in all_p:
-            cfg = load(base, [*overrides, f"kernel.patches=[{n}]"])
-            plan.append((f"vanilla+{n}", cfg, str(out / f"ablation-{args.slab}-plus{n}.jsonl")))
-    return plan
+        return [(name, Path(args.configs) / f"{name}.toml", [], name) for name in SEED_KERNELS]
+    base = Path(args.configs) / f"swapnbd-{args.slab}.toml"
+    all_p = sorted(PATCHES)
+    minus = [(f"swapnbd-{n}", base, [f"kernel.patches={[p for p in all_p if p != n]}"],
+              f"ablation-{args.slab}-minus{n}") for n in all_p]
+    plus = [(f"vanilla+{n}", base, [f"kernel.patches=[{n}]"], f"ablation-{args.slab}-plus{n}")
+            for n in all_p]
+    return minus + plus
+
+
+def _specs(args: argparse.Namespace) -> list[list[RunSpec]]:
+    """One plan per run i (seed S + i - 1, S the configs' seed after --set), its
+    logs in OUT (one run) or OUT/run-i."""
+    variants = _variants(args)
+    first_seed = load(variants[0][1], args.overrides).run.seed
+    for _, config, extra, _ in variants:  # every config must load; fail before anything runs
+        load(config, [*args.overrides, *extra])
+    plans = []
+    for i in range(1, args.runs + 1):
+        prefix = "" if args.runs == 1 else f"run-{i}/"
+        plans.append([RunSpec(f"{name}-seed{first_seed + i - 1}", name, str(config),
+                              (*args.overrides, *extra), (), first_seed + i - 1,
+                              f"{prefix}{stem}.jsonl")
+                      for name, config, extra, stem in variants])
+    return plans
+
+
+def result_of(row: dict) -> SimpleNamespace:
+    """A sweep row as the tables read a RunResult."""
+    has_time = row.get("sys_s") is not None
+    return SimpleNamespace(
+        outcome=row["outcome"], elapsed_s=row.get("elapsed_s") or 0.0,
+        time={"sys_s": row["sys_s"], "user_s": row["user_s"]} if has_time else None,
+        vm={k: row.get(k) for k in VM_KEYS}, integrity_errors=row.get("integrity_errors"),
+        nbd_sender={"longest_exposed_s": row["nbd_sender_longest_exposed_s"]}
+        if row.get("nbd_sender_longest_exposed_s") is not None else None,
+        error=row.get("error"), log_path=row.get("log"))
 
 
 def _summary(results: dict) -> dict:
@@ -139,48 +152,46 @@ def _summary(results: dict) -> dict:
                                                    "pgscan_direct_throttle",
                                                    "skb_drop_nomem", "skb_drop_pfmemalloc")},
                    "integrity_errors": r.integrity_errors, "nbd_sender": r.nbd_sender,
-                   "log": r.log_path}
+                   "error": r.error, "log": r.log_path}
             for name, r in results.items()}
 
 
 def experiment_main(args: argparse.Namespace) -> int:
+    """Exit status: 0 done; 1 a run ended in error; 2 bad input; 130 interrupted."""
     out = Path(args.out)
     if args.runs < 1:
         print("swapnbd: --runs must be at least 1", file=sys.stderr)
         return 2
-    console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
-
-    def run_dir(i: int) -> Path:
-        return out if args.runs == 1 else out / f"run-{i}"
-
+    cluster = cluster_of(args)
+    if isinstance(cluster, str):
+        print(f"swapnbd: {cluster}", file=sys.stderr)
+        return 2
     try:
-        # Run 1 is the plan as configured; run i repeats it with seed S + i - 1.
-        first_plan = _plan(args, run_dir(1), args.overrides)
-        first_seed = first_plan[0][1].run.seed  # (name, cfg, log) of its first kernel
-        runs = [(run_dir(1), first_plan)]
-        for i in range(2, args.runs + 1):
-            seed = f"run.seed={first_seed + i - 1}"
-            runs.append((run_dir(i), _plan(args, run_dir(i), [*args.overrides, seed])))
+        plans = _specs(args)
+        out.mkdir(parents=True, exist_ok=True)
     except ConfigError as e:
         print(f"swapnbd: {e}", file=sys.stderr)
         return 2
-    all_results = []
-    for i, (run_out, plan) in enumerate(runs, 1):
-        try:
-            run_out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"swapnbd: --out {run_out}: {e.strerror}", file=sys.stderr)
-            return 2
+    except OSError as e:
+        print(f"swapnbd: --out {out}: {e.strerror}", file=sys.stderr)
+        return 2
+    console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
+    specs = [s for plan in plans for s in plan]
+    try:
+        interrupted = run_sweep(specs, out, cluster, progress_console()).interrupted
+    except KeyboardInterrupt:  # while the cluster was starting
+        interrupted = True
+    rows = {r["run_id"]: r for r in plan_rows(specs, out)}
+    all_results = [{s.cell: result_of(rows[s.run_id]) for s in plan if s.run_id in rows}
+                   for plan in plans]
+    for i, results in enumerate(all_results, 1):
         if args.runs > 1:
-            console.print(f"run {i} of {args.runs}: seed {plan[0][1].run.seed}, logs in {run_out}",
-                          highlight=False)
-        results = trio.run(_run_all, plan, console)
-        all_results.append(results)
-        if args.which == "seed":
-            print_seed_table(results, console)
-        else:
-            print_ablation_table(results, console)
+            console.print(f"run {i} of {args.runs}: seed {plans[i - 1][0].seed}, "
+                          f"logs in {out / f'run-{i}'}", highlight=False)
+        _print_table(args.which, results, console)
         if args.json:
+            run_out = out if args.runs == 1 else out / f"run-{i}"
+            run_out.mkdir(parents=True, exist_ok=True)
             (run_out / f"{args.which}-summary.json").write_text(
                 json.dumps(_summary(results), indent=2))
     if args.runs > 1:
@@ -188,31 +199,49 @@ def experiment_main(args: argparse.Namespace) -> int:
         if args.json:
             (out / f"{args.which}-outcomes.json").write_text(json.dumps(
                 outcome_counts(all_results), indent=2))
+    if interrupted:
+        return 130
     return 1 if any(r.outcome == "error" for res in all_results for r in res.values()) else 0
 
 
+def _print_table(which: str, results: dict, console: Console) -> None:
+    if which == "seed" and len(results) == len(SEED_KERNELS):
+        print_seed_table(results, console)
+    elif which == "ablation":
+        print_ablation_table(results, console)
+
+
 def outcome_counts(all_results: list[dict]) -> dict:
-    """Per kernel: how many runs ended in each outcome, and the completed runs' elapsed times."""
+    """Per kernel: how many runs ended in each outcome, P(lockup) with its 95%
+    Wilson interval (over runs with a machine outcome), and the completed runs'
+    elapsed times."""
     counts: dict[str, dict] = {}
     for results in all_results:
         for name, r in results.items():
             c = counts.setdefault(name, {"runs": 0, "completed": 0, "lockup": 0, "other": 0,
-                                         "completed_elapsed_s": []})
+                                         "decided": 0, "completed_elapsed_s": []})
             c["runs"] += 1
             key = r.outcome if r.outcome in ("completed", "lockup") else "other"
             c[key] += 1
+            c["decided"] += r.outcome not in NOT_DECIDED
             if r.outcome == "completed":
                 c["completed_elapsed_s"].append(round(r.elapsed_s, 1))
+    for c in counts.values():
+        c["p_lockup"] = c["lockup"] / c["decided"] if c["decided"] else None
+        c["p_lockup_95"] = list(wilson_interval(c["lockup"], c["decided"]))
     return counts
 
 
 def print_outcome_counts(all_results: list[dict], console: Console) -> None:
     t = Table(title=f"outcomes over {len(all_results)} runs")
-    for col in ("kernel", "completed", "locked up", "other", "elapsed s of completed runs"):
+    for col in ("kernel", "completed", "locked up", "other", "P(lockup) [95% CI]",
+                "elapsed s of completed runs"):
         t.add_column(col)
     for name, c in outcome_counts(all_results).items():
+        lo, hi = c["p_lockup_95"]
+        p = "-" if c["p_lockup"] is None else f"{c['p_lockup']:.2f} [{lo:.2f}, {hi:.2f}]"
         t.add_row(name, f"{c['completed']}/{c['runs']}", f"{c['lockup']}/{c['runs']}",
-                  f"{c['other']}/{c['runs']}",
+                  f"{c['other']}/{c['runs']}", escape(p),
                   ", ".join(f"{e:.1f}" for e in c["completed_elapsed_s"]) or "-")
     console.print(t)
 

@@ -1,6 +1,8 @@
 """``swapnbd experiment seed`` end to end on a very small machine, through
-emulator.cli.main: the four kernels run, their logs and summaries are written,
-``--runs`` repeats the plan with consecutive seeds and counts the outcomes.
+emulator.cli.main: the four kernels run (on the sweep engine: a local Dask
+cluster, each run a ``swapnbd run`` subprocess), their logs, rows and summaries
+are written, ``--runs`` repeats the plan with consecutive seeds and counts the
+outcomes with a Wilson interval, and the same command again resumes.
 
 The assertions are about what the command does, not about which outcome a
 kernel reaches: on a machine this small the vanilla kernels' outcome is a race
@@ -16,6 +18,7 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
+from emulator.analysis.outcomes import read_rows, wilson_interval
 from emulator.cli import main
 from emulator.experiment import PIPE_WIDTH, SEED_KERNELS, print_seed_table
 
@@ -60,10 +63,31 @@ def test_seed_experiment_repeated_counts_every_outcome(capsys, tmp_path):
     for name, outcomes in seen.items():  # the counts are the runs' own outcomes
         assert counts[name]["completed"] == outcomes.count("completed")
         assert counts[name]["lockup"] == outcomes.count("lockup")
-    assert "outcomes over 2 runs" in out
+    for name, c in counts.items():  # P(lockup) over the runs that reached an outcome
+        assert c["p_lockup_95"] == list(wilson_interval(c["lockup"], c["decided"]))
+    # One row per run in OUT/runs.jsonl, the tables' source.
+    rows = read_rows(tmp_path)
+    assert sorted((r["cell"], r["seed"]) for r in rows) == sorted(
+        (name, seed) for name in SEED_KERNELS for seed in (7, 8))
+    for r in rows:
+        i = r["seed"] - 6
+        assert r["run_end"] and r["log"] == f"run-{i}/{r['cell']}.jsonl"
+        assert r["outcome"] == seen[r["cell"]][i - 1]
+    assert "outcomes over 2 runs" in out and "P(lockup) [95% CI]" in out
     # The published outcome is printed beside the emulated one, brackets and all,
     # in cells that are not wrapped (the longest is "locked up after 5 s [completed]").
     assert "[locked up]" in out and "[completed]" in out
+    # The same command again: every run has its row, nothing runs, same tables.
+    status, again = experiment(capsys, "--out", str(tmp_path), "--runs", "2", "--json",
+                               "--set", "run.seed=7")
+    assert status == 0 and "8 runs: 8 already" in again
+    assert read_rows(tmp_path) == rows
+    assert json.loads((tmp_path / "seed-outcomes.json").read_text()) == counts
+
+
+def test_workers_beyond_the_cores_are_refused(capsys, tmp_path):
+    status, out = experiment(capsys, "--out", str(tmp_path), "--workers", "4096")
+    assert status == 2 and "--oversubscribe" in out
 
 
 def test_runs_must_be_positive(capsys, tmp_path):

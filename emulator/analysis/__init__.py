@@ -3,12 +3,13 @@
 What it does: reads a run's JSON-lines log (emulator/logs.py, schema 1) as a
 stream (``reader``), summarises it into MMTests-style rows plus the emulator's
 own figures and a timeline (``summary``), prints them as tables (``report``),
-and draws the run over time (``plot``). ``cli`` holds the argparse entry points
+and draws the run over time (``plot``); ``outcomes`` and ``outcome_plot`` count
+outcomes over a sweep's runs. ``cli`` holds the argparse entry points
 that emulator/cli.py calls. Row definitions: docs/ANALYSIS.md.
 
 MMTests counterpart: compare-kernels.sh, subreport/mmtests-duration,
 bin/lib/MMTests/MonitorVmstat.pm and the graph-*.sh scripts (2012). Simplified:
-no HTML report, no statistics across repeated runs.
+no HTML report.
 
 Importing this package is cheap: matplotlib is only imported by ``plot``.
 """

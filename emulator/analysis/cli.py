@@ -117,10 +117,11 @@ def compare_main(args: argparse.Namespace) -> int:
 # -- plot -------------------------------------------------------------------
 
 def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("logs", metavar="LOG", nargs="+", help="run logs to overlay")
+    parser.add_argument("logs", metavar="LOG", nargs="+",
+                        help="run logs to overlay, or one sweep directory (swapnbd sweep --out)")
     parser.add_argument("-o", "--output", metavar="FILE.png",
                         help="image to write (default: <first log's name>.png in the "
-                             "current directory)")
+                             "current directory; DIR/sweep.png for a sweep)")
     parser.add_argument("--name", action="append", dest="names", metavar="LABEL",
                         help="legend label, once per LOG in order")
     parser.add_argument("--dpi", type=int, default=110, help="resolution (default 110)")
@@ -131,6 +132,8 @@ def plot_main(args: argparse.Namespace) -> int:
     from .report import unique_names
 
     logs: Sequence[str] = args.logs
+    if len(logs) == 1 and os.path.isdir(logs[0]):
+        return plot_sweep_main(logs[0], getattr(args, "output", None), getattr(args, "dpi", 110))
     names = getattr(args, "names", None)
     bad_names = _name_count_error(names, logs)
     if bad_names:
@@ -160,6 +163,25 @@ def plot_main(args: argparse.Namespace) -> int:
     if skipped:
         msg += f" ({skipped} lines skipped)"
     sys.stdout.write(msg + "\n")
+    return EXIT_OK
+
+
+def plot_sweep_main(directory: str, output: str | None, dpi: int) -> int:
+    """``plot DIR``: outcome probability and elapsed time against the grid axes."""
+    from .outcome_plot import plot_sweep
+    from .outcomes import read_rows
+
+    rows = read_rows(directory)
+    if not rows:
+        return _error("plot", f"{directory}: no runs.jsonl rows (not a swapnbd sweep directory)")
+    if not 20 <= dpi <= 600:
+        return _error("plot", f"--dpi {dpi}: must be between 20 and 600")
+    output = output or os.path.join(directory, "sweep.png")
+    try:
+        plot_sweep(rows, output, dpi=dpi, title=os.path.basename(os.path.normpath(directory)))
+    except (OSError, ValueError) as e:
+        return _error("plot", f"{output}: cannot write ({e})")
+    sys.stdout.write(f"wrote {output}\n")
     return EXIT_OK
 
 

@@ -14,6 +14,9 @@ MMTests counterpart: the parsing half of ``bin/lib/MMTests/MonitorVmstat.pm``
 and after the test and a ``time ::`` line). Here the before/after dumps are the
 log's ``vm`` snapshots and the ``time ::`` line is ``run_end.time``.
 
+A path ending in ``.gz`` is read through gzip (``swapnbd sweep`` stores
+large logs compressed).
+
 Simplified: a line longer than ``MAX_LINE`` bytes is treated as corrupt (so a
 file without newlines cannot exhaust memory). Bad *files* (missing, empty,
 not JSON, another schema) raise ``LogError`` with a one-line message; the CLI
@@ -22,6 +25,7 @@ turns it into exit status 2.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -94,7 +98,8 @@ class LogReader:
         try:
             if os.path.isdir(p):
                 raise LogError(f"{p}: is a directory, not a log file")
-            fh = open(p, "rb")  # noqa: SIM115 - closed in close()/events()
+            # Closed in close()/events(). A sweep keeps its large logs gzipped.
+            fh = gzip.open(p, "rb") if p.endswith(".gz") else open(p, "rb")  # noqa: SIM115
         except FileNotFoundError:
             raise LogError(f"{p}: no such file") from None
         except PermissionError:
@@ -114,7 +119,10 @@ class LogReader:
         p = self.path
         blank = 0
         while True:
-            raw = self._fh.readline(MAX_LINE)
+            try:
+                raw = self._fh.readline(MAX_LINE)
+            except (OSError, EOFError) as e:  # a .gz that is not gzip, or cut short
+                raise LogError(f"{p}: cannot read ({e})") from None
             if not raw:
                 if blank == 0:
                     raise LogError(f"{p}: empty file, not a swapnbd log")
@@ -156,7 +164,11 @@ class LogReader:
             yield self.run_start
             readline = fh.readline
             while True:
-                raw = readline(MAX_LINE)
+                try:
+                    raw = readline(MAX_LINE)
+                except (OSError, EOFError):  # a .gz cut short: the rest is lost
+                    self.skipped += 1
+                    break
                 if not raw:
                     break
                 if len(raw) >= MAX_LINE and not raw.endswith(b"\n"):
