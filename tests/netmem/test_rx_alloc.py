@@ -13,6 +13,15 @@ The kernel's outcome for one received frame (reference §2.2, §6.2-6.4):
 * at zero free pages: dropped for nomem everywhere.
 
 Slab caches start empty (a fresh kernel), so every buffer needs slab pages.
+
+The matrix runs under both RX buffer kinds (``network.rx_buffers``): "kmalloc"
+(__alloc_skb: the data area from kmalloc_reserve, marked by patch 9) and
+"page_frag" (__netdev_alloc_skb from the per-CPU page-fragment cache: the skb
+is marked pfmemalloc when its fragment's page came from the reserves, patch
+11). The outcomes are the same: with "page_frag" this is the test that fails if
+net/skbuff.py never marks a fragment skb pfmemalloc (the ordinary socket would
+then take a reserve-backed skb, and the memalloc socket's skb would not be
+marked).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import pytest
 
 from actors.softirq import netif_receive
-from emulator.flags import GFP_NOIO, GFP, PF
+from emulator.flags import GFP_ATOMIC, GFP_NOIO, GFP, PF
 from net.sock import Sock
 from netmem_helpers import FakeRaw, hold_free_at, kernel, release
 
@@ -43,12 +52,16 @@ EXPECTED = {
 }
 
 
+@pytest.mark.parametrize("rx_buffers", ["kmalloc", "page_frag"])
 @pytest.mark.parametrize("slab", ["slub", "slab"])
 @pytest.mark.parametrize("patches", ["vanilla", "swapnbd"])
 @pytest.mark.parametrize("kind", ["memalloc", "ordinary"])
 @pytest.mark.parametrize("level", LEVELS)
-async def test_rx_frame_outcome(level, kind, patches, slab):
-    k = kernel(patches, slab)
+async def test_rx_frame_outcome(level, kind, patches, slab, rx_buffers):
+    """Targets (page_frag): a fragment skb whose page came from the reserves not
+    being marked pfmemalloc (patch 11 in net/skbuff.py's netdev_alloc_skb);
+    (kmalloc): the same for kmalloc_reserve's second attempt (patch 9)."""
+    k = kernel(patches, slab, f'network.rx_buffers="{rx_buffers}"')
     # The NBD socket exists in every case; with the patches it is SOCK_MEMALLOC.
     nbd = Sock(k, FakeRaw(), "nbd0")
     nbd.sk_set_memalloc()
@@ -56,6 +69,7 @@ async def test_rx_frame_outcome(level, kind, patches, slab):
     sock.raw = FakeRaw(FRAME)
     ctx = k.new_task("ksoftirqd", cpu=0, in_softirq=True)
     await ctx.cpu.acquire(ctx)
+    warm = await warm_head_cache(k, ctx) if rx_buffers == "page_frag" else None
     held = hold_free_at(k, level_pages(k, level))
     backoff = await netif_receive(k, sock, ctx, FRAME)
     vm = k.vmstat
@@ -63,6 +77,7 @@ async def test_rx_frame_outcome(level, kind, patches, slab):
         skb = sock.receive_queue[0]
         outcome = "delivered_pfmemalloc" if skb.pfmemalloc else "delivered"
         assert skb.data == FRAME
+        assert (skb.frag is not None) == (rx_buffers == "page_frag")  # the path under test
         assert not sock.raw.data  # consumed from the real socket only once accepted
     elif vm["skb_drop_pfmemalloc"]:
         outcome = "sk_filter"
@@ -80,8 +95,23 @@ async def test_rx_frame_outcome(level, kind, patches, slab):
     while sock.receive_queue:
         await sock.recvmsg(ctx)
     release(k, held)
+    if warm is not None:
+        k.slab.kmem_cache_free(k.slab.skbuff_head_cache, warm, ctx)
     assert k.skb.live == 0
     k.slab.check()
+
+
+async def warm_head_cache(k, ctx):
+    """build_skb takes the skb head with plain GFP_ATOMIC (no __GFP_MEMALLOC), so
+    below min it can only come from a skbuff_head_cache slab that has free
+    objects, as a running NIC's does. Give the cache a slab with free objects
+    (two heads allocated, one freed; the other is returned to be freed at the
+    end), so that the page_frag outcomes are decided by the fragment's page."""
+    cache = k.slab.skbuff_head_cache
+    a = await k.slab.kmem_cache_alloc(cache, GFP_ATOMIC, ctx)
+    b = await k.slab.kmem_cache_alloc(cache, GFP_ATOMIC, ctx)
+    k.slab.kmem_cache_free(cache, a, ctx)
+    return b
 
 
 @pytest.mark.parametrize("patches", ["vanilla", "swapnbd"])
