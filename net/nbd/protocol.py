@@ -566,7 +566,7 @@ class ClientHandshake:
         self._state = "export_name"
 
     def _fail(self, msg: str) -> HandshakeFailed:
-        self._state = "failed"
+        """The error state (next_event raises ``error`` from now on)."""
         self.error = HandshakeFailed(msg)
         return self.error
 
@@ -802,8 +802,7 @@ class ServerHandshake:
         self._reply(option, rtype, message.encode()[:NBD_MAX_STRING])
 
     def _fail(self, msg: str) -> ProtocolError:
-        """Hard close: the error state."""
-        self._state = "closed"
+        """Hard close: the error state (next_event raises ``error`` from now on)."""
         self.error = ProtocolError(msg)
         return self.error
 
@@ -1119,6 +1118,7 @@ class TransmissionClient:
         base = roff if roff is not None else min(off for off, _ in chunks)
         out = bytearray(length)
         covered = 0
+        spans = []
         for off, item in chunks:
             rel = off - base
             n = item if isinstance(item, int) else len(item)
@@ -1126,7 +1126,13 @@ class TransmissionClient:
                 raise ProtocolError("data chunk outside the requested range")
             if not isinstance(item, int):
                 out[rel : rel + n] = item
+            spans.append((rel, n))
             covered += n
+        end = 0
+        for rel, n in sorted(spans):  # the spec: chunks MUST NOT overlap
+            if rel < end:
+                raise ProtocolError("overlapping data chunks")
+            end = rel + n
         if covered != length:
             raise ProtocolError(f"READ chunks cover {covered} of {length} bytes")
         return Reply(cookie, 0, bytes(out))

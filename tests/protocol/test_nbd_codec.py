@@ -8,6 +8,7 @@ state; arbitrary bytes behave the same in one piece as in any cutting."""
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 
@@ -192,6 +193,169 @@ def test_client_rejects_invalid_block_size():
         c.next_event()
 
 
+# -- client handshake against hand-made server replies (paths our own server never takes)
+
+
+def go_client(name="x", **kw):
+    """A client that has read the greeting and sent its first option."""
+    c = P.ClientHandshake(name, **kw)
+    c.receive_data(P.encode_greeting())
+    assert c.next_event() is P.NEED_DATA
+    c.data_to_send()
+    return c
+
+
+def info_export(size=1 << 20, flags=P.NBD_FLAG_HAS_FLAGS, opt=P.NBD_OPT_GO):
+    return P.encode_option_reply(opt, P.NBD_REP_INFO,
+                                 struct.pack(">HQH", P.NBD_INFO_EXPORT, size, flags))
+
+
+def test_go_without_optional_infos_uses_the_defaults():
+    c = go_client("x")
+    c.receive_data(info_export() + P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_ACK))
+    ev = c.next_event()
+    assert ev == P.HandshakeDone(info=P.ExportInfo("x", 1 << 20, P.NBD_FLAG_HAS_FLAGS),
+                                 structured_replies=False)
+    info = ev.info
+    assert (info.min_block, info.preferred_block, info.max_block) == (1, 4096, 32 << 20)
+    assert info.description == "" and not info.read_only and not info.can_flush
+    assert c.data_to_send() == b""  # GO: nothing more to say
+
+
+def test_go_with_name_description_and_block_sizes():
+    c = go_client("x")
+    reply = lambda payload: P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_INFO, payload)  # noqa: E731
+    c.receive_data(reply(struct.pack(">H", P.NBD_INFO_NAME) + b"real")
+                   + reply(struct.pack(">H", P.NBD_INFO_DESCRIPTION) + b"a disk")
+                   + reply(struct.pack(">HIII", P.NBD_INFO_BLOCK_SIZE, 65536, 65536, 0xFFFFFFFF))
+                   + info_export(flags=P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_READ_ONLY)
+                   + P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_ACK))
+    info = c.next_event().info
+    assert (info.name, info.description, info.read_only) == ("real", "a disk", True)
+    assert (info.min_block, info.preferred_block, info.max_block) == (65536, 65536, 0xFFFFFFFF)
+
+
+def test_info_mode_aborts_after_the_info():
+    c = go_client("x", mode="info")
+    c.receive_data(info_export(opt=P.NBD_OPT_INFO)
+                   + P.encode_option_reply(P.NBD_OPT_INFO, P.NBD_REP_ACK))
+    assert isinstance(c.next_event(), P.HandshakeDone)
+    assert c.data_to_send() == P.encode_option(P.NBD_OPT_ABORT)
+
+
+@pytest.mark.parametrize("reply, structured", [(P.NBD_REP_ACK, True), (P.NBD_REP_ERR_UNSUP, False)])
+def test_structured_reply_negotiation_outcome(reply, structured):
+    c = go_client("x", structured_replies=True)
+    c.receive_data(P.encode_option_reply(P.NBD_OPT_STRUCTURED_REPLY, reply))
+    assert c.next_event() is P.NEED_DATA
+    assert struct.unpack(">QII", c.data_to_send()[:16])[1] == P.NBD_OPT_GO  # then GO either way
+    c.receive_data(info_export() + P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_ACK))
+    ev = c.next_event()
+    assert ev.structured_replies is structured and ev.info.structured_replies is structured
+
+
+@pytest.mark.parametrize("block, message", [
+    ((131072, 131072, 1 << 20), "invalid minimum block size 131072"),
+    ((3, 4096, 1 << 20), "invalid minimum block size 3"),
+    ((512, 256, 1 << 20), "invalid preferred block size 256"),
+    ((512, 1536, 1 << 20), "invalid preferred block size 1536"),
+    ((512, 0, 1 << 20), "invalid preferred block size 0"),
+    ((512, 4096, 2048), "maximum block size 2048 below the preferred 4096"),
+])
+def test_client_rejects_each_invalid_block_size(block, message):
+    c = go_client("x")
+    c.receive_data(P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_INFO,
+                                         struct.pack(">HIII", P.NBD_INFO_BLOCK_SIZE, *block)))
+    with pytest.raises(P.HandshakeFailed, match=message):
+        c.next_event()
+
+
+@pytest.mark.parametrize("block", [(1, 1, 1), (512, 512, 512), (65536, 1 << 20, 1 << 25)])
+def test_client_accepts_valid_block_sizes(block):
+    c = go_client("x")
+    c.receive_data(P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_INFO,
+                                         struct.pack(">HIII", P.NBD_INFO_BLOCK_SIZE, *block))
+                   + info_export() + P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_ACK))
+    info = c.next_event().info
+    assert (info.min_block, info.preferred_block, info.max_block) == block
+
+
+@pytest.mark.parametrize("rtype, payload, message", [
+    (P.NBD_REP_ERR_UNKNOWN, b"gone", r"^export 'x' not found on server: gone$"),
+    (P.NBD_REP_ERR_UNKNOWN, b"", r"^export 'x' not found on server$"),
+    (P.NBD_REP_ERR_POLICY, b"no", r"^server refused export 'x': ERR_POLICY no$"),
+    (P.NBD_REP_ERR_POLICY, b"", r"^server refused export 'x': ERR_POLICY$"),
+    (P.NBD_REP_SERVER, b"", r"^unexpected option reply SERVER during NBD_OPT_GO$"),
+    (P.NBD_REP_INFO, b"\x00", r"^short NBD_REP_INFO$"),
+    (P.NBD_REP_INFO, struct.pack(">H", P.NBD_INFO_EXPORT) + bytes(9),
+     r"^NBD_INFO_EXPORT of length 11 \(expected 12\)$"),
+    (P.NBD_REP_INFO, struct.pack(">H", P.NBD_INFO_BLOCK_SIZE) + bytes(13),
+     r"^NBD_INFO_BLOCK_SIZE of length 15 \(expected 14\)$"),
+])
+def test_client_go_failures_say_why(rtype, payload, message):
+    c = go_client("x")
+    c.receive_data(P.encode_option_reply(P.NBD_OPT_GO, rtype, payload))
+    with pytest.raises(P.HandshakeFailed, match=message):
+        c.next_event()
+
+
+def list_reply(payload: bytes) -> bytes:
+    return P.encode_option_reply(P.NBD_OPT_LIST, P.NBD_REP_SERVER, payload)
+
+
+def test_client_list_entries_at_their_length_limits():
+    c = go_client(mode="list")
+    c.receive_data(list_reply(struct.pack(">I", 0))  # 4 bytes: an empty name
+                   + list_reply(struct.pack(">I", 2) + b"ab")  # the name fills the entry
+                   + list_reply(struct.pack(">I", 1) + b"c\xffd")  # name, then a description
+                   + P.encode_option_reply(P.NBD_OPT_LIST, P.NBD_REP_ACK))
+    assert c.next_event() == P.ExportList((("", ""), ("ab", ""), ("c", "\ufffdd")))
+    assert c.data_to_send() == P.encode_option(P.NBD_OPT_ABORT)
+
+
+@pytest.mark.parametrize("reply, message", [
+    (list_reply(b"\x00\x00\x00"), r"^short NBD_REP_SERVER$"),
+    (list_reply(struct.pack(">I", 3) + b"ab"), r"^bad NBD_REP_SERVER name length$"),
+    (P.encode_option_reply(P.NBD_OPT_LIST, P.NBD_REP_ERR_POLICY, b"  no  "),
+     r"^NBD_OPT_LIST refused: ERR_POLICY   no$"),
+])
+def test_client_list_failures_say_why(reply, message):
+    c = go_client(mode="list")
+    c.receive_data(reply)
+    with pytest.raises(P.HandshakeFailed, match=message):
+        c.next_event()
+
+
+def test_client_structured_reply_answered_wrongly():
+    c = go_client("x", structured_replies=True)
+    c.receive_data(P.encode_option_reply(P.NBD_OPT_STRUCTURED_REPLY, P.NBD_REP_SERVER))
+    with pytest.raises(P.HandshakeFailed,
+                       match=r"^unexpected reply SERVER to NBD_OPT_STRUCTURED_REPLY$"):
+        c.next_event()
+
+
+def test_client_argument_checks():
+    assert P.ClientHandshake("n" * 4096).export_name == "n" * 4096
+    with pytest.raises(ValueError, match="longer than 4096"):
+        P.ClientHandshake("n" * 4097)
+    with pytest.raises(ValueError, match="mode must be go, info or list, not 'x'"):
+        P.ClientHandshake(mode="x")
+    assert P.ClientHandshake().export_name == ""
+    c = P.ClientHandshake()
+    c.receive_data(P.encode_greeting())
+    c.next_event()
+    types = struct.unpack(">QII", c.data_to_send()[4:20])
+    assert types[1] == P.NBD_OPT_GO and types[2] == 4 + 0 + 2 + 2 * 3  # name, description, block
+
+
+def test_wire_fields_hold_their_full_unsigned_range():
+    """Offsets, lengths and errors are unsigned on the wire."""
+    hole = P.encode_offset_hole(1, 2**64 - 1, 2**32 - 1)
+    assert struct.unpack(">QI", hole[20:]) == (2**64 - 1, 2**32 - 1)
+    err = P.encode_structured_error(1, 2**32 - 1, "m" * 5000)
+    assert struct.unpack(">IH", err[20:26]) == (2**32 - 1, 4096) and len(err) == 26 + 4096
+
+
 # -- transmission, client side
 
 
@@ -244,6 +408,51 @@ def test_transmission_client_structured_read_assembly():
     while (ev := tc.next_event()) is not P.NEED_DATA:
         events.append(ev)
     assert events == [P.Reply(9, 0, None), P.Reply(7, 0, b"HEAD" + bytes(4) + b"TAIL"), P.Reply(8, P.NBD_EIO, None)]
+
+
+def test_transmission_client_structured_overlapping_chunks_are_an_error():
+    """Two chunks over the same half add up to the length, but leave the other
+    half unread: the spec forbids overlapping chunks, so this is not a READ."""
+    tc = P.TransmissionClient(structured_replies=True)
+    tc.send_request(P.NBD_CMD_READ, 1, 100, 8)
+    tc.receive_data(P.encode_offset_data_header(1, 100, 4, done=False) + b"abcd"
+                    + P.encode_offset_data_header(1, 100, 4) + b"abcd")
+    with pytest.raises(P.ProtocolError, match="overlapping data chunks"):
+        tc.next_event()
+
+
+def test_transmission_client_structured_chunk_boundaries():
+    """Chunk offsets are relative to the READ's offset; a hole is exactly 12 bytes,
+    a data chunk at least 8; an ERROR chunk without a value means EINVAL."""
+    tc = P.TransmissionClient(structured_replies=True)
+    tc.send_request(P.NBD_CMD_READ, 1, 100, 6)
+    tc.send_request(P.NBD_CMD_READ, 2, 0, 0)
+    tc.send_request(P.NBD_CMD_FLUSH, 3, 0, 0)
+    tc.receive_data(P.encode_offset_hole(1, 102, 4, done=False)
+                    + P.encode_offset_data_header(1, 100, 2) + b"ab"
+                    + P.encode_structured_chunk(2, P.NBD_REPLY_TYPE_NONE)
+                    + P.encode_structured_chunk(3, P.NBD_REPLY_TYPE_ERROR, b""))
+    assert [tc.next_event() for _ in range(3)] == [
+        P.Reply(1, 0, b"ab" + bytes(4)), P.Reply(2, 0, b""), P.Reply(3, P.NBD_EINVAL, None)]
+    for chunk, message in [
+        (P.encode_structured_chunk(4, P.NBD_REPLY_TYPE_OFFSET_DATA, bytes(7)), "malformed"),
+        (P.encode_structured_chunk(4, P.NBD_REPLY_TYPE_OFFSET_HOLE, bytes(13)), "malformed"),
+        (P.encode_structured_chunk(4, P.NBD_REPLY_TYPE_NONE, b"x"), "NONE chunk with a payload"),
+        (P.encode_structured_chunk(4, P.NBD_REPLY_TYPE_NONE), "without any data chunk"),
+        (P.encode_offset_data_header(4, 99, 1) + b"x", "outside the requested range"),
+        (P.encode_offset_data_header(4, 100, 9) + bytes(9), "outside the requested range"),
+    ]:
+        tc = P.TransmissionClient(structured_replies=True)
+        tc.send_request(P.NBD_CMD_READ, 4, 100, 8)
+        tc.receive_data(chunk)
+        with pytest.raises(P.ProtocolError, match=message):
+            tc.next_event()
+    tc = P.TransmissionClient(structured_replies=True)
+    tc.send_request(P.NBD_CMD_READ, 5, 0, 8)
+    tc.receive_data(P.encode_offset_data_header(5, 0, 0, done=False)
+                    + P.encode_offset_data_header(5, 0, 8)
+                    + bytes(8))  # an empty data chunk is allowed (8 bytes: the offset)
+    assert tc.next_event() == P.Reply(5, 0, bytes(8))
 
 
 def test_transmission_client_structured_incomplete_read_is_error():
@@ -326,7 +535,9 @@ def test_request_parser_large_payload_in_place():
 #   * arbitrary bytes give the same events, output and error in one piece as
 #     in any cutting.
 
-FUZZ = settings(max_examples=200, deadline=None)
+#: Examples per test: fewer under mutation testing (mutmut sets MUTANT_UNDER_TEST),
+#: where every surviving mutant of the codec reruns all of these tests.
+FUZZ = settings(max_examples=30 if os.environ.get("MUTANT_UNDER_TEST") else 200, deadline=None)
 #: Piece sizes, used in turn: mostly small, sometimes large (whole payloads).
 CUTS = st.lists(st.one_of(st.integers(1, 40), st.integers(41, 100_000)), min_size=1, max_size=12)
 
