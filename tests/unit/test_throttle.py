@@ -165,6 +165,30 @@ async def test_non_fs_caller_woken_early_by_kswapd(autojump_clock):
     assert done[0] - start == pytest.approx(k.hz(0.5))
 
 
+@pytest.mark.parametrize("gfp", [GFP_KERNEL, GFP_NOIO])
+async def test_a_wake_up_while_memory_is_still_low_does_not_end_the_throttle(autojump_clock, gfp):
+    """wait_event re-checks its condition: prepare_kswapd_sleep wakes pfmemalloc_wait
+    whenever anyone waits on it, but a waiter whose watermark is still not ok goes
+    back to sleep (until the wake-up that finds it ok, or, without __GFP_FS, the
+    HZ timeout)."""
+    k = make_kernel()
+    h = Holder(k)
+    h.set_free(threshold(k))
+    t = k.new_task("usemem", cpu=0)
+    done = []
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(_throttle, k, gfp, t, done)
+        await trio.sleep(k.hz(0.25))
+        assert k.vmscan.prepare_kswapd_sleep(0, 0) is False  # wakes the queue
+        await trio.sleep(k.hz(0.25))
+        assert not done and t.wchan == "throttle_direct_reclaim"
+        if gfp & GFP.FS:
+            h.set_free(threshold(k) + 1)
+            k.vmscan.prepare_kswapd_sleep(0, 0)
+    assert done[0] - start == pytest.approx(k.hz(0.5) if gfp & GFP.FS else k.hz(1.0))
+
+
 async def test_fatal_signal_ends_the_killable_wait(autojump_clock):
     k = make_kernel()
     h = Holder(k)
