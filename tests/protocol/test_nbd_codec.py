@@ -652,17 +652,19 @@ def test_request_parser_valid_stream_any_cutting(stream, sizes, use_view):
 
 
 @FUZZ
-@given(request_streams(), st.binary(max_size=60), CUTS, st.booleans())
-def test_request_parser_bad_magic_is_a_sticky_error(stream, junk, sizes, use_view):
-    """Valid requests, then bytes that are not a request header: the requests,
-    then "bad request magic" once 28 bytes are there (before: a partial request)."""
+@given(request_streams(), st.binary(min_size=28, max_size=60), st.integers(0, 27), CUTS,
+       st.booleans())
+def test_request_parser_bad_magic_is_a_sticky_error(stream, junk, short, sizes, use_view):
+    """Valid requests, then bytes that are not a request header: the requests and
+    a partial request while fewer than 28 bytes of it are there; then "bad
+    request magic"."""
     max_payload, wire, expected = stream
     junk = not_request_magic(junk)
-    p, events, _, exc = same_run(lambda: P.RequestParser(max_payload), wire + junk, sizes, use_view)
+    make = lambda: P.RequestParser(max_payload)  # noqa: E731
+    p, events, _, exc = same_run(make, wire + junk[:short], sizes, use_view)
+    assert exc is None and events == expected and p.partial == bool(short)
+    p, events, _, exc = same_run(make, wire + junk, sizes, use_view)
     assert events == expected
-    if len(junk) < 28:
-        assert exc is None and p.partial == bool(junk)
-        return
     assert isinstance(exc, P.ProtocolError) and "bad request magic" in str(exc)
     assert_error_state(p, exc, P.encode_request(P.NBD_CMD_FLUSH, 1, 0, 0))
 
@@ -675,27 +677,33 @@ ACK, INVALID = P.NBD_REP_ACK, P.NBD_REP_ERR_INVALID
 @st.composite
 def client_options(draw):
     """One option that does not end the handshake: (bytes, the final reply type
-    the server must send for it)."""
+    the server must send for it, the option it answers)."""
     kind = draw(st.sampled_from(["list", "list_data", "sr", "sr_data", "tls", "unknown",
-                                 "info", "info_unknown", "go_short", "go_unknown"]))
+                                 "info", "info_unknown", "go_short", "go_unknown",
+                                 "go_name_length", "go_count", "go_not_utf8"]))
     name = draw(st.sampled_from(["", "big"]))
     types = draw(st.lists(st.sampled_from([P.NBD_INFO_NAME, P.NBD_INFO_DESCRIPTION,
                                            P.NBD_INFO_BLOCK_SIZE, 77]), max_size=4))
     data = draw(st.binary(min_size=1, max_size=40))
-    return {
-        "list": (P.encode_option(P.NBD_OPT_LIST), ACK),
-        "list_data": (P.encode_option(P.NBD_OPT_LIST, data), INVALID),
-        "sr": (P.encode_option(P.NBD_OPT_STRUCTURED_REPLY), ACK),
-        "sr_data": (P.encode_option(P.NBD_OPT_STRUCTURED_REPLY, data), INVALID),
-        "tls": (P.encode_option(P.NBD_OPT_STARTTLS), P.NBD_REP_ERR_POLICY),
-        "unknown": (P.encode_option(draw(st.integers(12, 2**32 - 1)), data), P.NBD_REP_ERR_UNSUP),
-        "info": (P.encode_option(P.NBD_OPT_INFO, P.encode_info_request(name, types)), ACK),
-        "info_unknown": (P.encode_option(P.NBD_OPT_INFO, P.encode_info_request("nope", types)),
-                         P.NBD_REP_ERR_UNKNOWN),
-        "go_short": (P.encode_option(P.NBD_OPT_GO, data[:5]), INVALID),
-        "go_unknown": (P.encode_option(P.NBD_OPT_GO, P.encode_info_request("nope")),
-                       P.NBD_REP_ERR_UNKNOWN),
+    unknown = draw(st.integers(12, 2**32 - 1))
+    go = P.encode_info_request("big", types)
+    opt, payload, final = {
+        "list": (P.NBD_OPT_LIST, b"", ACK),
+        "list_data": (P.NBD_OPT_LIST, data, INVALID),
+        "sr": (P.NBD_OPT_STRUCTURED_REPLY, b"", ACK),
+        "sr_data": (P.NBD_OPT_STRUCTURED_REPLY, data, INVALID),
+        "tls": (P.NBD_OPT_STARTTLS, b"", P.NBD_REP_ERR_POLICY),
+        "unknown": (unknown, data, P.NBD_REP_ERR_UNSUP),
+        "info": (P.NBD_OPT_INFO, P.encode_info_request(name, types), ACK),
+        "info_unknown": (P.NBD_OPT_INFO, P.encode_info_request("nope", types), P.NBD_REP_ERR_UNKNOWN),
+        "go_short": (P.NBD_OPT_GO, data[:5], INVALID),
+        "go_unknown": (P.NBD_OPT_GO, P.encode_info_request("nope"), P.NBD_REP_ERR_UNKNOWN),
+        # a name length running past the data; a count that does not match; bad UTF-8
+        "go_name_length": (P.NBD_OPT_GO, struct.pack(">I", 4) + b"big" + bytes(2), INVALID),
+        "go_count": (P.NBD_OPT_GO, go[:-2] if types else go + bytes(2), INVALID),
+        "go_not_utf8": (P.NBD_OPT_GO, struct.pack(">I", 2) + b"\xff\xfe" + bytes(2), INVALID),
     }[kind]
+    return P.encode_option(opt, payload), final, opt
 
 
 #: How a client stream ends: (bytes, final reply type or None, event class or None).
@@ -715,9 +723,9 @@ SERVER_FAULTS = {
 }
 
 
-def final_replies(s: P.ServerHandshake) -> list[int]:
-    """The reply that ends each option's answer: ACK or an error."""
-    return [t for _, t in s.options_log if t == P.NBD_REP_ACK or t & P.NBD_REP_FLAG_ERROR]
+def final_replies(s: P.ServerHandshake) -> list[tuple[int, int]]:
+    """The reply that ends each option's answer (ACK or an error), with its option."""
+    return [(o, t) for o, t in s.options_log if t == P.NBD_REP_ACK or t & P.NBD_REP_FLAG_ERROR]
 
 
 @FUZZ
@@ -726,13 +734,15 @@ def final_replies(s: P.ServerHandshake) -> list[int]:
 def test_server_handshake_valid_stream_any_cutting(no_zeroes, options, ending, trailing, sizes):
     cflags = P.NBD_FLAG_C_FIXED_NEWSTYLE | (P.NBD_FLAG_C_NO_ZEROES if no_zeroes else 0)
     end_bytes, end_reply, end_event = ENDINGS[ending]
-    stream = struct.pack(">I", cflags) + b"".join(o for o, _ in options) + end_bytes
+    stream = struct.pack(">I", cflags) + b"".join(o for o, _, _ in options) + end_bytes
     if end_event is not None:
         stream += trailing  # transmission-phase bytes, not the handshake's
     s, events, _, exc = same_run(lambda: P.ServerHandshake(EXPORTS), stream, sizes)
     assert exc is None and s.error is None
     assert [type(e) for e in events] == ([end_event] if end_event else [])
-    expected = [r for _, r in options] + ([end_reply] if end_reply else [])
+    expected = [(o, r) for _, r, o in options]
+    if end_reply:
+        expected.append((P.NBD_OPT_GO if ending == "go" else P.NBD_OPT_ABORT, end_reply))
     assert final_replies(s) == expected
     assert s.no_zeroes == no_zeroes
     if end_event is P.HandshakeDone:
@@ -744,10 +754,10 @@ def test_server_handshake_valid_stream_any_cutting(no_zeroes, options, ending, t
 @given(st.lists(client_options(), max_size=4), st.sampled_from(sorted(SERVER_FAULTS)), CUTS)
 def test_server_handshake_violation_is_a_sticky_error(options, fault, sizes):
     fault_bytes, message = SERVER_FAULTS[fault]
-    stream = struct.pack(">I", P.NBD_FLAG_C_FIXED_NEWSTYLE) + b"".join(o for o, _ in options)
+    stream = struct.pack(">I", P.NBD_FLAG_C_FIXED_NEWSTYLE) + b"".join(o for o, _, _ in options)
     s, events, _, exc = same_run(lambda: P.ServerHandshake(EXPORTS), stream + fault_bytes, sizes)
     assert events == []
-    assert final_replies(s) == [r for _, r in options]  # every option before it was answered
+    assert final_replies(s) == [(o, r) for _, r, o in options]  # every option was answered
     assert isinstance(exc, P.ProtocolError) and message in str(exc)
     assert_error_state(s, exc, P.encode_option(P.NBD_OPT_LIST))
     assert s.data_to_send() == b""  # no answer to the LIST after the error
