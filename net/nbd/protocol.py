@@ -515,7 +515,6 @@ class ClientHandshake:
         self.structured_replies = False
         self._info: dict[str, object] = {}
         self._exports: list[tuple[str, str]] = []
-        self._done_event: object | None = None
         self.option_replies: list[OptionReply] = []
         self.error: HandshakeFailed | None = None
 

@@ -120,6 +120,9 @@ async def test_ack_carries_memalloc_only_with_patch_7(patches):
     nbd = Sock(k, FakeRaw(), "nbd0")
     nbd.sk_set_memalloc()
     assert bool(nbd.sk_gfp_atomic(GFP.HIGH) & GFP.MEMALLOC) == (patches == "swapnbd")
+    # An ordinary socket's ACKs never get the reserves, whatever the kernel.
+    other = Sock(k, FakeRaw(), "bg0")
+    assert other.sk_gfp_atomic(GFP.HIGH) == GFP.HIGH
 
 
 @pytest.mark.parametrize("patches,task_flags,memalloc_bit,expect", [

@@ -104,6 +104,45 @@ def test_export_name_fallback_when_go_unsupported():
     assert isinstance(ev, P.HandshakeDone) and ev.info.size == 12345 and ev.info.flags == 3
 
 
+@pytest.mark.parametrize("no_zeroes", [False, True])
+def test_export_name_fallback_reply_with_and_without_zeroes(no_zeroes):
+    """The EXPORT_NAME reply is 10 bytes with NO_ZEROES (offered by the server,
+    echoed by the client), else 134; bytes after it belong to transmission."""
+    greeting_flags = P.NBD_FLAG_FIXED_NEWSTYLE | (P.NBD_FLAG_NO_ZEROES if no_zeroes else 0)
+    c = P.ClientHandshake("x", structured_replies=True)
+    c.receive_data(P.encode_greeting(greeting_flags))
+    assert c.next_event() is P.NEED_DATA
+    sent = c.data_to_send()
+    assert struct.unpack(">I", sent[:4])[0] == greeting_flags  # the client's flags echo them
+    c.receive_data(P.encode_option_reply(P.NBD_OPT_STRUCTURED_REPLY, P.NBD_REP_ERR_UNSUP)
+                   + P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_ERR_UNSUP))
+    assert c.next_event() is P.NEED_DATA and not c.finished
+    assert c.data_to_send().endswith(P.encode_option(P.NBD_OPT_EXPORT_NAME, b"x"))
+    reply = struct.pack(">QH", 12345, 3) + (b"" if no_zeroes else bytes(124))
+    c.receive_data(reply[:-1])
+    assert c.next_event() is P.NEED_DATA  # one byte short
+    c.receive_data(reply[-1:] + b"TX")
+    ev = c.next_event()
+    assert ev == P.HandshakeDone(P.ExportInfo("x", 12345, 3), structured_replies=False)
+    assert ev.structured_replies is False and ev.info.structured_replies is False
+    assert c.finished and c.trailing_data() == b"TX"
+    assert [(r.option, r.reply_type) for r in c.option_replies] == [
+        (P.NBD_OPT_STRUCTURED_REPLY, P.NBD_REP_ERR_UNSUP), (P.NBD_OPT_GO, P.NBD_REP_ERR_UNSUP)]
+
+
+def test_option_reply_length_limit():
+    """An option reply of exactly NBD_MAX_OPTION_DATA bytes is read; one more is refused."""
+    big = struct.pack(">H", P.NBD_INFO_DESCRIPTION) + b"d" * (P.NBD_MAX_OPTION_DATA - 2)
+    c = go_client("x")
+    c.receive_data(P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_INFO, big) + info_export()
+                   + P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_ACK))
+    assert len(c.next_event().info.description) == P.NBD_MAX_OPTION_DATA - 2
+    c = go_client("x")
+    c.receive_data(P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_INFO, big + b"d"))
+    with pytest.raises(P.HandshakeFailed, match="too long"):
+        c.next_event()
+
+
 def test_plain_newstyle_server_uses_export_name():
     c = P.ClientHandshake("")
     c.receive_data(P.encode_greeting(0))
