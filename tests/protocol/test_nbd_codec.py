@@ -13,7 +13,7 @@ import random
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from net.nbd import protocol as P
@@ -649,29 +649,47 @@ LARGE = P.RequestParser.LARGE_PAYLOAD
 U64 = st.integers(0, 2**64 - 1)
 
 
+def request_stream(max_payload: int, specs) -> tuple[int, bytes, list]:
+    """(max_payload, wire bytes, the Requests they encode) for (cmd, flags, cookie,
+    offset, length) specs; a WRITE's payload is made from its cookie."""
+    wire, expected = bytearray(), []
+    for cmd, flags, cookie, offset, length in specs:
+        wire += P.encode_request(cmd, cookie, offset, length, flags)
+        if cmd != P.NBD_CMD_WRITE:
+            expected.append(P.Request(cmd, flags, cookie, offset, length))
+            continue
+        payload = random.Random(cookie).randbytes(length)
+        wire += payload
+        if length > max_payload:
+            expected.append(P.Request(cmd, flags, cookie, offset, length, None, True))
+        else:
+            expected.append(P.Request(cmd, flags, cookie, offset, length, payload))
+    return max_payload, bytes(wire), expected
+
+
 @st.composite
 def request_streams(draw):
-    """(max_payload, wire bytes, the Requests they encode). WRITE payloads are
-    small, or around LARGE_PAYLOAD (assembled in place, or drained when over
-    max_payload)."""
+    """Request streams. WRITE payloads are small, or around LARGE_PAYLOAD
+    (assembled in place, or drained when over max_payload)."""
     max_payload = draw(st.sampled_from([256, 1 << 20]))
-    wire, expected = bytearray(), []
+    specs = []
     for _ in range(draw(st.integers(0, 6))):
         cmd = draw(st.sampled_from(REQUEST_CMDS))
-        flags, cookie, offset = draw(st.integers(0, 0xFFFF)), draw(U64), draw(U64)
         if cmd == P.NBD_CMD_WRITE:
             length = draw(st.one_of(st.integers(0, 300), st.integers(LARGE - 4, LARGE + 4)))
-            payload = random.Random(cookie).randbytes(length)
-            wire += P.encode_request(cmd, cookie, offset, length, flags) + payload
-            if length > max_payload:
-                expected.append(P.Request(cmd, flags, cookie, offset, length, None, True))
-            else:
-                expected.append(P.Request(cmd, flags, cookie, offset, length, payload))
         else:
             length = draw(st.integers(0, 2**32 - 1))
-            wire += P.encode_request(cmd, cookie, offset, length, flags)
-            expected.append(P.Request(cmd, flags, cookie, offset, length))
-    return max_payload, bytes(wire), expected
+        specs.append((cmd, draw(st.integers(0, 0xFFFF)), draw(U64), draw(U64), length))
+    return request_stream(max_payload, specs)
+
+
+#: Always tried, however few examples run: a payload at max_payload and one over
+#: it, and one assembled in place, each between two other requests.
+W, R = P.NBD_CMD_WRITE, P.NBD_CMD_READ
+REQUEST_EXAMPLES = [
+    request_stream(256, [(R, 1, 2, 3, 4), (W, 5, 6, 7, 256), (W, 8, 9, 10, 257), (R, 11, 12, 13, 14)]),
+    request_stream(1 << 20, [(R, 1, 2, 3, 4), (W, 5, 6, 7, LARGE), (R, 8, 9, 10, 11)]),
+]
 
 
 def not_request_magic(junk: bytes) -> bytes:
@@ -682,6 +700,9 @@ def not_request_magic(junk: bytes) -> bytes:
 
 @FUZZ
 @given(request_streams(), CUTS, st.booleans())
+@example(REQUEST_EXAMPLES[0], [7, 100, 3], False)
+@example(REQUEST_EXAMPLES[1], [40, 1000, 100_000], True)
+@example(REQUEST_EXAMPLES[1], [40, 1000, 100_000], False)
 def test_request_parser_valid_stream_any_cutting(stream, sizes, use_view):
     max_payload, wire, expected = stream
     p, events, _, exc = same_run(lambda: P.RequestParser(max_payload), wire, sizes, use_view)
