@@ -10,6 +10,13 @@ returns a small frozen event object or the sentinel :data:`NEED_DATA`.  Bytes
 to send are returned by the methods that produce them, or collected with
 ``data_to_send()``.
 
+Errors: a machine that raises :class:`ProtocolError` (:class:`HandshakeFailed`
+for the client handshake) is in its error state from then on, as an h11
+connection is once the peer's state is ERROR: its ``error`` attribute holds
+that exception and every later ``next_event()`` raises it again, whatever
+bytes are fed after it.  (``error`` is None until then.)  The connection
+cannot continue; nothing more is parsed.
+
 Contents:
 
 * constants with the spec's names (``NBD_CMD_*``, ``NBD_FLAG_*``,
@@ -483,7 +490,8 @@ class ClientHandshake:
 
     Usage: ``receive_data(bytes)``; ``next_event()`` → NEED_DATA,
     :class:`HandshakeDone` or :class:`ExportList`; after every call send
-    ``data_to_send()``.  Errors raise :class:`HandshakeFailed`.  After
+    ``data_to_send()``.  Errors raise :class:`HandshakeFailed` (then the
+    error state: module docstring).  After
     HandshakeDone, ``trailing_data()`` returns bytes received beyond the
     handshake (belonging to the transmission phase).
     """
@@ -513,8 +521,8 @@ class ClientHandshake:
         self.structured_replies = False
         self._info: dict[str, object] = {}
         self._exports: list[tuple[str, str]] = []
-        self._done_event: object | None = None
         self.option_replies: list[OptionReply] = []
+        self.error: HandshakeFailed | None = None
 
     # -- plumbing
     def receive_data(self, data: bytes) -> None:
@@ -563,10 +571,13 @@ class ClientHandshake:
         self._state = "export_name"
 
     def _fail(self, msg: str) -> HandshakeFailed:
-        self._state = "failed"
-        return HandshakeFailed(msg)
+        """The error state (next_event raises ``error`` from now on)."""
+        self.error = HandshakeFailed(msg)
+        return self.error
 
     def next_event(self):
+        if self.error is not None:
+            raise self.error
         while True:
             st = self._state
             buf = self._in
@@ -604,7 +615,7 @@ class ClientHandshake:
                 self._state = "done"
                 info = ExportInfo(name=self.export_name, size=size, flags=flags, structured_replies=self.structured_replies)
                 return HandshakeDone(info=info, structured_replies=self.structured_replies)
-            if st in ("done", "failed"):
+            if st == "done":
                 return NEED_DATA
             # All remaining states read option replies.
             if buf.available() < 20:
@@ -744,7 +755,8 @@ class ServerHandshake:
     the selected export, as an :class:`ExportInfo`), :class:`HandshakeAborted`.
     Raises :class:`ProtocolError` when the spec says the server must (or may)
     hard-close: unknown client flags, bad option magic, EXPORT_NAME of an
-    unknown export, oversized option data, too many options.
+    unknown export, oversized option data, too many options; it is then in
+    its error state (module docstring).
     """
 
     def __init__(
@@ -765,6 +777,7 @@ class ServerHandshake:
         self._options_seen = 0
         self.max_options = max_options
         self.options_log: list[tuple[int, int]] = []  # (option, reply type)
+        self.error: ProtocolError | None = None
 
     def greeting(self) -> bytes:
         return encode_greeting(self._hflags)
@@ -793,6 +806,11 @@ class ServerHandshake:
     def _err(self, option: int, rtype: int, message: str) -> None:
         self._reply(option, rtype, message.encode()[:NBD_MAX_STRING])
 
+    def _fail(self, msg: str) -> ProtocolError:
+        """Hard close: the error state (next_event raises ``error`` from now on)."""
+        self.error = ProtocolError(msg)
+        return self.error
+
     def _export_info(self, exp: ServerExport) -> ExportInfo:
         flags = exp.flags
         if not self.structured_replies:
@@ -809,6 +827,8 @@ class ServerHandshake:
         )
 
     def next_event(self):
+        if self.error is not None:
+            raise self.error
         while True:
             buf = self._in
             st = self._state
@@ -818,8 +838,7 @@ class ServerHandshake:
                 (cflags,) = _U32_unpack_from(buf.buf, buf.pos)
                 buf.pos += 4
                 if cflags & ~self._hflags:
-                    self._state = "closed"
-                    raise ProtocolError(f"client sent unknown or unoffered flags 0x{cflags:08x}")
+                    raise self._fail(f"client sent unknown or unoffered flags 0x{cflags:08x}")
                 self.no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
                 self._state = "options"
                 continue
@@ -829,19 +848,16 @@ class ServerHandshake:
                 return NEED_DATA
             magic, opt, length = _OPT.unpack_from(buf.buf, buf.pos)
             if magic != IHAVEOPT:
-                self._state = "closed"
-                raise ProtocolError(f"bad option magic 0x{magic:016x}")
+                raise self._fail(f"bad option magic 0x{magic:016x}")
             if length > NBD_MAX_OPTION_DATA:
-                self._state = "closed"
-                raise ProtocolError(f"option {opt} data too long ({length} bytes)")
+                raise self._fail(f"option {opt} data too long ({length} bytes)")
             if buf.available() < 16 + length:
                 return NEED_DATA
             buf.pos += 16
             data = buf.take(length)
             self._options_seen += 1
             if self._options_seen > self.max_options:
-                self._state = "closed"
-                raise ProtocolError("too many options in the handshake")
+                raise self._fail("too many options in the handshake")
             ev = self._handle_option(opt, data)
             if ev is not None:
                 return ev
@@ -851,12 +867,10 @@ class ServerHandshake:
             try:
                 name = data.decode()
             except UnicodeDecodeError:
-                self._state = "closed"
-                raise ProtocolError("NBD_OPT_EXPORT_NAME with a name that is not UTF-8") from None
+                raise self._fail("NBD_OPT_EXPORT_NAME with a name that is not UTF-8") from None
             exp = self.lookup(name)
             if exp is None or self.shutting_down:
-                self._state = "closed"
-                raise ProtocolError(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
+                raise self._fail(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
             info = self._export_info(exp)
             self._out += _EXPORT_NAME_REPLY.pack(info.size, info.flags)
             if not self.no_zeroes:
@@ -950,10 +964,11 @@ class TransmissionClient:
     replies, READ chunks are assembled into one Reply at the DONE chunk
     (holes read as zeroes; the first ERROR chunk's value becomes ``error``).
     Raises :class:`ProtocolError` on bad magic, unknown cookies or malformed
-    chunks.
+    chunks, and from then on is in its error state (module docstring).
     """
 
-    __slots__ = ("_buf", "_pos", "_pending", "structured_replies", "_chunks", "_perr", "_roff")
+    __slots__ = ("_buf", "_pos", "_pending", "structured_replies", "_chunks", "_perr", "_roff",
+                 "error")
 
     def __init__(self, structured_replies: bool = False) -> None:
         self._buf = bytearray()
@@ -964,6 +979,7 @@ class TransmissionClient:
         self._chunks: dict[int, list] = {}
         self._roff: dict[int, int] = {}  # READ offsets (structured replies only)
         self._perr: dict[int, int] = {}
+        self.error: ProtocolError | None = None
 
     @property
     def in_flight(self) -> int:
@@ -999,28 +1015,10 @@ class TransmissionClient:
         buf += data
 
     def next_event(self):
-        buf = self._buf
-        pos = self._pos
-        avail = len(buf) - pos
-        if avail < 16:
-            return NEED_DATA
-        (magic,) = _U32_unpack_from(buf, pos)
-        if magic == NBD_SIMPLE_REPLY_MAGIC:
-            return self._simple(buf, pos, avail)
-        while magic == NBD_STRUCTURED_REPLY_MAGIC:
-            if not self.structured_replies:
-                raise ProtocolError("structured reply without NBD_OPT_STRUCTURED_REPLY")
-            if avail < 20:
-                return NEED_DATA
-            _, cflags, ctype, cookie, plen = _chunk_unpack_from(buf, pos)
-            if avail < 20 + plen:
-                if plen > (1 << 26):
-                    raise ProtocolError(f"structured reply chunk too long ({plen})")
-                return NEED_DATA
-            self._pos = pos + 20 + plen
-            ev = self._chunk(cflags, ctype, cookie, pos + 20, plen)
-            if ev is not None:
-                return ev
+        if self.error is not None:
+            raise self.error
+        try:
+            buf = self._buf
             pos = self._pos
             avail = len(buf) - pos
             if avail < 16:
@@ -1028,7 +1026,31 @@ class TransmissionClient:
             (magic,) = _U32_unpack_from(buf, pos)
             if magic == NBD_SIMPLE_REPLY_MAGIC:
                 return self._simple(buf, pos, avail)
-        raise ProtocolError(f"bad reply magic 0x{magic:08x}")
+            while magic == NBD_STRUCTURED_REPLY_MAGIC:
+                if not self.structured_replies:
+                    raise ProtocolError("structured reply without NBD_OPT_STRUCTURED_REPLY")
+                if avail < 20:
+                    return NEED_DATA
+                _, cflags, ctype, cookie, plen = _chunk_unpack_from(buf, pos)
+                if avail < 20 + plen:
+                    if plen > (1 << 26):
+                        raise ProtocolError(f"structured reply chunk too long ({plen})")
+                    return NEED_DATA
+                self._pos = pos + 20 + plen
+                ev = self._chunk(cflags, ctype, cookie, pos + 20, plen)
+                if ev is not None:
+                    return ev
+                pos = self._pos
+                avail = len(buf) - pos
+                if avail < 16:
+                    return NEED_DATA
+                (magic,) = _U32_unpack_from(buf, pos)
+                if magic == NBD_SIMPLE_REPLY_MAGIC:
+                    return self._simple(buf, pos, avail)
+            raise ProtocolError(f"bad reply magic 0x{magic:08x}")
+        except ProtocolError as exc:
+            self.error = exc  # the error state
+            raise
 
     def _simple(self, buf: bytearray, pos: int, avail: int):
         _, error, cookie = _simple_unpack_from(buf, pos)
@@ -1101,6 +1123,7 @@ class TransmissionClient:
         base = roff if roff is not None else min(off for off, _ in chunks)
         out = bytearray(length)
         covered = 0
+        spans = []
         for off, item in chunks:
             rel = off - base
             n = item if isinstance(item, int) else len(item)
@@ -1108,7 +1131,13 @@ class TransmissionClient:
                 raise ProtocolError("data chunk outside the requested range")
             if not isinstance(item, int):
                 out[rel : rel + n] = item
+            spans.append((rel, n))
             covered += n
+        end = 0
+        for rel, n in sorted(spans):  # the spec: chunks MUST NOT overlap
+            if rel < end:
+                raise ProtocolError("overlapping data chunks")
+            end = rel + n
         if covered != length:
             raise ProtocolError(f"READ chunks cover {covered} of {length} bytes")
         return Reply(cookie, 0, bytes(out))
@@ -1126,7 +1155,8 @@ class RequestParser:
     A WRITE longer than ``max_payload`` is not buffered: its payload is
     consumed and discarded as it arrives, then a Request with
     ``oversized=True`` and ``payload=None`` is returned.  Raises
-    :class:`ProtocolError` on a bad request magic (framing is lost).
+    :class:`ProtocolError` on a bad request magic (framing is lost), and from
+    then on is in its error state (module docstring).
     ``partial`` tells whether a request is half received (for timeouts).
 
     Large WRITE payloads (≥ ``LARGE_PAYLOAD``) are assembled in their own
@@ -1137,7 +1167,8 @@ class RequestParser:
 
     LARGE_PAYLOAD = 65536
 
-    __slots__ = ("_buf", "_pos", "max_payload", "_drain", "_drain_req", "_payload", "_pfill", "_preq")
+    __slots__ = ("_buf", "_pos", "max_payload", "_drain", "_drain_req", "_payload", "_pfill", "_preq",
+                 "error")
 
     def __init__(self, max_payload: int = NBD_DEFAULT_MAX_BLOCK) -> None:
         self._buf = bytearray()
@@ -1148,6 +1179,7 @@ class RequestParser:
         self._payload: bytearray | None = None
         self._pfill = 0
         self._preq: tuple | None = None
+        self.error: ProtocolError | None = None
 
     @property
     def partial(self) -> bool:
@@ -1189,54 +1221,60 @@ class RequestParser:
         buf += data
 
     def next_event(self):
-        if self._drain_req is not None:
-            if self._drain:
-                return NEED_DATA
-            req = self._drain_req
-            self._drain_req = None
-            return req
-        if self._payload is not None:
-            if self._pfill < len(self._payload):
-                return NEED_DATA
-            flags, cmd, cookie, offset, length = self._preq  # type: ignore[misc]
-            req = Request(cmd, flags, cookie, offset, length, self._payload)
-            self._payload = None
-            self._preq = None
-            return req
-        buf = self._buf
-        pos = self._pos
-        avail = len(buf) - pos
-        if avail < 28:
-            return NEED_DATA
-        magic, flags, cmd, cookie, offset, length = _req_unpack_from(buf, pos)
-        if magic != NBD_REQUEST_MAGIC:
-            raise ProtocolError(f"bad request magic 0x{magic:08x}")
-        if cmd == NBD_CMD_WRITE:
-            if length > self.max_payload:
-                # Drain without buffering.
-                have = min(avail - 28, length)
-                self._pos = pos + 28 + have
-                self._drain = length - have
-                req = Request(cmd, flags, cookie, offset, length, None, True)
+        if self.error is not None:
+            raise self.error
+        try:
+            if self._drain_req is not None:
                 if self._drain:
-                    self._drain_req = req
                     return NEED_DATA
+                req = self._drain_req
+                self._drain_req = None
                 return req
-            if avail < 28 + length:
-                if length >= self.LARGE_PAYLOAD:
-                    # Assemble in place; the rest of the buffer is all payload.
-                    have = avail - 28
-                    payload = bytearray(length)
-                    with memoryview(buf) as mv:
-                        payload[:have] = mv[pos + 28 : pos + 28 + have]
-                    self._pos = len(buf)
-                    self._payload = payload
-                    self._pfill = have
-                    self._preq = (flags, cmd, cookie, offset, length)
+            if self._payload is not None:
+                if self._pfill < len(self._payload):
+                    return NEED_DATA
+                flags, cmd, cookie, offset, length = self._preq  # type: ignore[misc]
+                req = Request(cmd, flags, cookie, offset, length, self._payload)
+                self._payload = None
+                self._preq = None
+                return req
+            buf = self._buf
+            pos = self._pos
+            avail = len(buf) - pos
+            if avail < 28:
                 return NEED_DATA
-            with memoryview(buf) as mv:
-                payload = bytes(mv[pos + 28 : pos + 28 + length])
-            self._pos = pos + 28 + length
-            return Request(cmd, flags, cookie, offset, length, payload)
-        self._pos = pos + 28
-        return Request(cmd, flags, cookie, offset, length)
+            magic, flags, cmd, cookie, offset, length = _req_unpack_from(buf, pos)
+            if magic != NBD_REQUEST_MAGIC:
+                raise ProtocolError(f"bad request magic 0x{magic:08x}")
+            if cmd == NBD_CMD_WRITE:
+                if length > self.max_payload:
+                    # Drain without buffering.
+                    have = min(avail - 28, length)
+                    self._pos = pos + 28 + have
+                    self._drain = length - have
+                    req = Request(cmd, flags, cookie, offset, length, None, True)
+                    if self._drain:
+                        self._drain_req = req
+                        return NEED_DATA
+                    return req
+                if avail < 28 + length:
+                    if length >= self.LARGE_PAYLOAD:
+                        # Assemble in place; the rest of the buffer is all payload.
+                        have = avail - 28
+                        payload = bytearray(length)
+                        with memoryview(buf) as mv:
+                            payload[:have] = mv[pos + 28 : pos + 28 + have]
+                        self._pos = len(buf)
+                        self._payload = payload
+                        self._pfill = have
+                        self._preq = (flags, cmd, cookie, offset, length)
+                    return NEED_DATA
+                with memoryview(buf) as mv:
+                    payload = bytes(mv[pos + 28 : pos + 28 + length])
+                self._pos = pos + 28 + length
+                return Request(cmd, flags, cookie, offset, length, payload)
+            self._pos = pos + 28
+            return Request(cmd, flags, cookie, offset, length)
+        except ProtocolError as exc:
+            self.error = exc  # the error state
+            raise

@@ -1,8 +1,10 @@
 """Whole-machine stress tests (pytest-trio), through the ``machine`` fixture of
 emulator/testing.py: a small machine swaps over real NBD and completes with
 verified data; a machine whose NBD server never replies is declared locked up
-by the watchdog (and ``swapnbd run`` exits 3); a server that corrupts what it
-returns makes the run fail with integrity errors.
+by the watchdog (and ``swapnbd run`` exits 3), at the configured lockup
+timeout; a server that corrupts what it returns makes the run fail with
+integrity errors (the swap-in checksum), and so does one that returns another
+page's intact bytes (the workload's data check).
 
 The misbehaving servers are tiny trio NBD servers written here on top of the
 sans-I/O handshake of net/nbd/protocol.py, so that nothing of the project's own
@@ -20,6 +22,7 @@ import pytest
 import trio
 
 from actors.watchdog import HUNG_TASK_TIMEOUT_S
+from emulator.config import RunConfig
 from net.nbd import protocol as P
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,17 +47,22 @@ class TinyNBDServer:
 
     * ``mode="silent"``: reads every request and never answers;
     * ``mode="corrupt"``: stores WRITE payloads in a dict and answers READs
-      with the stored bytes, one byte flipped in every 4 KiB page.
+      with the stored bytes, one byte flipped in every 4 KiB page;
+    * ``mode="misdirect"``: stores WRITE payloads and answers a READ of each
+      4 KiB page with the page last written to its partner slot (slots 2n and
+      2n+1 swapped; the page's own bytes when its partner was never written):
+      intact pages, each with a valid checksum, of the wrong slot.
     """
 
     def __init__(self, mode: str, size: int = 1 << 30) -> None:
-        assert mode in ("silent", "corrupt")
+        assert mode in ("silent", "corrupt", "misdirect")
         self.mode = mode
         self.size = size
         self.port: int | None = None
         self.requests = 0
         self.connections = 0
         self.store: dict[int, bytes] = {}
+        self.misdirected = 0  # pages answered with another slot's bytes
 
     @property
     def url(self) -> str:
@@ -94,7 +102,7 @@ class TinyNBDServer:
                     if req is P.NEED_DATA:
                         break
                     self.requests += 1
-                    if self.mode == "corrupt":
+                    if self.mode != "silent":
                         await stream.send_all(self.answer(req))
                 data = await stream.receive_some(65536)
                 if not data:
@@ -111,9 +119,16 @@ class TinyNBDServer:
         if req.cmd == P.NBD_CMD_READ:
             out = bytearray()
             for i in range(0, req.length, 4096):
-                out += self.store.get(req.offset + i, bytes(4096))
-            for i in range(0, len(out), 4096):
-                out[i + 100] ^= 0xFF  # flip one byte of every page
+                own = self.store.get(req.offset + i, bytes(4096))
+                if self.mode == "misdirect":
+                    partner = self.store.get((req.offset + i) ^ 4096)
+                    if partner is not None and partner != own:
+                        self.misdirected += 1
+                        own = partner
+                out += own
+            if self.mode == "corrupt":
+                for i in range(0, len(out), 4096):
+                    out[i + 100] ^= 0xFF  # flip one byte of every page
             return P.encode_simple_reply(req.cookie, 0, bytes(out))
         return P.encode_simple_reply(req.cookie)
 
@@ -181,6 +196,26 @@ async def test_never_replying_server_is_a_lockup(machine, nursery):
     assert m.events[-1]["event"] == "run_end" and m.events[-1]["outcome"] == "lockup"
 
 
+async def test_lockup_is_declared_at_the_configured_timeout(machine):
+    """Targets: a watchdog that ignores ``run.lockup_timeout_s`` (always the
+    default, 20 s). A machine in the certain 3.5 deadlock (vanilla, no clean page
+    cache: a closed wait-for cycle) with a timeout of 7 s: the stall the ``lockup``
+    event records is at least 7 s (no lockup before the timeout) and below the
+    default (the configured value, not the default, was used) and far below the
+    hung-task time, which a cycle does not wait for."""
+    default = RunConfig().lockup_timeout_s
+    timeout = 7.0
+    with trio.fail_after(default + LOCKUP_MARGIN_S + 60):
+        m = await machine(QUICK, "kernel.patches=vanilla", "machine.slab=slub",
+                          "machine.page_cache_mib=0", f"run.lockup_timeout_s={timeout}")
+        r = await m.wait_done(timeout=default + LOCKUP_MARGIN_S + 30)
+    assert r.outcome == "lockup", r.outcome
+    (event,) = m.events_named("lockup")
+    stalled = event["diagnosis"]["stalled_s"]
+    assert timeout <= stalled < default
+    assert r.diagnosis["stalled_s"] == stalled and r.diagnosis["cycle"]
+
+
 async def test_cli_run_against_never_replying_server_exits_3(nursery, tmp_path):
     srv = await nursery.start(TinyNBDServer("silent").serve)
     log = tmp_path / "run.jsonl"
@@ -212,6 +247,33 @@ async def test_corrupted_swap_data_fails_the_run(machine, nursery):
     end = m.events[-1]
     assert end["event"] == "run_end" and end["outcome"] == "failed"
     assert end["integrity_errors"] == r.integrity_errors
+
+
+async def test_intact_page_of_the_wrong_slot_fails_the_data_check(machine, nursery):
+    """Targets: a disabled or wrong workload data check (actors/workloads.py,
+    usemem's "Data wrong at offset" comparison of the word written last pass).
+
+    The server answers reads with the partner slot's page: well-formed bytes
+    with a valid CRC, so end_swap_bio_read accepts every page and only the
+    workload's comparison can see that the (pid, page, pass) is not the one
+    it wrote. Without that check this run completes with no integrity error."""
+    srv = await nursery.start(TinyNBDServer("misdirect").serve)
+    with trio.fail_after(150):
+        m = await machine(QUICK, *SMALL, f"swap.server={srv.url!r}")
+        r = await m.wait_done()
+    assert srv.misdirected > 0  # wrong pages did go back to the machine
+    errors = m.events_named("integrity_error")
+    assert errors and r.integrity_errors == len(errors)
+    # Every error is the data check's; none is a failed checksum or read.
+    assert {e["what"] for e in errors} == {"Data wrong at offset"}
+    for e in errors:
+        # What was found is an intact page's word, just not this page's.
+        found = list(e["found"])
+        assert len(found) == 3 and found != list(e["expected"])
+        assert found[:2] != [e["pid"], e["vaddr"]]  # another page's (pid, page)
+    assert r.outcome == "failed" and r.exit_status == 4
+    end = m.events[-1]
+    assert end["event"] == "run_end" and end["outcome"] == "failed"
 
 
 async def test_machine_swaps_to_the_nbd_server_fixture(machine, nbd_server):

@@ -13,7 +13,8 @@ import trio
 from page_holder import Holder
 
 from emulator.config import from_dict
-from emulator.flags import GFP_KERNEL, GFP_NOFS, GFP_NOIO, PF
+from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_KERNEL, GFP_NOFS, GFP_NOIO, PF
+from emulator.mm.page import PG, Owner
 from emulator.kernel import Kernel
 
 ALL = list(range(1, 17))
@@ -164,6 +165,30 @@ async def test_non_fs_caller_woken_early_by_kswapd(autojump_clock):
     assert done[0] - start == pytest.approx(k.hz(0.5))
 
 
+@pytest.mark.parametrize("gfp", [GFP_KERNEL, GFP_NOIO])
+async def test_a_wake_up_while_memory_is_still_low_does_not_end_the_throttle(autojump_clock, gfp):
+    """wait_event re-checks its condition: prepare_kswapd_sleep wakes pfmemalloc_wait
+    whenever anyone waits on it, but a waiter whose watermark is still not ok goes
+    back to sleep (until the wake-up that finds it ok, or, without __GFP_FS, the
+    HZ timeout)."""
+    k = make_kernel()
+    h = Holder(k)
+    h.set_free(threshold(k))
+    t = k.new_task("usemem", cpu=0)
+    done = []
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(_throttle, k, gfp, t, done)
+        await trio.sleep(k.hz(0.25))
+        assert k.vmscan.prepare_kswapd_sleep(0, 0) is False  # wakes the queue
+        await trio.sleep(k.hz(0.25))
+        assert not done and t.wchan == "throttle_direct_reclaim"
+        if gfp & GFP.FS:
+            h.set_free(threshold(k) + 1)
+            k.vmscan.prepare_kswapd_sleep(0, 0)
+    assert done[0] - start == pytest.approx(k.hz(0.5) if gfp & GFP.FS else k.hz(1.0))
+
+
 async def test_fatal_signal_ends_the_killable_wait(autojump_clock):
     k = make_kernel()
     h = Holder(k)
@@ -190,3 +215,88 @@ async def test_a_killed_task_skips_reclaim_only_with_patch_15(autojump_clock, pa
     t.fatal_signal = True
     assert await k.vmscan.try_to_free_pages(GFP_KERNEL, 0, t) >= 1
     assert (k.vmstat["allocstall"] == 1) is reclaims
+
+
+# -- kswapd's wake-up inside balance_pgdat ----------------------------------------------------
+class PageCacheFiller:
+    """Memory taken as fast as kswapd frees it: every page above ``target`` free
+    goes straight into the page cache (clean, on the inactive file list), as a
+    reader streaming a large file would use it. kswapd always finds pages to
+    reclaim and the zone never reaches its high watermark."""
+
+    def __init__(self, k: Kernel, target: int) -> None:
+        self.k = k
+        self.target = target
+
+    def fill(self) -> None:
+        k = self.k
+        zone = k.pgdat.zone
+        with k.lock:
+            while zone.nr_free_pages > self.target:
+                page = k.page_alloc.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS,
+                                                           Owner.FILE)
+                if page.pfmemalloc:  # a test device, not a pfmemalloc user
+                    page.pfmemalloc = False
+                    k.vmstat["nr_pfmemalloc_pages"] -= 1
+                page.flags |= PG.uptodate
+                k.vmscan.lru_cache_add_file(page)
+                k.nr_page_cache += 1
+                k.vmstat["nr_file_pages"] += 1
+
+
+async def test_kswapd_wakes_throttled_reclaimers_while_still_balancing(autojump_clock):
+    """Targets: removing kswapd's wake-up of pfmemalloc_wait inside balance_pgdat
+    (patch 15: "wake throttled direct reclaimers" once pfmemalloc_watermark_ok
+    holds, in the priority loop).
+
+    The zone never gets balanced (a page-cache reader takes every page above
+    the throttle threshold + 32, far below the high watermark), so kswapd never
+    leaves balance_pgdat and never calls prepare_kswapd_sleep, the other place
+    that wakes pfmemalloc_wait. The throttled task (GFP_KERNEL: no timeout)
+    can then only be released by the wake-up in the balancing loop."""
+    from actors.kswapd import create_kswapd, kswapd
+
+    k = make_kernel()
+    vmscan = k.vmscan
+    zone = k.pgdat.zone
+    sleep_checks = []
+    prepare = vmscan.prepare_kswapd_sleep
+
+    def spy(order, remaining):
+        sleep_checks.append(trio.current_time())
+        return prepare(order, remaining)
+
+    vmscan.prepare_kswapd_sleep = spy
+    # Below the threshold with room to spare: kswapd's frees between two
+    # refills must not lift free above it before the task is throttled.
+    reader = PageCacheFiller(k, threshold(k) - 32)
+    reader.fill()
+    kswapd_task = create_kswapd(k)
+    t = k.new_task("usemem", cpu=1)
+    done = []
+
+    async def read_until(predicate, rounds: int) -> None:
+        """Keep the reader going until ``predicate()``, or until kswapd has gone
+        round balance_pgdat's loop ``rounds`` more times."""
+        start = k.vmstat["pageoutrun"]
+        while not predicate() and k.vmstat["pageoutrun"] - start < rounds:
+            reader.fill()
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(kswapd, k, kswapd_task)  # free is low: it starts balancing at once
+        await read_until(lambda: False, 5)
+        n.start_soon(_throttle, k, GFP_KERNEL, t, done)
+        await read_until(lambda: t.pid in vmscan.throttled, 5)
+        assert t.pid in vmscan.throttled and t.wchan == "throttle_direct_reclaim"
+        checks_before = len(sleep_checks)
+        # Memory comes back, above the throttle threshold, still far below high.
+        reader.target = threshold(k) + 32
+        assert reader.target < zone.high_wmark_pages
+        await read_until(lambda: done, 50)
+        released = bool(done)
+        n.cancel_scope.cancel()
+    assert released, "the throttled task was never woken while kswapd balanced"
+    # kswapd never got as far as prepare_kswapd_sleep: the wake-up came from the loop.
+    assert len(sleep_checks) == checks_before
+    assert k.vmscan.throttle_events == 1
