@@ -108,24 +108,59 @@ clock = _Clock()
 
 
 class JsonLinesFile:
-    """The run log: one JSON object per line, flushed at every line so a killed
-    run leaves a readable (if incomplete) log."""
+    """The run log: one JSON object per line, written whole with one write() and
+    flushed at every line, so a killed run leaves a readable (if incomplete) log.
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
+    A write that fails (ENOSPC, EIO, EFBIG) cuts the file back to its last whole
+    line (ftruncate) and calls ``on_error`` once (the machine then stops the run
+    with outcome "log_error"); later lines are dropped, except one last try for
+    the line after ``final()`` (the run's ``run_end``)."""
+
+    def __init__(self, path: str | os.PathLike | None, on_error=None) -> None:
         self.path = path
-        self._fh: IO[str] | None = open(path, "w", encoding="utf-8") if path else None
+        self._fd: int | None = (os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+                                if path else None)
         self.lines = 0
+        self.size = 0  #: bytes of whole lines written
+        self.error: OSError | None = None
+        self.on_error = on_error
+        self._final = False
 
     def write(self, line: str) -> None:
-        if self._fh is not None:
-            self._fh.write(line + "\n")
-            self._fh.flush()
         self.lines += 1
+        if self._fd is None or (self.error is not None and not self._final):
+            return
+        self._final = False
+        data = (line + "\n").encode("utf-8")
+        try:
+            n = os.write(self._fd, data)
+            while n < len(data):  # a short write: the rest, or the error that stopped it
+                n += os.write(self._fd, data[n:])
+        except OSError as e:
+            self._cut()
+            if self.error is None:
+                self.error = e
+                if self.on_error is not None:
+                    self.on_error(e)
+            return
+        self.size += len(data)
+
+    def _cut(self) -> None:
+        """Back to the last whole line."""
+        try:
+            os.ftruncate(self._fd, self.size)
+            os.lseek(self._fd, self.size, os.SEEK_SET)
+        except OSError:
+            pass  # a device that cannot be truncated (/dev/full): nothing more to do
+
+    def final(self) -> None:
+        """The next line gets one more try even after an error (the run's last)."""
+        self._final = True
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _Sink:

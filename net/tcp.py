@@ -78,6 +78,7 @@ or by the delayed-ACK timer.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import math
 import socket
@@ -210,6 +211,7 @@ class TcpSock(Sock):
         self.size_goal = (GSO_MAX_SIZE - 1 - 20 - 32) // mss * mss  #: tcp_xmit_size_goal
         self.rx_bytes = 0
         self.tx_bytes = 0
+        self.shut_down = False  #: kernel_sock_shutdown() was called on it
 
     # ====================================================================================
     # The peer and the wire: what the NIC takes, and what the real socket carries.
@@ -813,6 +815,29 @@ class TcpSock(Sock):
     # ====================================================================================
     # Teardown and introspection.
     # ====================================================================================
+    def kernel_sock_shutdown(self) -> None:
+        """kernel_sock_shutdown(SHUT_RDWR), as the NBD driver's sock_shutdown does: the
+        real connection is shut down both ways (the peer sees end of file); here a
+        sender gets EPIPE and a receiver end of stream at once."""
+        try:
+            self.raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.shut_down = True
+        self.eof = True
+        self._set_error(self.error or errno.EPIPE)
+
+    def close(self) -> None:
+        """Close the real socket (the last fput of the socket file): wake whatever
+        waits on it first (trio's notify_closing), so that the NIC's interrupt
+        sources for it end."""
+        if self.raw.fileno() < 0:
+            return
+        if not self.error:
+            self._set_error(errno.EBADF)
+        trio.lowlevel.notify_closing(self.raw)
+        self.raw.close()
+
     def release(self, task: Task) -> None:
         """Free every skb the socket still holds (sock_release at shutdown)."""
         k = self.k
