@@ -166,7 +166,8 @@ def _in_reserve(d: dict) -> str:
 def explain(d: dict) -> str:
     w = d["wmark"]
     lines = [
-        f"LOCKUP: no page accessed and no I/O completed for {d['stalled_s']:.1f} s.",
+        f"LOCKUP: no page accessed and no I/O completed without an error for "
+        f"{d['stalled_s']:.1f} s.",
         f"Memory: {d['free']} pages free "
         f"(+{d.get('pcp', 0)} on per-cpu lists{_pcp_types(d)}{_in_reserve(d)}); "
         f"watermarks min {w['min']} / low {w['low']} / "

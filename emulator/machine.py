@@ -337,7 +337,8 @@ class Machine:
                                 procs, diagnosis=self._diagnosis, error=self._error,
                                 log_path=self.log_path, nbd_latency=lat, throttle=throttle,
                                 nbd_sender=sender, nbd=nbd, signal=self._signal)
-        log_vmstat(k, self._extra)
+        if outcome != "swap_unusable":  # else the machine never started: nothing to sample
+            log_vmstat(k, self._extra)
         tasks = [{"pid": t.pid, "comm": t.comm, "user_s": round(t.utime, 3),
                   "sys_s": round(t.stime, 3), "softirq_s": round(t.sirqtime, 3),
                   "allocstall": t.allocstall} for t in k.tasks.values()]
@@ -419,7 +420,8 @@ async def open_nbd_swap(host: str, port: int, export: str, swap_bytes: int,
     except socket.gaierror as e:
         raise SwapDeviceError(f"{where}: cannot resolve {host!r}: {_why(e)}") from None
     except (ConnectionError, OSError) as e:
-        raise SwapDeviceError(f"{where}: cannot connect: {_why(e)}") from None
+        why = os.strerror(e.errno).lower() if e.errno else str(e)
+        raise SwapDeviceError(f"{where}: cannot connect to {host}:{port}: {why}") from None
     stream = _CountingStream(trio.SocketStream(trio.socket.from_stdlib_socket(raw)))
     try:
         with trio.fail_after(timeout):

@@ -81,6 +81,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import math
+import os
 import socket
 import struct
 import termios
@@ -898,4 +899,6 @@ async def connect_raw(host: str, port: int) -> socket.socket:
         except OSError as e:
             last = e
             raw.close()
-    raise ConnectionError(f"cannot connect to {host}:{port}: {last}")
+    code = getattr(last, "errno", None)
+    why = os.strerror(code) if code else str(last)
+    raise ConnectionError(code or 0, f"cannot connect to {host}:{port}: {why}")
