@@ -75,16 +75,17 @@ async def reconnect(k: Kernel, dev: NBDDevice, task: Task, host: str, port: int,
     started = trio.current_time()
     attempts = 0
     raw = None
+    box: list = []
+
+    async def opennet() -> None:
+        try:
+            box.append(await connect_raw(host, port))
+        except (ConnectionError, OSError) as e:
+            box.append(e)
+
     while raw is None:
         attempts += 1
-        box: list = []
-
-        async def opennet() -> None:
-            try:
-                box.append(await connect_raw(host, port))
-            except (ConnectionError, OSError) as e:
-                box.append(e)
-
+        box.clear()
         await task.sleep_until(opennet, wchan="nbd-client(opennet)")
         if isinstance(box[0], BaseException):
             if attempts == 1:

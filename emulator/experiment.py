@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from emulator.config import ConfigError, load
+from emulator.config import ConfigError, load, packaged_configs
 from emulator.patches import PATCHES
 
 SEED_KERNELS = ["vanilla-slub", "swapnbd-slub", "vanilla-slab", "swapnbd-slab"]
@@ -77,7 +77,8 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs", help="directory for the runs' logs (default: runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override applied to every run (repeatable)")
-    p.add_argument("--configs", default="configs", help="directory holding the seed's configs")
+    p.add_argument("--configs", default=None,
+                   help="directory holding the seed's configs (default: the packaged ones)")
     p.add_argument("--slab", choices=["slab", "slub"], default="slub",
                    help="ablation: which slab allocator (default slub)")
     p.add_argument("--json", action="store_true", help="also write a JSON summary to OUT")
@@ -117,12 +118,13 @@ async def _run_all(plan: list[tuple[str, object, str]], console: Console):
 
 def _plan(args: argparse.Namespace, out: Path, overrides: list[str]) -> list:
     plan = []
+    configs = Path(args.configs) if args.configs else packaged_configs()
     if args.which == "seed":
         for name in SEED_KERNELS:
-            cfg = load(Path(args.configs) / f"{name}.toml", overrides)
+            cfg = load(configs / f"{name}.toml", overrides)
             plan.append((name, cfg, str(out / f"{name}.jsonl")))
     else:
-        base = Path(args.configs) / f"swapnbd-{args.slab}.toml"
+        base = configs / f"swapnbd-{args.slab}.toml"
         all_p = sorted(PATCHES)
         for n in all_p:
             cfg = load(base, [*overrides, f"kernel.patches={[p for p in all_p if p != n]}"])

@@ -37,7 +37,7 @@ DEFAULT_RATELIMIT_BURST = 10
 class RateLimitState:
     """struct ratelimit_state."""
 
-    __slots__ = ("interval", "burst", "printed", "missed", "begin", "total_missed")
+    __slots__ = ("begin", "burst", "interval", "missed", "printed", "total_missed")
 
     def __init__(self, interval: float, burst: int = DEFAULT_RATELIMIT_BURST) -> None:
         self.interval = interval

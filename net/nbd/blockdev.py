@@ -328,12 +328,17 @@ class NBDDevice(BlockDevice):
         saved = self._sock_xmit_begin(task)
         try:
             if self.xmit_timeout:
-                async with trio.open_nursery() as timer:
-                    timer.start_soon(self._xmit_timer, task, sock)
-                    try:
-                        await sock.tcp_sendmsg(task, data, more)
-                    finally:
-                        timer.cancel_scope.cancel()  # del_timer_sync
+                timer = trio.CancelScope()  # add_timer(): a timer outside the task
+
+                async def run_timer() -> None:
+                    with timer:
+                        await self._xmit_timer(task, sock)
+
+                self.nursery.start_soon(run_timer)
+                try:
+                    await sock.tcp_sendmsg(task, data, more)
+                finally:
+                    timer.cancel()  # del_timer_sync
             else:
                 await sock.tcp_sendmsg(task, data, more)
         except InterruptedError:
