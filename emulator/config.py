@@ -358,7 +358,7 @@ def resolve_config(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() or len(path.parts) != 1:
         return path
-    name = path.name[:-5] if path.name.endswith(".toml") else path.name
+    name = path.name.removesuffix(".toml")
     packaged = packaged_configs() / f"{name}.toml"
     return packaged if packaged.exists() else path
 

@@ -166,8 +166,8 @@ def _in_reserve(d: dict) -> str:
 def explain(d: dict) -> str:
     w = d["wmark"]
     lines = [
-        f"LOCKUP: no page accessed and no I/O completed without an error for "
-        f"{d['stalled_s']:.1f} s.",
+        (f"LOCKUP: no page accessed and no I/O completed without an error for "
+         f"{d['stalled_s']:.1f} s."),
         f"Memory: {d['free']} pages free "
         f"(+{d.get('pcp', 0)} on per-cpu lists{_pcp_types(d)}{_in_reserve(d)}); "
         f"watermarks min {w['min']} / low {w['low']} / "
@@ -215,7 +215,7 @@ def explain(d: dict) -> str:
                          "at once.")
         errs = nbd.get("errors")
         if errs:
-            lines.append(f"  Requests that ended with -EIO so far: "
+            lines.append("  Requests that ended with -EIO so far: "
                          + ", ".join(f"{k} {v}" for k, v in errs.items())
                          + " (a failed swap write leaves its page dirty: reclaim cannot free "
                            "it, and writes it again).")

@@ -116,6 +116,8 @@ class Machine:
         self._stop: trio.CancelScope | None = None
         self._file: logs.JsonLinesFile | None = None
         self._senders: list = []  # background traffic sender threads
+        self._run_start_logged = False
+        self._export: dict = {"server": cfg.swap.server}
 
     @property
     def sockets(self) -> list[TcpSock]:
@@ -193,13 +195,13 @@ class Machine:
                           "high": zone.watermark[2]},
                 "throttle_threshold": k.pgdat.reserve_pages() // 2,
                 "swap_pages": k.swap.max - 1})
+        self._run_start_logged = True
         log.info("run_start", t=0.0, schema=logs.SCHEMA_VERSION, config=cfg.to_dict(),
                  machine=machine)
 
     async def _boot_and_run(self, task_status) -> None:
         cfg = self.cfg
         k = self.k = boot_kernel(cfg)
-        self._export = {"server": cfg.swap.server}
         try:
             host, port, export, conn = await self._open_swap_device()
         except SwapDeviceError as e:
@@ -286,6 +288,8 @@ class Machine:
         if self._outcome is None:
             self._outcome = "interrupted"
             self._signal = signum
+            if not self._run_start_logged and self._file is not None:
+                self._log_run_start(self.k, self._export)  # the log starts with run_start
             log.warning("interrupted", signal=signal.Signals(signum).name)
         if self._stop is not None:
             self._stop.cancel()
@@ -302,6 +306,8 @@ class Machine:
         k = self.k
         elapsed = trio.current_time() - self._boot
         outcome = self._outcome or "error"
+        if not self._run_start_logged:  # ended before the swap device was checked
+            self._log_run_start(k, self._export)
         sig = signal.Signals(self._signal).name if self._signal else None
         if k is None:
             self.result = RunResult(outcome, elapsed, 0, {}, {}, {}, error=self._error,

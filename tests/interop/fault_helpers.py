@@ -124,7 +124,7 @@ class Run(Proc):
     """``swapnbd run`` as a process of its own, logging to ``log``."""
 
     def __init__(self, tmp: Path, *overrides: str, config: str = QUICK,
-                 extra_env: dict | None = None, preexec_fn=None) -> None:
+                 extra_env: dict | None = None) -> None:
         self.log = tmp / "run.jsonl"
         args = [sys.executable, "-m", "emulator.cli", "run", config, "--quiet",
                 "--log", str(self.log)]
@@ -133,10 +133,10 @@ class Run(Proc):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
         env.update(extra_env or {})
-        self.out = open(tmp / "stdout.txt", "w+")
-        self.err = open(tmp / "stderr.txt", "w+")
+        self.out = open(tmp / "stdout.txt", "w+")  # noqa: SIM115 - closed by stop()
+        self.err = open(tmp / "stderr.txt", "w+")  # noqa: SIM115
         super().__init__(subprocess.Popen(args, cwd=tmp, env=env, stdout=self.out,
-                                          stderr=self.err, preexec_fn=preexec_fn))
+                                          stderr=self.err))
 
     def events(self) -> list[dict]:
         """The log's events so far (a line being written is left out)."""

@@ -40,8 +40,9 @@ def no_traceback(run: Run) -> None:
 # -- signals ---------------------------------------------------------------------------
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_mid_run_ends_it_cleanly(procs, tmp_path, sig, status):
+    # Paced (at least 8 s of work) so that the signal comes mid-run.
     run = start(procs, Run(tmp_path, "machine.memory_mib=16", "swap.size_mib=64",
-                           "run.sample_interval_ms=100"))
+                           "run.sample_interval_ms=100", "workload.rate_pages_s=500"))
     run.wait_for(run.swapped_out(100))
     run.signal(sig)
     assert run.wait() == status
@@ -56,7 +57,8 @@ def test_a_signal_mid_run_ends_it_cleanly(procs, tmp_path, sig, status):
 def test_a_signal_while_swapping_to_nbdkit(procs, tmp_path):
     """The connection to an external server is closed too; the server lives on."""
     server = start(procs, Nbdkit(("memory", "64M")))
-    run = start(procs, Run(tmp_path, *SMALL, f"swap.server={server.url}"))
+    run = start(procs, Run(tmp_path, *SMALL, f"swap.server={server.url}",
+                           "workload.passes=2", "workload.rate_pages_s=250"))
     run.wait_for(run.swapped_out(100))
     run.signal(signal.SIGTERM)
     assert run.wait() == 143
@@ -73,8 +75,11 @@ def test_server_killed_mid_run(procs, tmp_path):
     with open(disk, "wb") as f:
         f.truncate(32 << 20)
     server = start(procs, Nbdkit(("file", str(disk))))
-    run = start(procs, Run(tmp_path, *SMALL, *FAST_HZ, f"swap.server={server.url}"))
-    run.wait_for(run.swapped_out(500))
+    run = start(procs, Run(tmp_path, *SMALL, *FAST_HZ, f"swap.server={server.url}",
+                           # paced (kernel seconds, 20x faster here: 300 pages/s a
+                           # process), so that the kill comes mid-run
+                           "workload.rate_pages_s=15"))
+    run.wait_for(run.swapped_out(200))
     server.signal(signal.SIGKILL)
     status = run.wait()
     end = run.run_end()
@@ -89,25 +94,49 @@ def test_server_killed_mid_run(procs, tmp_path):
 def test_server_restarted_with_persist(procs, tmp_path):
     """swap.persist (nbd-client -persist): after the server is killed and started
     again on the same file, nbd-client reconnects and swap goes on; what was on the
-    file comes back intact."""
-    disk = tmp_path / "disk.img"
-    with open(disk, "wb") as f:
-        f.truncate(32 << 20)
-    server = start(procs, Nbdkit(("file", str(disk))))
-    run = start(procs, Run(tmp_path, *SMALL, f"swap.server={server.url}", "swap.persist=true",
-                           "workload.passes=2"))
-    run.wait_for(run.swapped_out(500))
-    server.signal(signal.SIGKILL)
-    server.proc.wait(10)
-    run.wait_for(lambda evs: any(e["event"] == "nbd_connection_lost" for e in evs))
-    server.restart()
-    run.wait_for(lambda evs: any(e["event"] == "nbd_reconnect" for e in evs))
-    status = run.wait()
+    file comes back intact: the writes that failed meanwhile were written again.
+
+    The server goes away during the first pass, which reads nothing back (paced so
+    that it outlasts the reconnection): a swap-in in the gap would be SIGBUS, and
+    whether one happens is a race (docs/FAULTS.md counts it). nbd-client tries to
+    connect again at once; when that attempt reaches the dying server's listener,
+    the negotiation fails and nbd-client 3.2 exits, as it would on a real machine
+    (docs/FAULTS.md): the scenario is then tried again, up to three times."""
+    for attempt in range(3):
+        work = tmp_path / f"attempt-{attempt}"
+        work.mkdir()
+        disk = work / "disk.img"
+        with open(disk, "wb") as f:
+            f.truncate(32 << 20)
+        server = start(procs, Nbdkit(("file", str(disk))))
+        run = start(procs, Run(work, *SMALL, f"swap.server={server.url}", "swap.persist=true",
+                               "workload.passes=2", "workload.rate_pages_s=250"))
+        run.wait_for(run.swapped_out(200))
+        server.signal(signal.SIGKILL)
+        server.proc.wait(10)
+        server.restart()  # at once: the shorter the gap, the fewer OOM kills in it
+        run.wait_for(lambda evs: any(e["event"] in ("nbd_reconnect", "nbd_client_exit")
+                                     for e in evs))
+        status = run.wait()
+        exits = [e for e in run.events() if e["event"] == "nbd_client_exit"]
+        if exits and "negotiation" in exits[0]["reason"]:
+            assert run.run_end()["nbd"]["reconnects"] == 0
+            continue  # the reconnection raced the dying server
+        break
+    else:
+        pytest.fail("three reconnections in a row raced the dying server")
     end = run.run_end()
     assert end["nbd"]["reconnects"] == 1 and end["nbd"]["connections"] == 2
-    assert end["integrity_errors"] == 0
-    assert end["vm"]["pswpout"] > end["vm"]["nbd_write_errors"]
-    assert status in (0, 4) and end["outcome"] in ("completed", "failed"), run.stderr()
+    assert end["nbd"]["failed"].get("write", 0) > 0  # failed in the gap, written again
+    assert end["integrity_errors"] == 0 and end["vm"]["pswpin"] > 0
+    assert end["processes"]["killed_by"]["sigbus"] == 0  # nothing was read in the gap
+    # In the gap every write fails at once, so memory fills: the OOM killer may
+    # kill a process before the reconnection. The others complete.
+    assert end["processes"]["completed"] > 0
+    if end["outcome"] == "failed":
+        assert end["processes"]["killed_by"]["oom_kill"] > 0 and status == 4
+    else:
+        assert end["outcome"] == "completed" and status == 0, run.stdout()
     assert "reconnected 1 time" in run.stdout()
     no_traceback(run)
 
