@@ -16,6 +16,8 @@ import threading
 import pytest
 from fault_helpers import FAST_HZ, SMALL, Nbdkit, Run, refuses
 
+from emulator.analysis.summary import summarize
+
 pytestmark = pytest.mark.interop
 
 
@@ -49,6 +51,8 @@ def test_a_signal_mid_run_ends_it_cleanly(procs, tmp_path, sig, status):
     end = run.run_end()
     assert end["outcome"] == "interrupted" and end["signal"] == signal.Signals(sig).name
     no_traceback(run)
+    analysis = summarize(str(run.log))  # what `swapnbd analyze` prints
+    assert analysis.outcome == "interrupted" and analysis.signal == end["signal"]
     # The embedded server stopped with the run: its port refuses connections.
     port = run.events()[0]["machine"]["export"]["port"]
     assert refuses(port)
@@ -86,6 +90,7 @@ def test_server_killed_mid_run(procs, tmp_path):
     assert status in (3, 4), run.stderr()
     assert len(end["nbd"]["lost"]) == 1 and end["vm"]["nbd_connection_lost"] == 1
     assert end["nbd"]["reconnects"] == 0
+    assert summarize(str(run.log)).emulator["NBD connections lost"] == 1
     assert end["integrity_errors"] == 0  # an I/O error is not wrong data
     assert "NBD connection lost" in run.stdout()
     no_traceback(run)
@@ -186,6 +191,10 @@ def test_eio_on_reads(procs, tmp_path):
     assert end["integrity_errors"] == 0
     assert end["nbd"]["errors"]["read"]["EIO"] > 0
     assert "killed by SIGBUS" in run.stdout()
+    rows = summarize(str(run.log)).emulator  # `swapnbd analyze`
+    assert rows["Processes killed by SIGBUS"] == end["processes"]["killed_by"]["sigbus"]
+    assert rows["NBD errors by command/errno"].startswith("read EIO ")
+    assert rows["Integrity errors"] == 0
 
 
 def test_slow_server(procs, tmp_path):
@@ -232,6 +241,8 @@ def _one_line(run: Run, status: int, *needles: str) -> None:
     assert run.events()[0]["machine"]["export"]["error"] == end["error"]
     assert [e["event"] for e in run.events()] == ["run_start", "run_end"]
     assert run.stdout() == ""
+    analysis = summarize(str(run.log))  # `swapnbd analyze` reads it
+    assert analysis.outcome == "swap_unusable" and analysis.error == end["error"]
 
 
 @pytest.mark.parametrize("args, export, needles", [
