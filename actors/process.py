@@ -2,13 +2,14 @@
 
 Models a user process as the kernel sees it: a task with an mm_struct whose
 user code (the workload, actors/workloads.py) runs in user mode and enters the
-kernel on page faults; SIGKILL (from the OOM killer) takes effect at the next
-return to user space, where exit_mmap frees its memory (do_exit).
+kernel on page faults; a fatal signal (SIGKILL from the OOM killer, SIGBUS from a swap-in
+that failed) takes effect at the next return to user space, where exit_mmap
+frees its memory (do_exit); ``signal`` says which one ended it.
 
 CPU time is charged to user or system mode as the task switches, which is what
 the MMTests "User"/"System" duration rows rest on.
 
-Simplified: no fork, no signals but SIGKILL, one anonymous mapping.
+Simplified: no fork, no signals but those two fatal ones, one anonymous mapping.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class UserProcess:
         self.task.mm = self.mm
         self.passes_done = 0
         self.outcome: str | None = None  # "completed" | "killed"
+        self.signal: str | None = None  # what killed it: "SIGKILL" (OOM) or "SIGBUS"
 
     async def run(self, workload) -> None:
         task = self.task
@@ -44,7 +46,10 @@ class UserProcess:
             finally:
                 task.set_mode("sys")
             self.outcome = "completed" if completed else "killed"
+            if not completed:
+                self.signal = task.signal or "SIGKILL"
             freed = exit_mmap(self.k, self.mm, task)
             task.mm = None
             log.info("process_exit", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
-                     passes_done=self.passes_done, reason=self.outcome, freed=freed)
+                     passes_done=self.passes_done, reason=self.outcome, signal=self.signal,
+                     freed=freed)

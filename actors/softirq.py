@@ -42,7 +42,7 @@ async def net_rx_action(k: Kernel, nic: NetDevice, ctx: Task) -> None:
     async with trio.open_nursery() as nursery:
         while True:
             for sock in nic.socks:
-                if sock not in armed:
+                if sock not in armed and not (sock.eof or sock.error):
                     armed[sock] = trio.Event()
                     nursery.start_soon(rx_interrupt, nic, sock, armed)
                     nursery.start_soon(wire_xmit, sock)
@@ -58,29 +58,39 @@ async def net_rx_action(k: Kernel, nic: NetDevice, ctx: Task) -> None:
                 ctx.cpu.release(ctx)
             if work >= NAPI_POLL_WEIGHT:
                 nic.kick()  # budget used up: poll again
-            for sock, ev in armed.items():
-                if not sock.rx_blocked():
+            for sock, ev in list(armed.items()):
+                if sock.eof or sock.error or not sock.rx_blocked():
                     ev.set()  # re-enable its receive interrupt
 
 
 async def rx_interrupt(nic: NetDevice, sock: TcpSock, armed: dict) -> None:
-    """A socket's receive interrupt: once armed, fire when its connection is readable."""
-    while not (sock.eof or sock.error):
-        await armed[sock].wait()
-        await trio.lowlevel.wait_readable(sock.raw)
-        armed[sock] = trio.Event()
-        nic.kick()
+    """A socket's receive interrupt: once armed, fire when its connection is readable.
+    It ends with the connection (end of file, an error, the socket closed)."""
+    try:
+        while not (sock.eof or sock.error):
+            await armed[sock].wait()
+            if sock.eof or sock.error:
+                break
+            await trio.lowlevel.wait_readable(sock.raw)
+            armed[sock] = trio.Event()
+            nic.kick()
+    except (trio.ClosedResourceError, OSError):
+        pass  # the socket was closed under the wait
+    armed.pop(sock, None)
 
 
 async def wire_xmit(sock: TcpSock) -> None:
     """Bytes TCP pushed that the real connection could not take at once go out as it
     drains."""
-    while not sock.error:
-        await sock.wire_ready.wait()
-        sock.wire_ready = trio.Event()
-        while sock.wire and not sock.error:
-            await trio.lowlevel.wait_writable(sock.raw)
-            sock.flush_wire()
+    try:
+        while not sock.error:
+            await sock.wire_ready.wait()
+            sock.wire_ready = trio.Event()
+            while sock.wire and not sock.error:
+                await trio.lowlevel.wait_writable(sock.raw)
+                sock.flush_wire()
+    except (trio.ClosedResourceError, OSError):
+        pass  # the socket was closed under the wait
 
 
 def start_net_rx(k: Kernel, nursery: trio.Nursery, nic: NetDevice, cpu: int = 0) -> Task:

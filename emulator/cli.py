@@ -1,17 +1,24 @@
 """The ``swapnbd`` command.
 
-Subcommands: ``run`` (emulate one machine from a TOML config), ``serve`` (the
-userspace NBD server alone), ``analyze`` / ``compare`` / ``plot`` (read run
-logs), ``experiment`` (the seed's four kernels, patch ablation), ``sweep``
-(many runs over Dask workers, emulator/sweep.py).
+Subcommands: ``run`` (emulate one machine from a TOML config: a path, or the
+name of a packaged config such as ``quick``), ``configs`` (list the packaged
+configs), ``serve`` (the userspace NBD server alone), ``analyze`` /
+``compare`` / ``plot`` (read run logs), ``experiment`` (the seed's four
+kernels, patch ablation), ``sweep`` (many runs over Dask workers,
+emulator/sweep.py).
 
-Exit status of ``run``: 0 completed; 3 locked up (the watchdog fired; the
-diagnosis is printed and logged); 4 the workload failed (data integrity
-errors or OOM-killed processes); 5 ``run.max_duration_s`` passed while the
-machine was still making progress; 2 bad input (config, command line); 130
-interrupted (Ctrl-C); 1 an internal error (a bug: the traceback is in the
-log). Status 6 (outcome ``stopped``) exists only for embedders that call
-``Machine.stop()``.
+Exit status of ``run``: 0 completed; 1 an internal error (a bug: the
+traceback is in the log); 2 bad input (config, command line, a machine too
+big for this host's memory); 3 locked up (the watchdog fired; the diagnosis
+is printed and logged); 4 the workload failed (data integrity errors, or
+processes killed by the OOM killer or by SIGBUS); 5 ``run.max_duration_s``
+passed while the machine was still making progress; 7 the swap device could
+not be used (refused or unreachable, not NBD, no such export, too small,
+read-only, a minimum block size above 4096: one line says which); 8 the log
+could not be written (ENOSPC, EIO); 130 interrupted by SIGINT (Ctrl-C), 143
+by SIGTERM (the run shuts down and its log ends with ``run_end``, outcome
+"interrupted"; a second signal ends it at once). Status 6 (outcome
+``stopped``) exists only for embedders that call ``Machine.stop()``.
 
 This module is the only place that writes to the terminal directly.
 """
@@ -19,6 +26,7 @@ This module is the only place that writes to the terminal directly.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -33,7 +41,8 @@ def _err(msg: str) -> None:
 
 # -- run ------------------------------------------------------------------------------
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="TOML config file (see configs/)")
+    p.add_argument("config", help="TOML config file, or the name of a packaged config "
+                                  "(swapnbd configs lists them), e.g. quick")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set machine.cpus=4")
     p.add_argument("--log", help="JSON-lines log path (default: run.log, or run.log in the config)")
@@ -55,18 +64,90 @@ def run_main(args: argparse.Namespace) -> int:
     except OSError as e:
         _err(f"--log {log_path}: cannot write: {e.strerror}")
         return 2
-    from emulator.report import print_run_summary, run_with_progress
+    from emulator.report import print_run_summary
 
+    previous = signal.signal(signal.SIGTERM, _terminated)  # until trio takes over
     try:
-        result = trio.run(run_with_progress, cfg, log_path, not args.quiet, args.debug_log)
+        result = trio.run(_run_interruptibly, cfg, log_path, not args.quiet, args.debug_log)
     except ConfigError as e:
         _err(str(e))
         return 2
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
+    except (KeyboardInterrupt, _Terminated, BaseExceptionGroup) as e:
+        signum = _signal_of(e)
+        if signum is None:
+            raise
+        _err(f"interrupted ({signal.Signals(signum).name})")
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if result.outcome in ("swap_unusable", "log_error"):
+        _err(result.error or result.outcome)  # one line says it all
+        return result.exit_status
     print_run_summary(cfg, result)
     return result.exit_status
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the run (before trio starts or after it ends)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _signal_of(exc: BaseException) -> int | None:
+    """The signal a KeyboardInterrupt / _Terminated (maybe in a group) stands for."""
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    if isinstance(exc, _Terminated):
+        return signal.SIGTERM
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            s = _signal_of(e)
+            if s is not None:
+                return s
+    return None
+
+
+async def _run_interruptibly(cfg, log_path: str, progress: bool, debug_log: bool):
+    """Run the machine; SIGINT and SIGTERM interrupt it (Machine.interrupt): it shuts
+    down, logs run_end and returns. A second signal ends the run at once."""
+    from emulator.machine import Machine
+    from emulator.report import run_with_progress
+
+    m = Machine(cfg, log_path, debug_log=debug_log)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                async for signum in signals:
+                    if m._signal is not None or m.done.is_set():
+                        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated()
+                    m.interrupt(signum)
+
+            nursery.start_soon(on_signal)
+            result = await run_with_progress(m, progress)
+            nursery.cancel_scope.cancel()
+    return result
+
+
+# -- configs ----------------------------------------------------------------------------
+def configs_main(args: argparse.Namespace) -> int:
+    """List the packaged configs: name, machine size, kernel, and the first comment line."""
+    from emulator.config import config_names, packaged_configs
+
+    for name in config_names():
+        path = packaged_configs() / f"{name}.toml"
+        try:
+            cfg = load(path)
+        except ConfigError as e:
+            print(f"{name:14s} (cannot load: {e})")
+            continue
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines()
+                      if ln.startswith("#")), "")
+        print(f"{name:14s} {cfg.machine.memory_mib:5d} MiB, {cfg.machine.cpus} CPUs, "
+              f"{cfg.kernel.patches.name}-{cfg.machine.slab}  {first}")
+    print(f"(in {packaged_configs()}; `swapnbd run NAME` runs one, a path works too)")
+    return 0
 
 
 # -- dispatcher -------------------------------------------------------------------------
@@ -81,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="emulate one machine from a TOML config")
     add_run_arguments(p)
+    sub.add_parser("configs", help="list the packaged configs")
     p = sub.add_parser("serve", help="run the userspace NBD server alone")
     add_serve_arguments(p)
     p = sub.add_parser("analyze", help="what happened in a run, from its log")
@@ -106,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if e.code else 0
     if args.command == "run":
         return run_main(args)
+    if args.command == "configs":
+        return configs_main(args)
     if args.command == "serve":
         from net.nbd.serve import serve_main
 

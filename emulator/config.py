@@ -32,13 +32,26 @@ class ConfigError(Exception):
         self.key = key
 
 
+#: ``page_cache_mib = "auto"``: this fraction of memory (the seed configs' 1/8).
+PAGE_CACHE_AUTO_FRACTION = 8
+
+
 @attrs.frozen
 class MachineConfig:
     cpus: int = 2
     memory_mib: int = 32
     min_free_kbytes: int | None = None  # None = "auto": the kernel's formula
     slab: str = "slub"
-    page_cache_mib: int = 0  # clean page cache present when the workload starts
+    #: clean page cache present when the workload starts, in MiB; None = "auto":
+    #: memory_mib / 8, so that it scales with memory
+    page_cache_mib: int | None = None
+
+    @property
+    def page_cache(self) -> int:
+        """The page cache in MiB, "auto" resolved."""
+        if self.page_cache_mib is None:
+            return self.memory_mib // PAGE_CACHE_AUTO_FRACTION
+        return self.page_cache_mib
 
 
 @attrs.frozen
@@ -52,6 +65,11 @@ class SwapConfig:
     server: str = "embedded"
     backend: str = "memory"
     path: str | None = None
+    #: NBD_SET_TIMEOUT (nbd-client -timeout): seconds a send may take before the
+    #: driver kills it and shuts the socket down; 0 = none (the default, as in 3.6)
+    timeout_s: float = 0.0
+    #: nbd-client -persist: reconnect after the connection fails
+    persist: bool = False
 
 
 @attrs.frozen
@@ -143,6 +161,12 @@ def _choice(key: str, v: Any, choices: Iterable[str]) -> str:
     return v
 
 
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"expected true or false, got {v!r}")
+    return v
+
+
 def _str(key: str, v: Any) -> str:
     if not isinstance(v, str):
         raise ConfigError(key, f"expected a string, got {v!r}")
@@ -159,6 +183,10 @@ def _patches(key: str, v: Any) -> PatchSet:
         bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or x not in PATCHES]
         if bad:
             raise ConfigError(key, f"unknown patch number(s) {bad}; patches are 1-16")
+        dup = sorted({x for x in v if v.count(x) > 1})
+        if dup:
+            raise ConfigError(key, f"patch number(s) {dup} listed more than once; list each "
+                                   "patch once")
         return PatchSet.of(v)
     raise ConfigError(key, f"expected \"vanilla\", \"swapnbd\" or a list of patch numbers 1-16, got {v!r}")
 
@@ -169,7 +197,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "memory_mib": lambda k, v: _int(k, v, 4, 65536),
         "min_free_kbytes": lambda k, v: None if v == "auto" else _int(k, v, 16, 1 << 20),
         "slab": lambda k, v: _choice(k, v, ("slab", "slub")),
-        "page_cache_mib": lambda k, v: _int(k, v, 0, 1 << 20),
+        "page_cache_mib": lambda k, v: None if v == "auto" else _int(k, v, 0, 1 << 20),
     },
     "kernel": {"patches": _patches},
     "swap": {
@@ -177,6 +205,8 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "server": lambda k, v: _server(k, v),
         "backend": lambda k, v: _choice(k, v, ("memory", "file")),
         "path": lambda k, v: _str(k, v),
+        "timeout_s": lambda k, v: _float(k, v, 0.0, 86400.0),
+        "persist": lambda k, v: _bool(k, v),
     },
     "workload": {
         "kind": lambda k, v: _choice(k, v, ("anon-mmap-write",)),
@@ -299,10 +329,11 @@ def _check_cross(cfg: Config) -> None:
                           f"(size_ratio x memory_mib = {need} MiB); allowed >= {need}")
     if cfg.swap.backend == "file" and cfg.swap.server == "embedded" and not cfg.swap.path:
         raise ConfigError("swap.path", "backend \"file\" needs swap.path (the backing file)")
-    if cfg.machine.page_cache_mib * 2 > cfg.machine.memory_mib:
+    if cfg.machine.page_cache * 2 > cfg.machine.memory_mib:
         raise ConfigError("machine.page_cache_mib",
                           f"{cfg.machine.page_cache_mib} MiB is more than half of memory; "
-                          f"allowed 0..{cfg.machine.memory_mib // 2}")
+                          f"allowed 0..{cfg.machine.memory_mib // 2}, or \"auto\" "
+                          f"(memory_mib / {PAGE_CACHE_AUTO_FRACTION})")
     mfk = cfg.machine.min_free_kbytes
     if mfk is not None and mfk // 4 >= cfg.machine.memory_mib * 256 // 2:
         raise ConfigError("machine.min_free_kbytes",
@@ -310,12 +341,89 @@ def _check_cross(cfg: Config) -> None:
                           f"{cfg.machine.memory_mib * 512} KiB for {cfg.machine.memory_mib} MiB")
 
 
-def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+# -- packaged configs ---------------------------------------------------------------------
+def packaged_configs() -> Path:
+    """The directory of the configs shipped with the package (emulator/configs)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def config_names() -> list[str]:
+    """The packaged configs' names (``quick``, ``vanilla-slub``, ...)."""
+    return sorted(p.stem for p in packaged_configs().glob("*.toml"))
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A config file: ``path`` if it exists, else the packaged config of that name
+    (``quick`` or ``quick.toml``), so that ``swapnbd run quick`` works anywhere."""
     path = Path(path)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    name = path.name.removesuffix(".toml")
+    packaged = packaged_configs() / f"{name}.toml"
+    return packaged if packaged.exists() else path
+
+
+# -- host memory ----------------------------------------------------------------------------
+#: What one run costs the host beyond the emulated pages: the interpreter, trio,
+#: the modules (measured: ~40 MiB RSS for a 16 MiB machine).
+HOST_BASE_MIB = 48
+#: Host bytes per emulated page (struct page, the buddy and LRU structures: ~200 B
+#: measured at boot, more once pages are mapped and in the swap cache).
+HOST_BYTES_PER_PAGE = 256
+#: Host bytes per workload page (its PTE slot, the encoded page while it is written).
+HOST_BYTES_PER_WORKLOAD_PAGE = 16
+
+
+def host_memory_mib(cfg: Config) -> int:
+    """About how much host memory (RSS, MiB) a run of ``cfg`` needs: the base, the
+    emulated pages, the workload's page tables, and, with the embedded server's
+    memory backend, the swapped-out pages it stores (4 KiB each: the workload
+    beyond memory)."""
+    nr_pages = cfg.machine.memory_mib * 256
+    workload = cfg.workload_pages
+    need = (HOST_BASE_MIB * 2**20 + nr_pages * HOST_BYTES_PER_PAGE
+            + workload * HOST_BYTES_PER_WORKLOAD_PAGE)
+    if cfg.swap.server == "embedded" and cfg.swap.backend == "memory":
+        need += max(0, workload - nr_pages) * 4096
+    return math.ceil(need / 2**20)
+
+
+def host_available_mib() -> int | None:
+    """MemAvailable from /proc/meminfo, in MiB (None where there is none)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(cfg: Config, available_mib: int | None = None) -> None:
+    """Refuse a config whose run would not fit in the host's available memory."""
+    available = host_available_mib() if available_mib is None else available_mib
+    if available is None:
+        return
+    need = host_memory_mib(cfg)
+    if need > available:
+        hint = ""
+        if cfg.swap.server == "embedded" and cfg.swap.backend == "memory":
+            hint = " (the embedded server keeps swapped pages in memory; swap.backend = \"file\" does not)"
+        raise ConfigError("machine.memory_mib",
+                          f"{cfg.machine.memory_mib} MiB needs about {need} MiB of host memory, "
+                          f"and this host has {available} MiB available{hint}")
+
+
+def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read, override and validate a config file (or a packaged config's name), and
+    check that the run fits in the host's memory."""
+    path = resolve_config(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(str(path), "no such config file") from None
+        names = ", ".join(config_names())
+        raise ConfigError(str(path), f"no such config file (packaged configs: {names})") from None
     except OSError as e:
         raise ConfigError(str(path), f"cannot read: {e.strerror}") from None
     try:
@@ -323,4 +431,6 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), f"not valid TOML: {e}") from None
     data = apply_overrides(data, overrides)
-    return from_dict(data, source=str(path))
+    cfg = from_dict(data, source=str(path))
+    check_host_memory(cfg)
+    return cfg

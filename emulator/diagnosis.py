@@ -86,8 +86,8 @@ def in_allocator(task: Task | None) -> bool:
 
 def nbd_wait_cycle(k: Kernel, nbd) -> list[str] | None:
     """The closed wait-for cycle through the NBD device, in words, or None."""
-    if nbd is None or nbd.harderror:
-        return None
+    if nbd is None or nbd.sock is None:
+        return None  # no connection: requests fail at once, nothing waits for a reply
     if not (nbd.queue_head or nbd.waiting_queue or nbd.active_req):
         return None  # nothing waits for a reply
     z = k.pgdat.zone
@@ -166,7 +166,8 @@ def _in_reserve(d: dict) -> str:
 def explain(d: dict) -> str:
     w = d["wmark"]
     lines = [
-        f"LOCKUP: no page accessed and no I/O completed for {d['stalled_s']:.1f} s.",
+        (f"LOCKUP: no page accessed and no I/O completed without an error for "
+         f"{d['stalled_s']:.1f} s."),
         f"Memory: {d['free']} pages free "
         f"(+{d.get('pcp', 0)} on per-cpu lists{_pcp_types(d)}{_in_reserve(d)}); "
         f"watermarks min {w['min']} / low {w['low']} / "
@@ -209,6 +210,15 @@ def explain(d: dict) -> str:
         for r in nbd["oldest"][:3]:
             lines.append(f"  cookie {r['cookie']} {r['cmd']} @{r['offset']} waiting "
                          f"{r['age_s']} s for its reply")
+        if not nbd.get("connected", True):
+            lines.append("  The NBD device has no connection: every request fails with -EIO "
+                         "at once.")
+        errs = nbd.get("errors")
+        if errs:
+            lines.append("  Requests that ended with -EIO so far: "
+                         + ", ".join(f"{k} {v}" for k, v in errs.items())
+                         + " (a failed swap write leaves its page dirty: reclaim cannot free "
+                           "it, and writes it again).")
         if nbd.get("sender_exposed_s") is not None:
             lines.append(f"  No reply has been on its way for the last {nbd['sender_exposed_s']} s "
                          f"of the sender's current send.")

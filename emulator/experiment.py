@@ -36,7 +36,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from emulator.analysis.outcomes import NOT_DECIDED, wilson_interval
-from emulator.config import ConfigError, load
+from emulator.config import ConfigError, load, packaged_configs
 from emulator.patches import PATCHES
 from emulator.sweep import (VM_KEYS, RunSpec, cluster_of, plan_rows, progress_console,
                             run_sweep)
@@ -88,7 +88,8 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs", help="directory for the runs' logs (default: runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override applied to every run (repeatable)")
-    p.add_argument("--configs", default="configs", help="directory holding the seed's configs")
+    p.add_argument("--configs", default=None,
+                   help="directory holding the seed's configs (default: the packaged ones)")
     p.add_argument("--slab", choices=["slab", "slub"], default="slub",
                    help="ablation: which slab allocator (default slub)")
     p.add_argument("--json", action="store_true", help="also write a JSON summary to OUT")
@@ -106,9 +107,10 @@ def _outcome_text(r) -> str:
 
 def _variants(args: argparse.Namespace) -> list[tuple[str, Path, list[str], str]]:
     """(kernel name, config, extra overrides, log stem) of each run of one plan."""
+    configs = Path(args.configs) if args.configs else packaged_configs()
     if args.which == "seed":
-        return [(name, Path(args.configs) / f"{name}.toml", [], name) for name in SEED_KERNELS]
-    base = Path(args.configs) / f"swapnbd-{args.slab}.toml"
+        return [(name, configs / f"{name}.toml", [], name) for name in SEED_KERNELS]
+    base = configs / f"swapnbd-{args.slab}.toml"
     all_p = sorted(PATCHES)
     minus = [(f"swapnbd-{n}", base, [f"kernel.patches={[p for p in all_p if p != n]}"],
               f"ablation-{args.slab}-minus{n}") for n in all_p]

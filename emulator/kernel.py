@@ -27,6 +27,7 @@ from emulator.flags import GFP, PF
 from emulator.mm.mmzone import PgData
 from emulator.mm.page import PAGE_SHIFT
 from emulator.mm.vmstat import VMStat
+from emulator.printk import Printk
 from emulator.task import Task
 
 if TYPE_CHECKING:
@@ -66,9 +67,12 @@ class Kernel:
         #: (emulator.machine.boot_kernel), as the network stack initialises after mm.
         self.skb: SkbAllocator | None = None
         self.netdev: NetDevice | None = None
-        #: Forward progress: page accesses by processes and completed I/Os.
-        #: The watchdog declares a lockup when it stops moving.
+        #: Forward progress: successful work only, page accesses by processes and
+        #: I/Os that completed without an error (a failed write re-dirties its page,
+        #: which is no progress). The watchdog declares a lockup when it stops moving.
         self.progress = 0
+        #: printk_ratelimited's states for the messages a failing device repeats
+        self.printk = Printk(self)
         self.nr_page_cache = 0
         self.integrity_errors = 0
         self.integrity_log: list[dict] = []
@@ -114,7 +118,8 @@ class Kernel:
                 self.vmstat["nr_file_pages"] += 1
 
     def integrity_error(self, **details) -> None:
-        """Data read back is not what was written: logged, counted, fails the run."""
+        """Data read back is not what was written: logged, counted, fails the run.
+        Only wrong data: an I/O error is not an integrity error."""
         import structlog
 
         self.integrity_errors += 1
@@ -124,10 +129,16 @@ class Kernel:
         structlog.get_logger("swapnbd").error("integrity_error", **details)
 
     def sigbus(self, task: Task, vpn: int, page) -> None:
-        """VM_FAULT_SIGBUS from do_swap_page: the swap-in read failed."""
-        self.integrity_error(what="swap read failed (SIGBUS)", pid=task.pid, vaddr=vpn,
-                             expected="page contents", found=f"I/O error on slot {page.swap}")
+        """VM_FAULT_SIGBUS from do_swap_page: the swap-in read failed, so the faulting
+        process gets SIGBUS (mm_fault_error -> do_sigbus), whose default action
+        ends it."""
+        import structlog
+
+        self.vmstat["sigbus_kill"] += 1
+        structlog.get_logger("swapnbd").warning(
+            "sigbus", pid=task.pid, comm=task.comm, vaddr=vpn, entry=page.swap)
         task.fatal_signal = True
+        task.signal = "SIGBUS"
         self.wake_killed(task)
 
     def wake_killed(self, task: Task) -> None:

@@ -45,21 +45,51 @@ nbd_sender_stall       a send during which the sender entered direct reclaim:
                        (pages atomic callers took at or below min meanwhile),
                        free_before / free_after (free pages as the send began
                        and ended)
-nbd_error              warning: a reply with an error (cookie, error); error: the
-                       connection failed (error "harderror", reason, inflight,
-                       queued) and every request ends with -EIO
-swap_write_error       warning: a swap write completed with an error: pfn, entry,
-                       error
-swap_read_error        warning: a swap read completed with an error: pfn, entry,
-                       error
+nbd_error              warning, rate-limited: a request ended with -EIO: cookie,
+                       cmd ("read"/"write"), error (the NBD errno's name),
+                       source ("server": an error reply; "driver": the driver
+                       failed it itself), reason (driver: "no connection",
+                       "send failed: ...", "queue cleared", ...)
+nbd_connection_lost    error: the receiver's nbd_read_stat failed (reason,
+                       inflight, queued); NBD_DO_IT then fails what is left
+nbd_xmit_timeout       warning: a send outlived swap.timeout_s: pid, comm,
+                       timeout_s, wchan, activity (where the sender was)
+nbd_got_signal         warning: the sender found the signal after its send and
+                       shut the socket down: pid, comm, signal
+nbd_reconnecting       warning: nbd-client -persist cannot connect yet (it
+                       retries every second): host, port, error
+nbd_reconnect          nbd-client -persist connected again: host, port,
+                       attempts, after_s
+nbd_client_exit        error: nbd-client ended; the device has no connection
+                       any more: reason
+swap_write_error       warning, rate-limited: a swap write completed with an
+                       error: pfn, entry, error
+swap_read_error        warning, rate-limited: a swap read completed with an
+                       error: pfn, entry, error
+printk_suppressed      warning: "callbacks suppressed": message (the event),
+                       suppressed (how many since it was last logged)
 oom_kill               warning: victim (pid), comm, rss, swapents, trigger_pid,
                        trigger, order, free
-integrity_error        error: what, pid, vaddr, expected, found
-process_exit           pid, comm, passes_done, reason, freed
+sigbus                 warning: a swap-in failed, the faulting process gets
+                       SIGBUS: pid, comm, vaddr, entry
+integrity_error        error: data that came back wrong: what, pid, vaddr,
+                       expected, found
+process_exit           pid, comm, passes_done, reason ("completed"/"killed"),
+                       signal (what killed it: "SIGKILL" for the OOM killer,
+                       "SIGBUS"), freed
 lockup                 error: the watchdog's diagnosis (emulator/diagnosis)
+interrupted            warning: SIGINT or SIGTERM: signal
 run_error              error: an exception in the emulator (error, traceback)
 run_end                outcome, elapsed_s, integrity_errors, vm, cpus, time,
-                       tasks, processes, nbd_latency, nbd_sender, throttle, error
+                       tasks, processes (total, completed, killed, killed_by:
+                       oom_kill, sigbus), nbd_latency, nbd_sender, nbd (errors
+                       by command and errno, failed by command, connections,
+                       lost, reconnects, xmit_timeouts), throttle, suppressed
+                       (rate-limited messages left out, by event), signal,
+                       error (one line: why the run ended badly). A run whose
+                       swap device could not be used has run_start (its
+                       machine.export carries the error) and run_end (outcome
+                       "swap_unusable", error) and nothing between them.
 =====================  =========================================================
 
 The embedded NBD server logs its own events (``nbd_server_*``, ``nbd_client_*``,
@@ -84,8 +114,11 @@ EVENTS = (
     "run_start", "vmstat", "slabinfo", "kswapd_wake", "kswapd_sleep",
     "direct_reclaim_begin", "direct_reclaim_end", "throttle_begin", "throttle_end",
     "alloc_fail", "skb_drop", "nbd_connect", "nbd_request", "nbd_reply", "nbd_sender_stall",
-    "nbd_error", "swap_write_error", "swap_read_error",
-    "oom_kill", "integrity_error", "process_exit", "lockup", "run_error", "run_end",
+    "nbd_error", "nbd_connection_lost", "nbd_xmit_timeout", "nbd_got_signal",
+    "nbd_reconnecting", "nbd_reconnect", "nbd_client_exit",
+    "swap_write_error", "swap_read_error", "printk_suppressed",
+    "oom_kill", "sigbus", "integrity_error", "process_exit", "lockup", "interrupted",
+    "run_error", "run_end",
 )
 
 
@@ -108,24 +141,59 @@ clock = _Clock()
 
 
 class JsonLinesFile:
-    """The run log: one JSON object per line, flushed at every line so a killed
-    run leaves a readable (if incomplete) log."""
+    """The run log: one JSON object per line, written whole with one write() and
+    flushed at every line, so a killed run leaves a readable (if incomplete) log.
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
+    A write that fails (ENOSPC, EIO, EFBIG) cuts the file back to its last whole
+    line (ftruncate) and calls ``on_error`` once (the machine then stops the run
+    with outcome "log_error"); later lines are dropped, except one last try for
+    the line after ``final()`` (the run's ``run_end``)."""
+
+    def __init__(self, path: str | os.PathLike | None, on_error=None) -> None:
         self.path = path
-        self._fh: IO[str] | None = open(path, "w", encoding="utf-8") if path else None
+        self._fd: int | None = (os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+                                if path else None)
         self.lines = 0
+        self.size = 0  #: bytes of whole lines written
+        self.error: OSError | None = None
+        self.on_error = on_error
+        self._final = False
 
     def write(self, line: str) -> None:
-        if self._fh is not None:
-            self._fh.write(line + "\n")
-            self._fh.flush()
         self.lines += 1
+        if self._fd is None or (self.error is not None and not self._final):
+            return
+        self._final = False
+        data = (line + "\n").encode("utf-8")
+        try:
+            n = os.write(self._fd, data)
+            while n < len(data):  # a short write: the rest, or the error that stopped it
+                n += os.write(self._fd, data[n:])
+        except OSError as e:
+            self._cut()
+            if self.error is None:
+                self.error = e
+                if self.on_error is not None:
+                    self.on_error(e)
+            return
+        self.size += len(data)
+
+    def _cut(self) -> None:
+        """Back to the last whole line."""
+        try:
+            os.ftruncate(self._fd, self.size)
+            os.lseek(self._fd, self.size, os.SEEK_SET)
+        except OSError:
+            pass  # a device that cannot be truncated (/dev/full): nothing more to do
+
+    def final(self) -> None:
+        """The next line gets one more try even after an error (the run's last)."""
+        self._final = True
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _Sink:

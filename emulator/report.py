@@ -8,6 +8,8 @@ machine's counters; the summary is printed once the run has ended.
 
 from __future__ import annotations
 
+import signal
+
 import trio
 from rich.console import Console
 from rich.live import Live
@@ -34,8 +36,8 @@ def _progress_line(m: Machine, start: float) -> Text:
         f"drops {vm['skb_drop_nomem'] + vm['skb_drop_pfmemalloc']:5d}  passes {done}/{total}")
 
 
-async def run_with_progress(cfg: Config, log_path: str, progress: bool, debug_log: bool) -> RunResult:
-    m = Machine(cfg, log_path, debug_log=debug_log)
+async def run_with_progress(m: Machine, progress: bool) -> RunResult:
+    """Run ``m``, with the live progress line on stderr when ``progress``."""
     if not progress:
         return await m.run()
     console = Console(stderr=True)
@@ -66,11 +68,18 @@ def print_run_summary(cfg: Config, r: RunResult, console: Console | None = None)
     console = console or Console()
     label = {"completed": "[green]completed[/]", "lockup": "[red]LOCKED UP[/]",
              "failed": "[red]FAILED[/]", "timeout": "[yellow]timeout[/]",
-             "stopped": "[yellow]stopped[/]", "error": "[red]internal error[/]"}[r.outcome]
+             "stopped": "[yellow]stopped[/]", "error": "[red]internal error[/]",
+             "interrupted": "[yellow]interrupted[/]",
+             "swap_unusable": "[red]swap device unusable[/]",
+             "log_error": "[red]log not writable[/]"}[r.outcome]
+    if r.outcome == "interrupted" and r.signal:
+        label += f" ({signal.Signals(r.signal).name})"
     console.print(f"{cfg.kernel.patches.name}-{cfg.machine.slab}: {label} after "
                   f"{r.elapsed_s:.1f} s  (exit status {r.exit_status})")
     if r.error:
-        console.print(f"error: {r.error}")
+        console.print(f"error: {r.error}", highlight=False, markup=False)
+    for line in fault_lines(r.processes, r.nbd):
+        console.print(line, highlight=False, markup=False)
     if r.diagnosis:
         console.print(r.diagnosis["text"], highlight=False, markup=False)
     t = Table(show_header=False, box=None, pad_edge=False)
@@ -83,9 +92,12 @@ def print_run_summary(cfg: Config, r: RunResult, console: Console | None = None)
     for label_, key in SUMMARY_ROWS:
         if key in r.vm:
             t.add_row(label_, str(r.vm[key]))
-    t.add_row("integrity errors", str(r.integrity_errors))
+    t.add_row("integrity errors (data wrong)", str(r.integrity_errors))
     if r.processes:
         t.add_row("processes completed", f"{r.processes['completed']}/{r.processes['total']}")
+        by = r.processes.get("killed_by") or {}
+        t.add_row("processes killed by the OOM killer", str(by.get("oom_kill", 0)))
+        t.add_row("processes killed by SIGBUS", str(by.get("sigbus", 0)))
     if r.nbd_latency and r.nbd_latency["count"]:
         t.add_row("NBD latency p50/p99/max ms",
                   f"{r.nbd_latency['p50_s'] * 1e3:.2f} / {r.nbd_latency['p99_s'] * 1e3:.2f} / "
@@ -95,6 +107,45 @@ def print_run_summary(cfg: Config, r: RunResult, console: Console | None = None)
     console.print(t)
     if r.log_path:
         console.print(f"log: {r.log_path}")
+
+
+def nbd_errors_text(nbd: dict | None) -> str | None:
+    """'write EIO 120, read EIO 2 (error replies); write 43, read 1 failed by the
+    driver', or None when there were none."""
+    if not nbd:
+        return None
+    parts = []
+    replies = ", ".join(f"{cmd} {errno_name} {n}" for cmd, by in sorted(nbd.get("errors", {}).items())
+                        for errno_name, n in sorted(by.items()))
+    if replies:
+        parts.append(f"{replies} (error replies from the server)")
+    failed = ", ".join(f"{cmd} {n}" for cmd, n in sorted(nbd.get("failed", {}).items()) if n)
+    if failed:
+        parts.append(f"{failed} (failed by the driver: no connection)")
+    return "; ".join(parts) or None
+
+
+def fault_lines(processes: dict | None, nbd: dict | None) -> list[str]:
+    """What went wrong with the swap device and the processes, one line each: NBD
+    errors by command and errno, each connection lost (and reconnects, timeouts),
+    processes killed by the OOM killer and by SIGBUS."""
+    lines = []
+    text = nbd_errors_text(nbd)
+    if text:
+        lines.append(f"NBD errors: {text}")
+    for lost in (nbd or {}).get("lost", []):
+        lines.append(f"NBD connection lost at {lost['t']:.1f} s: {lost['reason']}")
+    if nbd and nbd.get("xmit_timeouts"):
+        lines.append(f"NBD xmit timeouts: {nbd['xmit_timeouts']} (the send was killed and "
+                     "the socket shut down)")
+    if nbd and nbd.get("reconnects"):
+        lines.append(f"NBD reconnected {nbd['reconnects']} time(s) (swap.persist)")
+    by = (processes or {}).get("killed_by") or {}
+    if by.get("oom_kill"):
+        lines.append(f"Processes killed by the OOM killer: {by['oom_kill']}")
+    if by.get("sigbus"):
+        lines.append(f"Processes killed by SIGBUS (a swap-in failed): {by['sigbus']}")
+    return lines
 
 
 def sender_stalls_text(s: dict) -> str:

@@ -23,8 +23,9 @@ kernel's prio_to_weight table (kernel/sched/sched.h); actors/cpu.py uses it
 where CFS's wake-up preemption does. Only the NBD driver thread changes it
 (nice -20, as 3.6's nbd_thread does).
 
-Simplified: no real-time classes, no migration between CPUs, signals are only
-SIGKILL from the OOM killer.
+Simplified: no real-time classes, no migration between CPUs; the only signals
+are fatal ones: SIGKILL (the OOM killer; the NBD driver's xmit timeout, for its
+own thread) and SIGBUS (a swap-in that failed), recorded in ``signal``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Task:
     """struct task_struct, and what the scheduler knows of it."""
 
     __slots__ = (
-        "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal",
+        "pid", "comm", "flags", "cpu", "memdie", "in_softirq", "fatal_signal", "signal",
         "wchan", "wait_since", "mode", "utime", "stime", "sirqtime", "slice_start", "slice_used",
         "on_cpu", "mm", "exited", "allocstall", "allocstall_high_order", "direct_reclaimed",
         "activity", "nice", "io_context", "bh_disabled",
@@ -76,7 +77,8 @@ class Task:
         self.cpu = cpu
         self.memdie = False  #: TIF_MEMDIE: chosen by the OOM killer
         self.in_softirq = in_softirq
-        self.fatal_signal = False  #: SIGKILL pending
+        self.fatal_signal = False  #: a fatal signal pending (fatal_signal_pending)
+        self.signal: str | None = None  #: which one: "SIGKILL" or "SIGBUS"
         self.wchan: str | None = None
         self.wait_since = 0.0
         self.mode = "softirq" if in_softirq else "sys"  #: "user" | "sys" | "softirq"
@@ -195,6 +197,8 @@ class Task:
              "flags": PF.names(self.flags)}
         if self.memdie:
             d["memdie"] = True
+        if self.fatal_signal:
+            d["signal_pending"] = self.signal or "SIGKILL"
         if self.allocstall:
             d["allocstall"] = self.allocstall
         if self.wchan is not None:

@@ -26,7 +26,8 @@ series' changes gated by their patches):
 - Buffers: sk_rcvbuf, sk_sndbuf, sk_rmem_alloc, sk_wmem_queued;
   sk_stream_memory_free, sk_stream_wait_memory (which releases ownership while
   it sleeps: one random 2..HZ/5+1-jiffy nap when the wait is for memory, until
-  write space otherwise), sk_stream_write_space, sk_stream_moderate_sndbuf,
+  write space otherwise; the sleep is interruptible: a pending fatal signal ends
+  it with -EINTR), sk_stream_write_space, sk_stream_moderate_sndbuf,
   and sk_wait_data.
 
 What a packet does once it reaches the socket, and how data is sent and
@@ -236,10 +237,13 @@ class Sock:
         while True:
             if self.error:
                 raise ConnectionError(f"{self.name}: socket error {self.error}")
+            if task.fatal_signal:  # signal_pending(): the sleep is TASK_INTERRUPTIBLE
+                raise InterruptedError(f"{self.name}: {task.signal or 'SIGKILL'} while "
+                                       "waiting for send buffer space")
             if self.sk_stream_memory_free() and not vm_wait:
                 return
             self.nospace = True
-            await self.sk_wait_event(task, lambda: bool(self.error) or (
+            await self.sk_wait_event(task, lambda: bool(self.error) or task.fatal_signal or (
                 self.sk_stream_memory_free() and not vm_wait), vm_wait or None,
                 wchan=f"sk_stream_wait_memory({self.name})")
             vm_wait = 0.0

@@ -78,8 +78,10 @@ or by the delayed-ACK timer.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import math
+import os
 import socket
 import struct
 import termios
@@ -210,6 +212,7 @@ class TcpSock(Sock):
         self.size_goal = (GSO_MAX_SIZE - 1 - 20 - 32) // mss * mss  #: tcp_xmit_size_goal
         self.rx_bytes = 0
         self.tx_bytes = 0
+        self.shut_down = False  #: kernel_sock_shutdown() was called on it
 
     # ====================================================================================
     # The peer and the wire: what the NIC takes, and what the real socket carries.
@@ -815,6 +818,29 @@ class TcpSock(Sock):
     # ====================================================================================
     # Teardown and introspection.
     # ====================================================================================
+    def kernel_sock_shutdown(self) -> None:
+        """kernel_sock_shutdown(SHUT_RDWR), as the NBD driver's sock_shutdown does: the
+        real connection is shut down both ways (the peer sees end of file); here a
+        sender gets EPIPE and a receiver end of stream at once."""
+        try:
+            self.raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.shut_down = True
+        self.eof = True
+        self._set_error(self.error or errno.EPIPE)
+
+    def close(self) -> None:
+        """Close the real socket (the last fput of the socket file): wake whatever
+        waits on it first (trio's notify_closing), so that the NIC's interrupt
+        sources for it end."""
+        if self.raw.fileno() < 0:
+            return
+        if not self.error:
+            self._set_error(errno.EBADF)
+        trio.lowlevel.notify_closing(self.raw)
+        self.raw.close()
+
     def release(self, task: Task) -> None:
         """Free every skb the socket still holds (sock_release at shutdown)."""
         k = self.k
@@ -875,4 +901,6 @@ async def connect_raw(host: str, port: int) -> socket.socket:
         except OSError as e:
             last = e
             raw.close()
-    raise ConnectionError(f"cannot connect to {host}:{port}: {last}")
+    code = getattr(last, "errno", None)
+    why = os.strerror(code) if code else str(last)
+    raise ConnectionError(code or 0, f"cannot connect to {host}:{port}: {why}")

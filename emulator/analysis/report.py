@@ -80,7 +80,11 @@ def render_analyze(s: RunSummary, console: Console) -> None:
     head.add_row("Log", Text(s.path))
     head.add_row("Run", Text(s.name))
     outcome = s.outcome + ("" if s.complete else " (no run_end: analysed up to the last sample)")
+    if s.signal:
+        outcome += f" ({s.signal})"
     head.add_row("Outcome", Text(outcome))
+    if s.error:
+        head.add_row("Error", Text(s.error))
     head.add_row("Elapsed", format_value("sec", s.elapsed) + " s")
     head.add_row("Lines", f"{s.lines} read, {s.skipped} lines skipped, {s.samples} vmstat samples")
     if s.machine:

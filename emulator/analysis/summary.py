@@ -153,13 +153,32 @@ EMULATOR_ROWS = (
     Row("NBD latency p99 (ms)", MS, "swapnbd", "as p50, 99th percentile"),
     Row("NBD latency max (ms)", MS, "swapnbd", "as p50, maximum"),
     Row("Swap used peak (pages)", INT, "swapnbd", "max of swap_used_pages over samples"),
+    Row("NBD read errors", INT, "swapnbd",
+        "Δnbd_read_errors: reads that ended with -EIO (an error reply, or failed by the driver)"),
+    Row("NBD write errors", INT, "swapnbd",
+        "Δnbd_write_errors: writes that ended with -EIO (an error reply, or failed by the driver)"),
+    Row("NBD errors by command/errno", TEXT, "swapnbd",
+        "run_end.nbd: error replies by command and NBD errno, then the requests the driver "
+        "failed itself (no connection), by command; '-' when there were none"),
+    Row("NBD connections lost", INT, "swapnbd",
+        "Δnbd_connection_lost, else the number of nbd_connection_lost events"),
+    Row("NBD reconnects", INT, "swapnbd", "Δnbd_reconnects (swap.persist)"),
+    Row("NBD xmit timeouts", INT, "swapnbd", "Δnbd_xmit_timeouts (swap.timeout_s)"),
     Row("OOM kills", INT, "swapnbd", "Δoom_kill, else the number of oom_kill events"),
     Row("Integrity errors", INT, "swapnbd",
-        "run_end.integrity_errors, else vm integrity_errors, else integrity_error events"),
+        "data that came back wrong: run_end.integrity_errors, else vm integrity_errors, "
+        "else integrity_error events"),
     Row("Processes completed", INT, "swapnbd",
         "run_end.processes.completed, else process_exit events with reason completed"),
     Row("Processes killed", INT, "swapnbd",
         "run_end.processes.killed, else process_exit events with reason killed"),
+    Row("Processes killed by the OOM killer", INT, "swapnbd",
+        "run_end.processes.killed_by.oom_kill, else process_exit events with signal SIGKILL"),
+    Row("Processes killed by SIGBUS", INT, "swapnbd",
+        "run_end.processes.killed_by.sigbus (a swap-in failed), else Δsigbus_kill, else "
+        "process_exit events with signal SIGBUS"),
+    Row("Kernel messages suppressed", INT, "swapnbd",
+        "Σ run_end.suppressed (printk_ratelimited), else Σ printk_suppressed.suppressed"),
 )
 
 ALL_ROWS = {r.label: r for r in DURATION_ROWS + VMSTAT_ROWS + EMULATOR_ROWS}
@@ -277,6 +296,22 @@ def vmstat_rows(before: dict, after: dict, elapsed: float | None) -> dict[str, A
     }
 
 
+def nbd_errors_text(nbd: dict | None) -> str | None:
+    """run_end.nbd as 'write EIO 120; failed by the driver: read 3' (None: no errors)."""
+    if not nbd:
+        return None
+    parts = []
+    errors = nbd.get("errors")
+    if isinstance(errors, dict):
+        parts += [f"{cmd} {e} {n}" for cmd, by in sorted(errors.items()) if isinstance(by, dict)
+                  for e, n in sorted(by.items())]
+    failed = nbd.get("failed")
+    if isinstance(failed, dict) and any(failed.values()):
+        parts.append("failed by the driver: " + ", ".join(
+            f"{cmd} {n}" for cmd, n in sorted(failed.items()) if n))
+    return "; ".join(parts) or None
+
+
 def percentile(sorted_values: list[float] | array.array, p: float) -> float | None:
     """Nearest-rank percentile (p in 0..100) of an already sorted sequence."""
     n = len(sorted_values)
@@ -319,6 +354,8 @@ class RunSummary:
     lockup: dict[str, Any] | None
     events: dict[str, int] = field(default_factory=dict)
     baseline: str = "boot"
+    error: str | None = None  #: run_end.error: why the run ended badly (one line)
+    signal: str | None = None  #: run_end.signal: the signal that interrupted it
 
     def rows(self) -> dict[str, Any]:
         return {**self.duration, **self.vmstat, **self.emulator}
@@ -333,6 +370,7 @@ class RunSummary:
             "duration": self.duration, "vmstat": self.vmstat, "emulator": self.emulator,
             "timeline": [e.as_dict() for e in self.timeline],
             "lockup": self.lockup, "events": self.events,
+            "error": self.error, "signal": self.signal,
         }
 
 
@@ -343,10 +381,13 @@ _SAMPLED_FIRSTS = (
     ("first direct reclaim", ("allocstall",)),
     ("first throttle", ("pgscan_direct_throttle",)),
     ("first skb drop", ("skb_drop_nomem", "skb_drop_pfmemalloc")),
+    ("first NBD error", ("nbd_errors",)),
+    ("first connection lost", ("nbd_connection_lost",)),
     ("first OOM kill", ("oom_kill",)),
+    ("first SIGBUS", ("sigbus_kill",)),
     ("first integrity error", ("integrity_errors",)),
 )
-_TIMELINE_ORDER = [label for label, _ in _SAMPLED_FIRSTS]
+_TIMELINE_ORDER = [label for label, _ in _SAMPLED_FIRSTS] + ["interrupted"]
 
 _RESERVOIR = 1_000_000  # nbd_reply latencies kept (reservoir-sampled beyond this)
 
@@ -374,6 +415,8 @@ class _Pass:
         self.drops: Counter[str] = Counter()
         self.throttle_waited = 0.0
         self.exits: Counter[str] = Counter()
+        self.exit_signals: Counter[str] = Counter()
+        self.suppressed = 0
         self.latencies: array.array = array.array("d")
         self.latency_seen = 0
         self.latency_max = 0.0
@@ -387,6 +430,11 @@ class _Pass:
             "throttle_end": self.on_throttle_end,
             "skb_drop": self.on_skb_drop,
             "oom_kill": self.on_first("first OOM kill", ("victim", "comm", "rss", "swapents")),
+            "nbd_error": self.on_first("first NBD error", ("cmd", "error", "source", "reason")),
+            "nbd_connection_lost": self.on_first("first connection lost", ("reason",)),
+            "sigbus": self.on_first("first SIGBUS", ("pid", "comm", "vaddr")),
+            "printk_suppressed": self.on_suppressed,
+            "interrupted": self.on_first("interrupted", ("signal",)),
             "integrity_error": self.on_first("first integrity error", ("pid", "vaddr", "what")),
             "process_exit": self.on_process_exit,
             "nbd_reply": self.on_nbd_reply,
@@ -462,6 +510,13 @@ class _Pass:
 
     def on_process_exit(self, ev: dict) -> None:
         self.exits[str(ev.get("reason"))] += 1
+        if ev.get("signal"):
+            self.exit_signals[str(ev.get("signal"))] += 1
+
+    def on_suppressed(self, ev: dict) -> None:
+        n = _num(ev.get("suppressed"))
+        if n:
+            self.suppressed += int(n)
 
     def on_nbd_reply(self, ev: dict) -> None:
         lat = _num(ev.get("latency_s"))
@@ -568,6 +623,24 @@ class _Pass:
         if killed is None and "process_exit" in self.counts:
             killed = self.exits.get("killed", 0)
 
+        by = procs.get("killed_by")
+        by = by if isinstance(by, dict) else {}
+        killed_oom = _num(by.get("oom_kill"))
+        killed_bus = _num(by.get("sigbus"))
+        if killed_bus is None:
+            killed_bus = d("sigbus_kill")
+        if killed_oom is None and "process_exit" in self.counts:
+            killed_oom = self.exit_signals.get("SIGKILL", 0)
+        if killed_bus is None and "process_exit" in self.counts:
+            killed_bus = self.exit_signals.get("SIGBUS", 0)
+        nbd = end.get("nbd") if complete else None
+        nbd = nbd if isinstance(nbd, dict) else None
+        sup = end.get("suppressed") if complete else None
+        suppressed = (sum(v for v in sup.values() if isinstance(v, int))
+                      if isinstance(sup, dict) else None)
+        if suppressed is None and "printk_suppressed" in self.counts:
+            suppressed = self.suppressed
+
         drop_nomem = d("skb_drop_nomem")
         drop_pfm = d("skb_drop_pfmemalloc")
         if drop_nomem is None and "skb_drop" in self.counts:
@@ -603,10 +676,19 @@ class _Pass:
             "NBD latency p99 (ms)": ms(p99),
             "NBD latency max (ms)": ms(pmax),
             "Swap used peak (pages)": self.peak.get("swap_used_pages"),
+            "NBD read errors": d("nbd_read_errors"),
+            "NBD write errors": d("nbd_write_errors"),
+            "NBD errors by command/errno": nbd_errors_text(nbd),
+            "NBD connections lost": or_count(d("nbd_connection_lost"), "nbd_connection_lost"),
+            "NBD reconnects": d("nbd_reconnects"),
+            "NBD xmit timeouts": d("nbd_xmit_timeouts"),
             "OOM kills": or_count(d("oom_kill"), "oom_kill"),
             "Integrity errors": integrity,
             "Processes completed": done,
             "Processes killed": killed,
+            "Processes killed by the OOM killer": killed_oom,
+            "Processes killed by SIGBUS": killed_bus,
+            "Kernel messages suppressed": suppressed,
         }
 
         timeline: list[TimelineEntry] = []
@@ -632,7 +714,9 @@ class _Pass:
             config=r.config, outcome=outcome, complete=complete, lines=r.lines,
             skipped=r.skipped, samples=self.samples, elapsed=elapsed,
             duration=duration, vmstat=vm, emulator=emulator, timeline=timeline,
-            lockup=self.lockup, events=dict(self.counts), baseline=self.baseline)
+            lockup=self.lockup, events=dict(self.counts), baseline=self.baseline,
+            error=end.get("error") if complete and isinstance(end.get("error"), str) else None,
+            signal=end.get("signal") if complete and isinstance(end.get("signal"), str) else None)
 
 
 def summarize(path: str, *, baseline: str = "boot") -> RunSummary:

@@ -83,6 +83,7 @@ class OOMKiller:
         self.k.vmstat["oom_kill"] += 1
         victim.memdie = True
         victim.fatal_signal = True
+        victim.signal = "SIGKILL"
         self.k.wake_killed(victim)
         log.warning("oom_kill", victim=victim.pid, comm=victim.comm, rss=victim.mm.rss,
                     swapents=victim.mm.swapents, trigger_pid=task.pid, trigger=task.comm,

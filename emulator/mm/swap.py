@@ -268,13 +268,19 @@ class SwapInfo:
         return True
 
     def end_swap_bio_write(self, bio, error: int) -> None:
+        """end_swap_bio_write(): on an error, SetPageError, set_page_dirty (the page
+        stays in the swap cache and is written again by a later scan), "Write-error
+        on swap-device" and ClearPageReclaim, so that end_page_writeback does not
+        rotate it. Only a write that succeeded is progress."""
         page = bio.page
         if error:
             page.flags |= PG.error | PG.dirty
             page.flags &= ~PG.reclaim
-            log.warning("swap_write_error", pfn=page.pfn, entry=page.swap, error=error)
+            self.k.printk.ratelimited("warning", "swap_write_error", pfn=page.pfn,
+                                      entry=page.swap, error=error)
         self.end_page_writeback(page)
-        self.k.progress += 1
+        if not error:
+            self.k.progress += 1
 
     async def swap_readpage(self, page: Page, task: Task) -> None:
         """swap_readpage(): bio with GFP_KERNEL, pswpin, submit; end_swap_bio_read
@@ -290,6 +296,9 @@ class SwapInfo:
         await self.bdev.submit_bio(bio, task)
 
     def end_swap_bio_read(self, bio, error: int) -> None:
+        """end_swap_bio_read(): SetPageUptodate, or on an error SetPageError and
+        "Read-error on swap-device" (do_swap_page then finds the page not uptodate:
+        SIGBUS); unlock_page. Only a read that succeeded is progress."""
         page = bio.page
         if not error:
             contents = decode_page(bio.data)
@@ -303,9 +312,11 @@ class SwapInfo:
                 page.flags |= PG.uptodate
         else:
             page.flags |= PG.error
-            log.warning("swap_read_error", pfn=page.pfn, entry=page.swap, error=error)
+            self.k.printk.ratelimited("warning", "swap_read_error", pfn=page.pfn,
+                                      entry=page.swap, error=error)
         self.unlock_page(page)
-        self.k.progress += 1
+        if not error:
+            self.k.progress += 1
 
     async def read_swap_cache_async(self, entry: int, gfp: GFP, task: Task) -> Page | None:
         """read_swap_cache_async(): the cached page, or a new locked page being read."""

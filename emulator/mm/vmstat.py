@@ -59,6 +59,9 @@ EMULATOR = (
     "tcp_retransmit_timeouts", "tcp_ack_nomem", "tcp_backlog_queued", "rx_copybreak",
     "nic_rx_posted",
     "nbd_requests", "nbd_replies", "nbd_inflight", "nbd_errors",
+    "nbd_read_errors", "nbd_write_errors",  # requests of that command that ended in -EIO
+    "nbd_connection_lost", "nbd_reconnects", "nbd_xmit_timeouts",
+    "sigbus_kill",  # processes ended by SIGBUS (a failed swap-in)
     "nbd_sender_reclaim", "nbd_sender_reclaim_exposed", "nbd_sender_near_miss",
     "mempool_wait", "integrity_errors", "throttle_active",
     "swap_used_pages", "swap_total_pages",

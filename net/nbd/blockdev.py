@@ -10,8 +10,28 @@ each 16-byte reply (nbd_read_stat: sock_xmit(receive), a tcp_recvmsg with
 MSG_WAITALL), finds its request by handle (nbd_find_request, which first waits
 on active_wq while that request is still being sent), reads a read's data,
 and completes it (nbd_end_request), so writeback completes in nbd-client's
-context; a socket error fails every queued and in-flight request with -EIO
-(nbd_clear_que).
+context.
+
+When the connection fails (3.5's NBD_DO_IT, drivers/block/nbd.c): the
+receiver's nbd_read_stat fails and sets ``harderror``; NBD_DO_IT then stops
+nbd_thread with kthread_stop, which first drains ``waiting_queue`` (each
+request is sent on the dead socket and fails with -EIO), shuts the socket
+down (sock_shutdown: ``nbd->sock = NULL``), and fails every request still
+awaiting a reply (nbd_clear_que, which in 3.5 looks at ``queue_head`` only;
+3.6 also purges ``waiting_queue`` there, a change outside the 16 patches
+that matters only for NBD_CLEAR_SOCK, so every kernel here has 3.5's).
+From then on do_nbd_request fails each new request at once ("Attempted send
+on closed socket"). NBD_DO_IT returns to nbd-client, which exits or, with
+``-persist``, reconnects (actors/nbdclient.py).
+
+NBD_SET_TIMEOUT (``swap.timeout_s``, ``xmit_timeout``; 0, the default, is
+none): sock_xmit arms a timer around each *send* (kernel_sendmsg); if it
+fires, nbd_xmit_timeout sends SIGKILL to the sending task, and once the send
+returns sock_xmit shuts the socket down, which fails the outstanding requests
+as above. The signal ends only interruptible sleeps (sk_stream_wait_memory's);
+a sender sleeping in the page allocator's direct reclaim is not broken out
+of it (3.5's allocator has no fatal-signal exit there), and receives are
+never timed.
 
 Patch 14: nbd_do_it calls sk_set_memalloc on the socket, and sock_xmit runs,
 for sending and receiving, with PF_MEMALLOC and sk_allocation = GFP_NOIO |
@@ -38,22 +58,31 @@ the watermark check does not see them (``pcp_drained``), and how many atomic
 callers took at or below the min watermark (``pgalloc_below_min``), a band
 the vanilla sender may not enter.
 
+Errors: a reply with an error and a request the driver fails itself both end
+the request with -EIO; the first are counted by command and NBD errno
+(``errors``), the second by command (``failed``). Their messages are
+rate-limited as printk_ratelimited would (emulator/printk.py); the counts
+are exact.
+
 Simplified: the handshake (done by the userspace nbd-client before
-NBD_SET_SOCK in the kernel) is not charged to emulated memory; there is no
-xmit timeout (3.6's default is none); request handles are counters, not
-request pointers.
+NBD_SET_SOCK in the kernel) is not charged to emulated memory; request
+handles are counters, not request pointers.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 from array import array
-from collections import deque
+from collections import Counter, deque
 from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
+from actors.cpu import running
+from emulator import logs
 from emulator.block import BLK_RW_ASYNC, BLK_RW_SYNC, READ, BlockDevice, Request
 from emulator.flags import GFP_NOIO, GFP, PF
 from emulator.logs import debug_enabled
@@ -68,6 +97,19 @@ if TYPE_CHECKING:
 log = structlog.get_logger("swapnbd.nbd")
 
 NBD_EIO = 5
+
+
+def _cmd_name(req: Request) -> str:
+    return "read" if req.bio.rw == READ else "write"
+
+
+def _lost(sock: TcpSock | None) -> str:
+    """Why a receive came back short, in words."""
+    if sock is None or sock.shut_down:
+        return "the socket was shut down"
+    if sock.error:
+        return f"{errno.errorcode.get(sock.error, sock.error)} ({os.strerror(sock.error)})"
+    return "connection closed by the server (end of file)"
 
 
 class SenderStalls:
@@ -128,11 +170,13 @@ class SendMarks:
 class NBDDevice(BlockDevice):
     name = "nbd0"
 
-    def __init__(self, k: Kernel, sock: TcpSock, info: P.ExportInfo, mss: int) -> None:
+    def __init__(self, k: Kernel, sock: TcpSock | None, info: P.ExportInfo, mss: int) -> None:
         super().__init__(k)
-        self.sock = sock
+        self.sock: TcpSock | None = sock  #: nbd->sock: None once shut down
         self.info = info
         self.mss = mss
+        #: nbd->xmit_timeout (NBD_SET_TIMEOUT), in kernel seconds; 0: none
+        self.xmit_timeout = k.cfg.swap.timeout_s
         self.waiting_queue: deque[Request] = deque()
         self.waiting_wq = WaitQueue("nbd.waiting_wq")
         self.queue_head: dict[int, Request] = {}  #: sent, awaiting a reply
@@ -140,7 +184,17 @@ class NBDDevice(BlockDevice):
         self._cookies = itertools.count(1)
         self.active_req: Request | None = None
         self.active_wq = WaitQueue("nbd.active_wq")
-        self.harderror = 0
+        self.harderror = 0  #: nbd->harderror: why the receiver stopped (sticky, as in 3.5)
+        self.kthread_should_stop = False
+        self.nursery: trio.Nursery | None = None  #: where NBD_DO_IT starts nbd_thread
+        self.next_thread: Task | None = None  #: a task made ahead for the next nbd_thread
+        #: error replies, by (command, NBD errno name)
+        self.errors: Counter[tuple[str, str]] = Counter()
+        #: requests the driver failed itself (no socket, send failed, queue cleared),
+        #: by command
+        self.failed: Counter[str] = Counter()
+        self.connections = 1 if sock is not None else 0
+        self.lost: list[dict] = []  #: each connection lost: t, reason
         self.latencies = array("d")
         self.requests = 0
         self.replies = 0
@@ -152,10 +206,10 @@ class NBDDevice(BlockDevice):
 
     # -- submission -------------------------------------------------------------------
     async def request_fn(self, req: Request, task: Task) -> None:
-        """do_nbd_request: hand the request to nbd_thread."""
-        if self.harderror:
-            self.k.vmstat["nbd_errors"] += 1
-            self.end_request(req, NBD_EIO, task)
+        """do_nbd_request: hand the request to nbd_thread, or fail it at once when
+        there is no socket ("Attempted send on closed socket")."""
+        if self.sock is None:
+            self._fail(req, "no connection", task)
             return
         self.waiting_queue.append(req)
         self.k.vmstat["nbd_inflight"] = len(self.waiting_queue) + len(self.queue_head)
@@ -163,23 +217,30 @@ class NBDDevice(BlockDevice):
 
     async def nbd_thread(self, task: Task) -> None:
         """The nbd0 kernel thread: send queued requests one at a time, at nice -20
-        (set_user_nice(current, -20), as nbd_thread has done since 2.6.26)."""
+        (set_user_nice(current, -20), as nbd_thread has done since 2.6.26), until
+        kthread_stop, and then until waiting_queue is empty."""
         task.set_user_nice(-20)
-        while True:
-            await task.sleep_on(self.waiting_wq, lambda: bool(self.waiting_queue),
+        while not self.kthread_should_stop or self.waiting_queue:
+            await task.sleep_on(self.waiting_wq,
+                                lambda: self.kthread_should_stop or bool(self.waiting_queue),
                                 wchan="nbd_thread(waiting_wq)")
+            if not self.waiting_queue:
+                continue
             req = self.waiting_queue.popleft()
             await self.nbd_handle_req(req, task)
             await task.cond_resched()
 
     async def nbd_handle_req(self, req: Request, task: Task) -> None:
+        """nbd_handle_req(): send the request (it owns nbd->tx_lock meanwhile, as
+        active_req), then put it on the in-flight list; a send that fails ends the
+        request with -EIO ("Request send failed") and nothing else."""
         k = self.k
         bio = req.bio
         cmd = P.NBD_CMD_READ if bio.rw == READ else P.NBD_CMD_WRITE
         cookie = next(self._cookies)
         req.cookie = cookie
-        if self.harderror:
-            self.end_request(req, NBD_EIO, task)
+        if self.sock is None:
+            self._fail(req, "no connection", task)
             return
         wire = self.tx.send_request(cmd, cookie, bio.offset, bio.length, 0,
                                     bio.data if cmd == P.NBD_CMD_WRITE else b"")
@@ -189,10 +250,10 @@ class NBDDevice(BlockDevice):
         self._exposed_since = None if self.queue_head else req.started
         try:
             await self.nbd_send_req(wire, cmd, task)
-        except ConnectionError as e:
+        except (ConnectionError, InterruptedError) as e:
             self._clear_active()
-            self._harderror(str(e), task)
-            self.end_request(req, NBD_EIO, task)
+            self._exposed_since = None
+            self._fail(req, f"send failed: {e}", task)
             return
         if task.allocstall != self._send_marks.allocstall:
             self._account_stall(req, task)
@@ -250,56 +311,165 @@ class NBDDevice(BlockDevice):
         """sock_xmit(): sk_allocation GFP_NOIO; patch 14 adds __GFP_MEMALLOC and runs the
         whole call with PF_MEMALLOC. Returns the task's PF_MEMALLOC to restore."""
         patched = self.k.patches.has(14)
-        self.sock.sk_allocation = GFP_NOIO | GFP.MEMALLOC if patched else GFP_NOIO
+        if self.sock is not None:
+            self.sock.sk_allocation = GFP_NOIO | GFP.MEMALLOC if patched else GFP_NOIO
         saved = task.flags & PF.MEMALLOC
         if patched:
             task.flags |= PF.MEMALLOC
         return saved
 
     async def sock_xmit(self, task: Task, data: bytes, *, more: bool = False) -> None:
-        """sock_xmit(send): one kernel_sendmsg (tcp_sendmsg)."""
+        """sock_xmit(send): one kernel_sendmsg (tcp_sendmsg), under the xmit timer
+        when NBD_SET_TIMEOUT set one. A fatal signal pending when the send returns
+        (the timer's SIGKILL) shuts the socket down: -EINTR."""
+        sock = self.sock
+        if sock is None:
+            raise ConnectionError("Attempted send on closed socket in sock_xmit")
         saved = self._sock_xmit_begin(task)
         try:
-            await self.sock.tcp_sendmsg(task, data, more)
+            if self.xmit_timeout:
+                timer = trio.CancelScope()  # add_timer(): a timer outside the task
+
+                async def run_timer() -> None:
+                    with timer:
+                        await self._xmit_timer(task, sock)
+
+                self.nursery.start_soon(run_timer)
+                try:
+                    await sock.tcp_sendmsg(task, data, more)
+                finally:
+                    timer.cancel()  # del_timer_sync
+            else:
+                await sock.tcp_sendmsg(task, data, more)
+        except InterruptedError:
+            pass  # the signal is dealt with below
         finally:
             task.flags = (task.flags & ~PF.MEMALLOC) | saved
+        if task.fatal_signal:
+            signame = task.signal or "SIGKILL"
+            task.fatal_signal = False  # dequeue_signal_lock
+            task.signal = None
+            log.warning("nbd_got_signal", pid=task.pid, comm=task.comm, signal=signame)
+            self.sock_shutdown()
+            raise InterruptedError(f"{signame} during the send (xmit timeout)")
+
+    async def _xmit_timer(self, task: Task, sock: TcpSock) -> None:
+        """nbd_xmit_timeout(): after xmit_timeout, "killing hung xmit": SIGKILL to the
+        sender, which wakes it only where it sleeps interruptibly."""
+        await trio.sleep(self.k.hz(self.xmit_timeout))
+        self.k.vmstat["nbd_xmit_timeouts"] += 1
+        log.warning("nbd_xmit_timeout", pid=task.pid, comm=task.comm,
+                    timeout_s=self.xmit_timeout, wchan=task.wchan, activity=task.activity)
+        task.fatal_signal = True  # force_sig(SIGKILL, task)
+        task.signal = "SIGKILL"
+        sock.sk_sleep.wake_up()  # signal_wake_up: an interruptible sleeper wakes
 
     async def sock_xmit_recv(self, task: Task, length: int) -> bytes:
         """sock_xmit(receive): one kernel_recvmsg (tcp_recvmsg, MSG_WAITALL)."""
+        sock = self.sock
+        if sock is None:
+            return b""  # "Attempted recv on closed socket": -EINVAL, a short read
         saved = self._sock_xmit_begin(task)
         try:
-            return await self.sock.tcp_recvmsg(task, length, waitall=True,
-                                               wchan="nbd_read_stat(sk_wait_data)")
+            return await sock.tcp_recvmsg(task, length, waitall=True,
+                                          wchan="nbd_read_stat(sk_wait_data)")
         finally:
             task.flags = (task.flags & ~PF.MEMALLOC) | saved
 
     # -- completion --------------------------------------------------------------------
+    async def nbd_ioctl_do_it(self, task: Task) -> int:
+        """NBD_DO_IT, in nbd-client's context: start nbd_thread (a new nbd0 kernel
+        thread), receive replies until the connection fails, stop the thread (it
+        drains waiting_queue first), sock_shutdown, nbd_clear_que. Returns
+        harderror (0 if none), as the ioctl does."""
+        k = self.k
+        thread, self.next_thread = self.next_thread, None
+        if thread is None:
+            thread = k.new_task("nbd0", PF.KTHREAD)
+        self.kthread_should_stop = False
+        stopped = trio.Event()
+
+        async def kthread() -> None:
+            try:
+                async with running(thread):
+                    await self.nbd_thread(thread)
+            finally:
+                stopped.set()
+
+        self.nursery.start_soon(kthread)
+        await self.nbd_do_it(task)
+        self.kthread_should_stop = True  # kthread_stop()
+        self.waiting_wq.wake_up()
+        await task.sleep_until(stopped.wait, wchan="kthread_stop(nbd0)")
+        old = self.sock
+        self.sock_shutdown()
+        self.nbd_clear_que(task)
+        if old is not None:  # fput(file): the socket's memory goes back
+            old.release(task)
+            if k.netdev is not None:
+                k.netdev.detach(old)
+            old.close()
+        return self.harderror
+
     async def nbd_do_it(self, task: Task) -> None:
-        """The receiver, in the nbd-client process (NBD_DO_IT): read replies forever."""
-        if self.k.patches.has(14):
+        """nbd_do_it(): the receiver in the nbd-client process: read replies until
+        nbd_read_stat fails, which sets harderror."""
+        if self.k.patches.has(14) and self.sock is not None:
             self.sock.sk_set_memalloc()
         while True:
             try:
                 ev, req = await self.nbd_read_stat(task)
             except (ConnectionError, P.ProtocolError) as e:
-                self._harderror(str(e), task)
+                self.harderror = NBD_EIO
+                k = self.k
+                k.vmstat["nbd_connection_lost"] += 1
+                self.lost.append({"t": round(trio.current_time() - (logs.clock.boot or 0.0), 3),
+                                  "reason": str(e)})
+                log.error("nbd_connection_lost", reason=str(e), inflight=len(self.queue_head),
+                          queued=len(self.waiting_queue))
                 return
             self.nbd_end_request(ev, req, task)
             await task.cond_resched()
+
+    def sock_shutdown(self) -> None:
+        """sock_shutdown(): "shutting down socket": kernel_sock_shutdown(SHUT_RDWR),
+        nbd->sock = NULL."""
+        if self.sock is not None:
+            self.sock.kernel_sock_shutdown()
+            self.sock = None
+
+    def nbd_clear_que(self, task: Task) -> None:
+        """nbd_clear_que() (3.5): every request awaiting a reply ends with -EIO.
+        (waiting_queue was drained by nbd_thread before kthread_stop returned.)"""
+        for cookie, req in list(self.queue_head.items()):
+            del self.queue_head[cookie]
+            self._fail(req, "queue cleared", task)
+        self.k.vmstat["nbd_inflight"] = len(self.waiting_queue)
+
+    def nbd_set_sock(self, sock: TcpSock, info: P.ExportInfo) -> None:
+        """NBD_SET_SOCK (and NBD_SET_SIZE, NBD_SET_TIMEOUT) for a new connection, as
+        nbd-client issues them before the next NBD_DO_IT."""
+        self.sock = sock
+        self.info = info
+        self.tx = P.TransmissionClient()
+        self.connections += 1
 
     async def nbd_read_stat(self, task: Task) -> tuple:
         """nbd_read_stat(): the 16-byte reply; nbd_find_request; a read's data."""
         sock = self.sock
         hdr = await self.sock_xmit_recv(task, P.SIMPLE_REPLY_SIZE)
         if len(hdr) < P.SIMPLE_REPLY_SIZE:
-            raise ConnectionError(f"connection closed by the server ({sock.error or 'EOF'})")
+            raise ConnectionError(f"Receive control failed: {_lost(sock)}")
         self.tx.receive_data(hdr)
         ev = self.tx.next_event()  # a protocol error (bad magic, unknown handle) raises
         req = await self.nbd_find_request(P.reply_cookie(hdr), task)
         if ev is P.NEED_DATA:  # a read reply: the data follows into the bio's page
             data = await self.sock_xmit_recv(task, req.bio.length)
             if len(data) < req.bio.length:
-                raise ConnectionError(f"connection closed by the server ({sock.error or 'EOF'})")
+                # "Receive data failed": the request ends with -EIO; the next
+                # nbd_read_stat finds the connection gone.
+                self._fail(req, "receive data failed", task)
+                raise ConnectionError(f"Receive data failed: {_lost(sock)}")
             self.tx.receive_data(data)
             ev = self.tx.next_event()
         return ev, req
@@ -327,30 +497,44 @@ class NBDDevice(BlockDevice):
         k.vmstat["nbd_inflight"] = len(self.waiting_queue) + len(self.queue_head)
         error = 0
         if ev.error:
+            # "Other side returned error (%d)": req->errors++, -EIO to the bio.
             error = NBD_EIO
-            k.vmstat["nbd_errors"] += 1
-            log.warning("nbd_error", cookie=ev.cookie, error=ev.error)
+            cmd = _cmd_name(req)
+            errno_name = P.ERROR_NAMES.get(ev.error, str(ev.error))
+            self.errors[(cmd, errno_name)] += 1
+            self._count_error(cmd)
+            k.printk.ratelimited("warning", "nbd_error", cookie=ev.cookie, cmd=cmd,
+                                 error=errno_name, source="server")
         elif req.bio.rw == READ:
             req.bio.data = ev.data
         if debug_enabled():
             log.debug("nbd_reply", cookie=ev.cookie, error=ev.error, latency_s=round(latency, 6))
         self.end_request(req, error, task)
 
-    def _harderror(self, why: str, task: Task) -> None:
-        """nbd_clear_que: fail everything with -EIO."""
-        if self.harderror:
-            return
-        self.harderror = NBD_EIO
-        log.error("nbd_error", error="harderror", reason=why,
-                  inflight=len(self.queue_head), queued=len(self.waiting_queue))
-        for cookie, req in list(self.queue_head.items()):
-            del self.queue_head[cookie]
-            self.k.vmstat["nbd_errors"] += 1
-            self.end_request(req, NBD_EIO, task)
-        while self.waiting_queue:
-            self.k.vmstat["nbd_errors"] += 1
-            self.end_request(self.waiting_queue.popleft(), NBD_EIO, task)
-        self.k.vmstat["nbd_inflight"] = 0
+    def _count_error(self, cmd: str) -> None:
+        vm = self.k.vmstat
+        vm["nbd_errors"] += 1
+        vm["nbd_read_errors" if cmd == "read" else "nbd_write_errors"] += 1
+
+    def _fail(self, req: Request, reason: str, task: Task) -> None:
+        """req->errors++; nbd_end_request(): the driver fails the request with -EIO."""
+        cmd = _cmd_name(req)
+        self.failed[cmd] += 1
+        self._count_error(cmd)
+        self.k.printk.ratelimited("warning", "nbd_error", cookie=req.cookie, cmd=cmd,
+                                  error="EIO", source="driver", reason=reason)
+        self.end_request(req, NBD_EIO, task)
+
+    def error_summary(self) -> dict:
+        """For run_end: error replies by command and errno, requests the driver
+        failed by command, the connections made and lost."""
+        errors: dict[str, dict[str, int]] = {}
+        for (cmd, errno_name), n in sorted(self.errors.items()):
+            errors.setdefault(cmd, {})[errno_name] = n
+        return {"errors": errors, "failed": dict(sorted(self.failed.items())),
+                "connections": self.connections, "lost": list(self.lost),
+                "reconnects": self.k.vmstat["nbd_reconnects"],
+                "xmit_timeouts": self.k.vmstat["nbd_xmit_timeouts"]}
 
     # -- introspection -----------------------------------------------------------------
     def latency_summary(self) -> dict:
@@ -379,6 +563,9 @@ class NBDDevice(BlockDevice):
             ],
             "active_req": self.active_req.cookie if self.active_req else None,
             "harderror": self.harderror,
+            "connected": self.sock is not None,
+            "errors": {**{f"{cmd} {e} (server)": n for (cmd, e), n in sorted(self.errors.items())},
+                       **{f"{cmd} (driver)": n for cmd, n in sorted(self.failed.items())}},
             "sender_stalls": self.sender_stalls.summary(),
             "sender_exposed_s": (None if self._exposed_since is None or self.active_req is None
                                  else round(now - self._exposed_since, 3)),

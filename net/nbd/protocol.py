@@ -582,14 +582,20 @@ class ClientHandshake:
             st = self._state
             buf = self._in
             if st == "greeting":
+                if buf.available() >= 8:  # judge the first magic as soon as it is there
+                    head = bytes(buf.buf[buf.pos:buf.pos + 8])
+                    if int.from_bytes(head, "big") != NBDMAGIC:
+                        text = head.decode("ascii", "replace")
+                        seen = f" (it sent {text!r}...)" if text.isprintable() else ""
+                        raise self._fail(f"not an NBD server: bad greeting magic "
+                                         f"0x{head.hex()}{seen}")
                 if buf.available() < 18:
                     return NEED_DATA
                 magic, magic2, hflags = _GREETING.unpack_from(buf.buf, buf.pos)
                 buf.pos += 18
-                if magic != NBDMAGIC:
-                    raise self._fail(f"not an NBD server: bad greeting magic 0x{magic:016x}")
                 if magic2 == NBD_CLISERV_MAGIC:
-                    raise self._fail("server speaks oldstyle negotiation, which is not supported")
+                    raise self._fail("server speaks oldstyle negotiation (no export names), which "
+                                     "is not supported; run it newstyle (e.g. nbdkit without -o)")
                 if magic2 != IHAVEOPT:
                     raise self._fail(f"bad handshake: unexpected second magic 0x{magic2:016x}")
                 self._fixed = bool(hflags & NBD_FLAG_FIXED_NEWSTYLE)

@@ -143,7 +143,8 @@ async def test_small_machine_completes_with_swap_in_and_out(machine):
     assert r.vm["pswpout"] > nr_pages
     assert r.vm["pswpin"] > 0
     assert r.integrity_errors == 0
-    assert r.processes == {"total": 2, "completed": 2, "killed": 0}
+    assert r.processes == {"total": 2, "completed": 2, "killed": 0,
+                           "killed_by": {"oom_kill": 0, "sigbus": 0}}
     # The log, as captured by the fixture and as written to the file.
     assert m.events[0]["event"] == "run_start"
     end = m.events[-1]
