@@ -192,7 +192,7 @@ class TcpSock(Sock):
         # -- the prequeue (tp->ucopy) --
         self.ucopy_task: Task | None = None
         self.ucopy_buf: bytearray | None = None
-        self.ucopy_len = 0  #: bytes the reader still wants
+        self.ucopy_want = 0  #: the length the reader asked for (ucopy.len + what it has)
         self.prequeue: deque[SkBuff] = deque()
         self.ucopy_memory = 0
         # -- send sequence space --
@@ -449,10 +449,10 @@ class TcpSock(Sock):
         for exactly this data, processes the segment; it goes straight to its buffer."""
         n = skb.end_seq - skb.seq
         if not (self.ucopy_task is task and self.owner is task
-                and self.copied_seq == self.rcv_nxt and n <= self.ucopy_len):
+                and self.copied_seq == self.rcv_nxt
+                and n <= self.ucopy_want - len(self.ucopy_buf)):
             return False
         self.ucopy_buf += skb.data
-        self.ucopy_len -= n
         self.copied_seq += n
         self.rcv_nxt += n
         self.k.skb.kfree_skb(skb, task)
@@ -761,10 +761,9 @@ class TcpSock(Sock):
                     break
                 await self.tcp_cleanup_rbuf(task, len(buf))
                 if not SYSCTL_TCP_LOW_LATENCY and self.ucopy_task is None:
-                    self.ucopy_task, self.ucopy_buf = task, buf
+                    self.ucopy_task, self.ucopy_buf, self.ucopy_want = task, buf, length
                     if self.prequeue:
                         await self.tcp_prequeue_process(task)
-                self.ucopy_len = length - len(buf)
                 if len(buf) >= target:
                     await self.release_sock(task)  # run the backlog without sleeping
                     await self.lock_sock(task)
@@ -777,13 +776,14 @@ class TcpSock(Sock):
             if self.ucopy_task is task:
                 if self.prequeue:
                     await self.tcp_prequeue_process(task)
-                self.ucopy_task, self.ucopy_buf, self.ucopy_len = None, None, 0
+                self.ucopy_task, self.ucopy_buf, self.ucopy_want = None, None, 0
             await self.tcp_cleanup_rbuf(task, len(buf))
         finally:
             if self.ucopy_task is task:
-                self.ucopy_task, self.ucopy_buf, self.ucopy_len = None, None, 0
+                self.ucopy_task, self.ucopy_buf, self.ucopy_want = None, None, 0
             if self.owner is task:  # (not after a cancellation inside sk_wait_event)
                 await self.release_sock(task)
+        assert len(buf) <= length, f"tcp_recvmsg({length}) took {len(buf)} bytes"
         return bytes(buf)
 
     def _copy_from_queue(self, task: Task, buf: bytearray, length: int) -> None:

@@ -311,3 +311,32 @@ async def test_a_backlog_drained_before_the_prequeue_goes_out_of_order():
             assert len(sock.ofo) == 1 and k.vmstat["tcp_ofo_queued"] == 1
         assert got == [b"a" * 100 + b"b" * 100]
         assert not sock.ofo and not sock.drops and sock.rmem_alloc == 0
+
+
+async def test_a_reader_takes_no_more_than_it_asked_for():
+    """The prequeue's direct copy fills the reader's buffer only up to the length it
+    asked for, however the bytes before reached it. Here the first reply goes to
+    the receive queue (the socket's owner processes it from the backlog) and the
+    second to the prequeue: nbd_read_stat's 16-byte read must return one reply,
+    not two (a stale ucopy length once let the second one in)."""
+    async with tcp_on_nic("vanilla", "slub") as n:
+        k, sock = n.k, n.sock
+        reader = k.new_task("nbd-client", cpu=1)
+        holder = k.new_task("nbd0", cpu=1)
+        got = []
+        async with trio.open_nursery() as nursery:
+            async def read(task):
+                got.append(await sock.tcp_recvmsg(task, 16, waitall=True))
+                got.append(await sock.tcp_recvmsg(task, 16, waitall=True))
+
+            nursery.start_soon(run_as, reader, read)
+            await wait_until(lambda: reader.wchan is not None and sock.ucopy_task is reader)
+            await sock.lock_sock(holder)
+            n.peer_send(b"1" * 16)
+            await n.poll()  # owned: to the backlog
+            await run_as(holder, sock.release_sock)  # processed by nbd0: receive queue
+            assert len(sock.receive_queue) == 1
+            n.peer_send(b"2" * 16)
+            await n.poll()  # unowned, the reader still installed: its prequeue
+            assert len(sock.prequeue) == 1
+        assert got == [b"1" * 16, b"2" * 16]
