@@ -334,9 +334,11 @@ async def test_a_reader_takes_no_more_than_it_asked_for():
             await sock.lock_sock(holder)
             n.peer_send(b"1" * 16)
             await n.poll()  # owned: to the backlog
-            await run_as(holder, sock.release_sock)  # processed by nbd0: receive queue
+            await holder.cpu.acquire(holder)  # the reader's CPU: it cannot run yet
+            await sock.release_sock(holder)  # processed by nbd0: receive queue
             assert len(sock.receive_queue) == 1
             n.peer_send(b"2" * 16)
             await n.poll()  # unowned, the reader still installed: its prequeue
-            assert len(sock.prequeue) == 1
+            assert len(sock.prequeue) == 1 and sock.ucopy_task is reader
+            holder.cpu.release(holder)
         assert got == [b"1" * 16, b"2" * 16]
