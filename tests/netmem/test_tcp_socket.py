@@ -326,8 +326,9 @@ async def test_a_reader_takes_no_more_than_it_asked_for():
         got = []
         async with trio.open_nursery() as nursery:
             async def read(task):
-                got.append(await sock.tcp_recvmsg(task, 16, waitall=True))
-                got.append(await sock.tcp_recvmsg(task, 16, waitall=True))
+                with trio.fail_after(5):
+                    got.append(await sock.tcp_recvmsg(task, 16, waitall=True))
+                    got.append(await sock.tcp_recvmsg(task, 16, waitall=True))
 
             nursery.start_soon(run_as, reader, read)
             await wait_until(lambda: reader.wchan is not None and sock.ucopy_task is reader)
