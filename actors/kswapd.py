@@ -2,10 +2,10 @@
 
 Models mm/vmscan.c's kswapd() thread: a kernel thread with PF_MEMALLOC |
 PF_SWAPWRITE | PF_KSWAPD | PF_KTHREAD that sleeps on pgdat->kswapd_wait and
-balances the node to its high watermark when woken. The algorithm itself
-(kswapd_try_to_sleep, balance_pgdat, the pfmemalloc_wait wake-ups of patch 15)
-lives in emulator/mm/vmscan.py beside direct reclaim, as in the kernel; this
-actor only creates the task and runs it on its CPU.
+balances the node to its high watermark when woken: the thread's loop is
+here; what it calls (kswapd_try_to_sleep, balance_pgdat, the pfmemalloc_wait
+wake-ups of patch 15) lives in emulator/mm/vmscan.py beside direct reclaim,
+as in the kernel.
 
 Simplified: one node, so one kswapd.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from actors.cpu import running
+from emulator.sched import running
 from emulator.flags import PF
 
 if TYPE_CHECKING:
@@ -25,11 +25,15 @@ KSWAPD_FLAGS = PF.MEMALLOC | PF.SWAPWRITE | PF.KSWAPD | PF.KTHREAD
 
 
 def create_kswapd(k: Kernel) -> Task:
-    task = k.new_task("kswapd0", KSWAPD_FLAGS)
-    k.vmscan.kswapd_task = task
-    return task
+    return k.new_task("kswapd0", KSWAPD_FLAGS)
 
 
 async def kswapd(k: Kernel, task: Task) -> None:
+    """kswapd(): sleep until woken, then balance_pgdat, forever, on its CPU."""
+    vmscan, pgdat = k.vmscan, k.pgdat
     async with running(task):
-        await k.vmscan.kswapd(task)
+        order = 0
+        while True:
+            await vmscan.kswapd_try_to_sleep(task, order)
+            order, pgdat.kswapd_max_order = pgdat.kswapd_max_order, 0
+            await vmscan.balance_pgdat(task, order)

@@ -119,3 +119,23 @@ async def reconnect(k: Kernel, dev: NBDDevice, task: Task, host: str, port: int,
     log.info("nbd_reconnect", host=host, port=port, attempts=attempts,
              after_s=round(trio.current_time() - started, 3))
     return None
+
+
+def start_nbd_client(k: Kernel, nursery, dev: NBDDevice, *, persist: bool,
+                     timeout_s: float) -> None:
+    """Start nbd-client's process: NBD_SET_TIMEOUT (``timeout_s``), then its first
+    NBD_DO_IT starts the nbd0 kernel thread and runs the driver's receiver; with
+    ``persist`` it reconnects after the connection fails. (The NIC's softirq,
+    which receives for every socket, is started by the caller.)"""
+    from emulator.flags import PF
+    from emulator.sched import running
+
+    dev.nbd_set_timeout(timeout_s)
+    dev.next_thread = k.new_task("nbd0", PF.KTHREAD)  # the first NBD_DO_IT's kthread
+    host, port, export = dev.peer
+
+    async def process(task: Task) -> None:
+        async with running(task):
+            await nbd_client(k, dev, task, host, port, export, persist=persist, mss=dev.mss)
+
+    nursery.start_soon(process, k.new_task("nbd-client"))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from actors.cpu import running
+from emulator.sched import running
 from net.tcp import TcpSock
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from actors.cpu import running
+from emulator.sched import running
 from emulator.mm.memory import MMStruct, exit_mmap
 
 if TYPE_CHECKING:
@@ -28,8 +28,11 @@ log = structlog.get_logger("swapnbd.process")
 
 
 class UserProcess:
-    def __init__(self, k: Kernel, comm: str, nr_pages: int) -> None:
+    def __init__(self, k: Kernel, comm: str, nr_pages: int, *, passes: int = 1,
+                 rate_pages_s: float = 0.0) -> None:
         self.k = k
+        self.passes = passes  #: the workload's passes over the mapping
+        self.rate_pages_s = rate_pages_s  #: pages per second it writes (0: as fast as it can)
         self.task = k.new_task(comm)
         self.mm = MMStruct(self.task, nr_pages)
         self.task.mm = self.mm

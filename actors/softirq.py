@@ -4,7 +4,7 @@ The trio side of net/dev.py: the NIC's interrupt sources and the softirq
 that polls it. One softirq context (a Task with ``in_softirq``) handles the
 NIC's single RX queue on CPU 0, as the e1000's interrupt is delivered to
 one CPU; it holds the CPU only while it polls, and the scheduler runs it
-ahead of tasks (actors/cpu.py: softirqs first).
+ahead of tasks (emulator/sched.py: softirqs first).
 
 Interrupt sources, each a small trio task that needs no emulated CPU:
 

@@ -43,8 +43,8 @@ async def anon_mmap_write(k: Kernel, proc: UserProcess) -> bool:
     mm = proc.mm
     pte = mm.pte
     pid = task.pid
-    passes = k.cfg.workload.passes
-    rate = k.cfg.workload.rate_pages_s
+    passes = proc.passes
+    rate = proc.rate_pages_s
     interval = k.hz(PACE_EVERY / rate) if rate else 0.0
     next_store = trio.current_time()
     for p in range(passes):

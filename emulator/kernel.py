@@ -21,21 +21,59 @@ import random
 import threading
 from typing import TYPE_CHECKING
 
-from actors.cpu import CPU, sched_wakeup_granularity
 from emulator.config import Config
 from emulator.flags import GFP, PF
 from emulator.mm.mmzone import PgData
 from emulator.mm.page import PAGE_SHIFT
 from emulator.mm.vmstat import VMStat
 from emulator.printk import Printk
+from emulator.sched import CPU, sched_wakeup_granularity
 from emulator.task import Task
 
 if TYPE_CHECKING:
+    from emulator.kthread import Kthreadd
+    from emulator.mm.oom_kill import OOMKiller
+    from emulator.mm.page_alloc import PageAllocator
+    from emulator.mm.slab_common import SlabAllocator
+    from emulator.mm.swap import SwapInfo
+    from emulator.mm.vmscan import VMScan
+    from emulator.patches import PatchSet
     from net.dev import NetDevice
     from net.skbuff import SkbAllocator
 
 
 class Kernel:
+    """Every subsystem and global the model code reads through ``k``.
+
+    Built from the boot parameters of a Config (memory, CPUs, min_free_kbytes,
+    the slab allocator, the patches, swap size, the RNG seed, hz_scale); the
+    Config itself is the machine's, not the kernel's. ``skb``, ``netdev`` and
+    ``kthreadd`` are installed by the machine as it boots (the network stack
+    initialises after mm; kthreadd runs in the machine's nursery)."""
+
+    patches: PatchSet  #: the applied patches (emulator/patches.py)
+    hz_scale: float  #: time.hz_scale: seconds of wall-clock time per kernel second
+    lock: threading.RLock  #: the machine's lock (module docstring)
+    rng: random.Random  #: the kernel's randomness (net_random), seeded by run.seed
+    vmstat: VMStat  #: /proc/vmstat
+    pgdat: PgData  #: NODE_DATA(0): the zone, mem_map, kswapd's and pfmemalloc's queues
+    cpus: list[CPU]
+    tasks: dict[int, Task]  #: pid -> task
+    memalloc_socks: int  #: the memalloc_socks static key's count (patch 8)
+    page_alloc: PageAllocator
+    vmscan: VMScan
+    oom: OOMKiller
+    swap: SwapInfo  #: swap_info[0]; its ``bdev`` is set by swapon (the machine)
+    slab: SlabAllocator  #: SLAB or SLUB (CONFIG_SLAB / CONFIG_SLUB)
+    skb: SkbAllocator | None  #: net/core/skbuff.c
+    netdev: NetDevice | None  #: eth0
+    kthreadd: Kthreadd | None  #: kthread_run and add_timer (emulator/kthread.py)
+    progress: int  #: forward progress (successful page accesses and I/O)
+    printk: Printk
+    nr_page_cache: int  #: clean page-cache pages
+    integrity_errors: int
+    integrity_log: list[dict]
+
     def __init__(self, cfg: Config) -> None:
         from emulator.mm.oom_kill import OOMKiller
         from emulator.mm.page_alloc import PageAllocator
@@ -43,7 +81,6 @@ class Kernel:
         from emulator.mm.swap import SwapInfo
         from emulator.mm.vmscan import VMScan
 
-        self.cfg = cfg
         self.patches = cfg.kernel.patches
         self.hz_scale = cfg.time.hz_scale
         self.lock = threading.RLock()
@@ -65,8 +102,9 @@ class Kernel:
         self.slab = create_slab_allocator(self, cfg.machine.slab)
         #: net/core/skbuff.c and the NIC (net/dev.py): set when the machine boots
         #: (emulator.machine.boot_kernel), as the network stack initialises after mm.
-        self.skb: SkbAllocator | None = None
-        self.netdev: NetDevice | None = None
+        self.skb = None
+        self.netdev = None
+        self.kthreadd = None
         #: Forward progress: successful work only, page accesses by processes and
         #: I/Os that completed without an error (a failed write re-dirties its page,
         #: which is no progress). The watchdog declares a lockup when it stops moving.

@@ -38,11 +38,12 @@ import attrs
 import structlog
 import trio
 
-from actors.cpu import running
 from actors.kswapd import create_kswapd, kswapd
-from actors.nbdclient import HANDSHAKE_TIMEOUT_S, nbd_client
+from actors.kthreadd import KthreaddNursery
+from actors.nbdclient import HANDSHAKE_TIMEOUT_S, start_nbd_client
 from actors.process import UserProcess
 from actors.sampler import log_vmstat, sampler
+from actors.slab_reaper import slab_reaper
 from actors.softirq import start_net_rx
 from actors.watchdog import watchdog
 from actors.workloads import WORKLOADS
@@ -51,12 +52,13 @@ from emulator.config import Config
 from emulator.diagnosis import diagnose, nbd_wait_cycle
 from emulator.flags import PF
 from emulator.kernel import Kernel
-from net.nbd.blockdev import NBDDevice
 from emulator.mm.page import PAGE_SIZE
+from emulator.sched import running
+from net.dev import NetDevice
+from net.nbd.blockdev import NBDDevice
 from net.nbd.client import NBDHandshakeError, nbd_handshake, parse_nbd_url
 from net.nbd.server import ExportSpec
 from net.nbd.thread import NBDServerThread
-from net.dev import NetDevice
 from net.skbuff import SkbAllocator
 from net.tcp import TcpSock, connect_raw
 
@@ -227,14 +229,18 @@ class Machine:
         per_proc = max(1, cfg.workload_pages // nprocs)
         workload = WORKLOADS[cfg.workload.kind]
         kswapd_task = create_kswapd(k)
-        self.processes = [UserProcess(k, "usemem", per_proc) for _ in range(nprocs)]
+        self.processes = [UserProcess(k, "usemem", per_proc, passes=cfg.workload.passes,
+                                      rate_pages_s=cfg.workload.rate_pages_s)
+                          for _ in range(nprocs)]
 
         async with trio.open_nursery() as nursery:
+            k.kthreadd = KthreaddNursery(nursery)
             nursery.start_soon(kswapd, k, kswapd_task)
             start_net_rx(k, nursery, k.netdev)
-            start_nbd_device(k, nursery, self.nbd)
+            start_nbd_client(k, nursery, self.nbd, persist=cfg.swap.persist,
+                             timeout_s=cfg.swap.timeout_s)
             await self._start_background(nursery)
-            nursery.start_soon(k.slab.reap_loop)
+            nursery.start_soon(slab_reaper, k)
             nursery.start_soon(sampler, k, cfg.run.sample_interval_ms / 1000, self._extra)
             nursery.start_soon(watchdog, k, cfg.run.lockup_timeout_s,
                                lambda: nbd_wait_cycle(k, self.nbd), self._on_lockup)
@@ -481,23 +487,6 @@ async def attach_nbd_swap(k: Kernel, host: str, port: int, export: str, swap_byt
     dev = attach_nbd_device(k, raw, stream, info, mss)
     dev.peer = (host, port, export)
     return dev, stream
-
-
-def start_nbd_device(k: Kernel, nursery: trio.Nursery, dev: NBDDevice) -> None:
-    """nbd-client's NBD_DO_IT, in its own process: it starts the nbd0 kernel thread
-    and runs the receiver (actors/nbdclient.py; with ``swap.persist`` it reconnects
-    after the connection fails). (The NIC's softirq, which receives for every
-    socket, is started by the caller.)"""
-    dev.nursery = nursery
-    dev.next_thread = k.new_task("nbd0", PF.KTHREAD)  # the first NBD_DO_IT's kthread
-    host, port, export = dev.peer
-
-    async def process(task) -> None:
-        async with running(task):
-            await nbd_client(k, dev, task, host, port, export, persist=k.cfg.swap.persist,
-                             mss=dev.mss)
-
-    nursery.start_soon(process, k.new_task("nbd-client"))
 
 
 async def run_machine(cfg: Config, log_path: str | None = None, **kw) -> RunResult:

@@ -6,7 +6,7 @@ runs on, whether it holds that CPU, and what it sleeps on (``wchan``, which the
 lockup diagnosis prints, like /proc/PID/wchan and the hung-task detector).
 
 Each Task is driven by one trio task. It executes emulated code only while it
-holds its CPU (actors/cpu.py); every sleep gives the CPU back and takes it again
+holds its CPU (emulator/sched.py); every sleep gives the CPU back and takes it again
 on wake-up, so at most ``cpus`` tasks run emulated code at once.
 
 ``current`` (a ContextVar, like the kernel's ``current`` macro) names the
@@ -19,7 +19,7 @@ task's, which matches what patch 4's __do_softirq achieves (the interrupted
 task's PF_MEMALLOC is masked while the softirq runs).
 
 A task has a nice level (``set_user_nice``) whose load weight is the
-kernel's prio_to_weight table (kernel/sched/sched.h); actors/cpu.py uses it
+kernel's prio_to_weight table (kernel/sched/sched.h); emulator/sched.py uses it
 where CFS's wake-up preemption does. Only the NBD driver thread changes it
 (nice -20, as 3.6's nbd_thread does).
 
@@ -41,7 +41,7 @@ from emulator.flags import PF
 from emulator.wait import WaitQueue
 
 if TYPE_CHECKING:
-    from actors.cpu import CPU
+    from emulator.sched import CPU
 
 #: kernel/sched/sched.h prio_to_weight[]: nice -20 .. 19; nice 0 is NICE_0_LOAD (1024),
 #: and each step is ~1.25x, so a CPU-bound task gets ~10% more CPU per level.
@@ -217,7 +217,7 @@ class Task:
 
 
 #: ``current``: the emulated task whose code this trio task is executing. Set by
-#: actors.cpu.running() (and by each NET_RX handler for its softirq context);
+#: emulator.sched.running() (and by each NET_RX handler for its softirq context);
 #: code that has no task argument, such as __free_pages, reads it to find the
 #: CPU it runs on. None outside any emulated task (unit tests, SLAB's reaper
 #: timer), where frees go straight to the buddy lists.

@@ -5,7 +5,7 @@ wait_event_killable, wake_up, waitqueue_active; prepare_to_wait followed by one
 schedule_timeout, as congestion_wait sleeps, when there is no condition) and the hashed page wait
 tables of mm/filemap.c (page_waitqueue / wait_on_page_bit / wake_up_page).
 
-A sleeping task gives its CPU back for the whole sleep (see actors/cpu.py);
+A sleeping task gives its CPU back for the whole sleep (see emulator/sched.py);
 that is done by the caller (``Task.sleep_on``), not here. ``wake_up`` wakes
 every waiter, and each re-checks its condition; ``wake_up(nr_exclusive=1)``
 wakes the one that has waited longest, for queues whose sleepers all wait

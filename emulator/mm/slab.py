@@ -204,6 +204,7 @@ def cpucache_limit(size: int) -> int:
 class SlabAllocatorSLAB(SlabAllocator):
     kind = "slab"
     kmalloc_flags = SLAB_HWCACHE_ALIGN  # ARCH_KMALLOC_FLAGS
+    reap_interval = REAPTIMEOUT_CPUC
 
     def __init__(self, k: Kernel) -> None:
         # kmem_cache_init: slab_max_order = 1 on machines with more than 32 MiB.
@@ -534,8 +535,8 @@ class SlabAllocatorSLAB(SlabAllocator):
     def cache_reap(self, cpu_id: int, now: float | None = None) -> None:
         """cache_reap() for one CPU: drain its untouched arrays; every 4 s per cache,
         drain the shared array and free 1/5 of free_limit's worth of free slabs unless
-        the free list was touched. The machine calls this every 2 s per CPU (or runs
-        ``reap_loop``)."""
+        the free list was touched. actors/slab_reaper.py calls it every
+        ``reap_interval`` (REAPTIMEOUT_CPUC, 2·HZ) for every CPU."""
         if now is None:
             now = trio.current_time()
         list3_timeout = self.k.hz(REAPTIMEOUT_LIST3)
@@ -554,14 +555,6 @@ class SlabAllocatorSLAB(SlabAllocator):
                 else:
                     num = cachep.num
                     self.drain_freelist(cachep, (l3.free_limit + 5 * num - 1) // (5 * num))
-
-    async def reap_loop(self) -> None:
-        """The per-CPU delayed work that runs cache_reap every REAPTIMEOUT_CPUC (2·HZ)."""
-        while True:
-            await trio.sleep(self.k.hz(REAPTIMEOUT_CPUC))
-            now = trio.current_time()
-            for cpu in range(self.nr_cpus):
-                self.cache_reap(cpu, now)
 
     def kmem_cache_shrink(self, cachep: KmemCache) -> int:
         """__cache_shrink(): drain every CPU array and the shared array, then destroy

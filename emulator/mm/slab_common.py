@@ -216,11 +216,12 @@ class SlabAllocator:
         """kmem_cache_shrink() on every cache; returns the pages freed."""
         return sum(self.kmem_cache_shrink(c) for c in self.caches)
 
+    #: Seconds of kernel time between two cache_reap runs per CPU (SLAB's
+    #: REAPTIMEOUT_CPUC); None: the allocator has no periodic reaping (SLUB).
+    reap_interval: float | None = None
+
     def cache_reap(self, cpu_id: int, now: float | None = None) -> None:
         """Periodic per-CPU reaping (SLAB's cache_reap); SLUB has none."""
-
-    async def reap_loop(self) -> None:
-        """Run cache_reap on every CPU every REAPTIMEOUT_CPUC; returns at once for SLUB."""
 
     async def kmalloc(self, size: int, gfp: GFP, task: Task):
         """kmalloc(): the size class's cache; 0 -> ZERO_SIZE_PTR; > 8192 -> pages."""

@@ -561,15 +561,6 @@ class VMScan:
         else:
             await task.cond_resched()
 
-    async def kswapd(self, task: Task) -> None:
-        """kswapd(): sleep until woken, then balance_pgdat, forever."""
-        order = 0
-        while True:
-            await self.kswapd_try_to_sleep(task, order)
-            order = self.pgdat.kswapd_max_order
-            self.pgdat.kswapd_max_order = 0
-            await self.balance_pgdat(task, order)
-
     async def balance_pgdat(self, task: Task, order: int) -> None:
         k = self.k
         zone = self.zone

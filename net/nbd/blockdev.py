@@ -81,7 +81,6 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from actors.cpu import running
 from emulator import logs
 from emulator.block import BLK_RW_ASYNC, BLK_RW_SYNC, READ, BlockDevice, Request
 from emulator.flags import GFP_NOIO, GFP, PF
@@ -175,8 +174,8 @@ class NBDDevice(BlockDevice):
         self.sock: TcpSock | None = sock  #: nbd->sock: None once shut down
         self.info = info
         self.mss = mss
-        #: nbd->xmit_timeout (NBD_SET_TIMEOUT), in kernel seconds; 0: none
-        self.xmit_timeout = k.cfg.swap.timeout_s
+        #: nbd->xmit_timeout, in kernel seconds (0: none); nbd-client's NBD_SET_TIMEOUT
+        self.xmit_timeout = 0.0
         self.waiting_queue: deque[Request] = deque()
         self.waiting_wq = WaitQueue("nbd.waiting_wq")
         self.queue_head: dict[int, Request] = {}  #: sent, awaiting a reply
@@ -186,7 +185,6 @@ class NBDDevice(BlockDevice):
         self.active_wq = WaitQueue("nbd.active_wq")
         self.harderror = 0  #: nbd->harderror: why the receiver stopped (sticky, as in 3.5)
         self.kthread_should_stop = False
-        self.nursery: trio.Nursery | None = None  #: where NBD_DO_IT starts nbd_thread
         self.next_thread: Task | None = None  #: a task made ahead for the next nbd_thread
         #: error replies, by (command, NBD errno name)
         self.errors: Counter[tuple[str, str]] = Counter()
@@ -328,13 +326,8 @@ class NBDDevice(BlockDevice):
         saved = self._sock_xmit_begin(task)
         try:
             if self.xmit_timeout:
-                timer = trio.CancelScope()  # add_timer(): a timer outside the task
-
-                async def run_timer() -> None:
-                    with timer:
-                        await self._xmit_timer(task, sock)
-
-                self.nursery.start_soon(run_timer)
+                # add_timer(): a timer outside the task
+                timer = self.k.kthreadd.add_timer(lambda: self._xmit_timer(task, sock))
                 try:
                     await sock.tcp_sendmsg(task, data, more)
                 finally:
@@ -377,6 +370,10 @@ class NBDDevice(BlockDevice):
             task.flags = (task.flags & ~PF.MEMALLOC) | saved
 
     # -- completion --------------------------------------------------------------------
+    def nbd_set_timeout(self, seconds: float) -> None:
+        """NBD_SET_TIMEOUT: the xmit timeout for every later send (0: none)."""
+        self.xmit_timeout = seconds
+
     async def nbd_ioctl_do_it(self, task: Task) -> int:
         """NBD_DO_IT, in nbd-client's context: start nbd_thread (a new nbd0 kernel
         thread), receive replies until the connection fails, stop the thread (it
@@ -389,14 +386,13 @@ class NBDDevice(BlockDevice):
         self.kthread_should_stop = False
         stopped = trio.Event()
 
-        async def kthread() -> None:
+        async def threadfn(t: Task) -> None:
             try:
-                async with running(thread):
-                    await self.nbd_thread(thread)
+                await self.nbd_thread(t)
             finally:
                 stopped.set()
 
-        self.nursery.start_soon(kthread)
+        self.k.kthreadd.kthread_run(thread, threadfn)  # kthread_create + wake_up_process
         await self.nbd_do_it(task)
         self.kthread_should_stop = True  # kthread_stop()
         self.waiting_wq.wake_up()

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from actors.cpu import running
+from emulator.sched import running
 from emulator.flags import PF
 from emulator.task import Task
 from net.tcp import TcpSock

@@ -19,12 +19,14 @@ from __future__ import annotations
 import pytest
 import trio
 
-from actors.cpu import running
+from emulator.sched import running
 from actors.softirq import start_net_rx
 from actors.netload import start_background_traffic
 from emulator.config import BackgroundConfig
 from emulator.flags import GFP_NOIO, PF
-from emulator.machine import attach_nbd_swap, start_nbd_device
+from actors.kthreadd import KthreaddNursery
+from actors.nbdclient import start_nbd_client
+from emulator.machine import attach_nbd_swap
 from net.nbd.server import ExportSpec
 from net.nbd.thread import NBDServerThread
 from netmem_helpers import hold_free_at, kernel, release
@@ -46,8 +48,9 @@ async def test_nbd_read_at_quarter_min(patches, buffers):
             await dev.init_pools(init)
             await k.netdev.e1000_open(init)
         async with trio.open_nursery() as nursery:
+            k.kthreadd = KthreaddNursery(nursery)
             start_net_rx(k, nursery, k.netdev)
-            start_nbd_device(k, nursery, dev)
+            start_nbd_client(k, nursery, dev, persist=False, timeout_s=0)
             bg = BackgroundConfig(streams=1, rate_kib_s=512, reader_rate_kib_s=64)
             (bg_sock,) = await start_background_traffic(k, nursery, bg, 1448, senders)
             with trio.fail_after(10):

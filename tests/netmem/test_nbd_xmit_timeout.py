@@ -14,6 +14,8 @@ they are not performance thresholds.
 from __future__ import annotations
 
 import trio
+
+from actors.kthreadd import KthreaddNursery
 from netmem_helpers import hold_free_at, release
 from tcp_helpers import run_as, tcp_on_nic, wait_until
 
@@ -21,7 +23,7 @@ from emulator.block import Bio, Request
 from net.nbd import protocol as P
 from net.nbd.blockdev import NBDDevice
 
-TIMEOUT = "swap.timeout_s=0.2"
+XMIT_TIMEOUT_S = 0.2
 
 
 class Device(NBDDevice):
@@ -40,13 +42,16 @@ def write_request() -> Request:
 
 
 def device(net, nursery) -> Device:
+    """The device with NBD_SET_TIMEOUT as nbd-client sets it from swap.timeout_s, and
+    kthreadd running its timers in the test's nursery."""
+    net.k.kthreadd = KthreaddNursery(nursery)
     dev = Device(net.k, net.sock, P.ExportInfo(name="", size=1 << 30, flags=0), mss=1448)
-    dev.nursery = nursery
+    dev.nbd_set_timeout(XMIT_TIMEOUT_S)
     return dev
 
 
 async def test_the_timer_ends_a_send_waiting_for_buffer_space(nursery):
-    async with tcp_on_nic("swapnbd", "slub", TIMEOUT) as net:
+    async with tcp_on_nic("swapnbd", "slub") as net:
         dev = device(net, nursery)
         assert dev.xmit_timeout == 0.2
         net.sock.wmem_queued = net.sock.sk_sndbuf  # the send buffer is full, no ACK comes
@@ -65,7 +70,7 @@ async def test_the_timer_ends_a_send_waiting_for_buffer_space(nursery):
 async def test_the_timer_cannot_end_direct_reclaim(nursery):
     """Vanilla: the sender's GFP_NOIO allocation below min loops in direct reclaim.
     SIGKILL is pending after the timeout, and the sender is still in the allocator."""
-    async with tcp_on_nic("vanilla", "slub", TIMEOUT, open_ring=False) as net:
+    async with tcp_on_nic("vanilla", "slub", open_ring=False) as net:
         k = net.k
         dev = device(net, nursery)
         held = hold_free_at(k, k.pgdat.zone.watermark[0] // 4)

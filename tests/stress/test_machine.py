@@ -283,7 +283,7 @@ async def test_machine_swaps_to_the_nbd_server_fixture(machine, nbd_server):
     m = await machine(QUICK, "machine.memory_mib=8", "swap.size_mib=16",
                       "workload.processes_per_cpu=1", "workload.passes=2",
                       f"swap.server={nbd_server.url!r}")
-    assert m.k.cfg.swap.server == nbd_server.url
+    assert m.cfg.swap.server == nbd_server.url
     await m.wait_until(lambda m: m.vmstat["pswpin"] > 0, timeout=60)
     assert any(e["event"] == "nbd_connect" and e["port"] == nbd_server.port for e in m.events)
     r = await m.wait_done(timeout=120)

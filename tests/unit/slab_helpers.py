@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from actors.cpu import CPU
+from emulator.sched import CPU
 from emulator.flags import ALLOC_NO_WATERMARKS, GFP, PF
 from emulator.mm.mmzone import PgData
 from emulator.mm.page import Owner

@@ -1,6 +1,6 @@
 """The CPU's pick order: softirqs, then nice -20 tasks, then woken tasks, then tasks
 whose slice ran out; when the running task is asked to reschedule; and where a
-preempted task is queued again (actors/cpu.py)."""
+preempted task is queued again (emulator/sched.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors.cpu import CPU, sched_wakeup_granularity
+from emulator.sched import CPU, sched_wakeup_granularity
 from emulator.task import Task
 
 

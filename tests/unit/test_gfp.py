@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.cpu import CPU
+from emulator.sched import CPU
 from emulator.flags import (
     ALLOC_CPUSET, ALLOC_HARDER, ALLOC_HIGH, ALLOC_NO_WATERMARKS, ALLOC_WMARK_MIN, GFP,
     GFP_ATOMIC, GFP_HIGHUSER_MOVABLE, GFP_KERNEL, GFP_NOFS, GFP_NOIO, GFP_NOWAIT,

@@ -41,7 +41,8 @@ at a time, like the kernel's preempt-disabled sections.
 Design note: DESIGN.md §3 has each CPU as a dispatcher trio task. Here the CPU
 is a hand-off object driven by the tasks themselves: a dispatcher task would
 add two trio context switches to every grant, and the grant order and
-accounting are the same.
+accounting are the same. So the scheduler is part of the kernel (this
+module), not an actor: nothing here is a long-running loop.
 
 Time is wall-clock (trio's clock). The time a task holds a CPU is charged to
 the task's mode (user, sys, softirq) and to the CPU; time with no holder is
