@@ -8,7 +8,7 @@ wrong at offset" check) — with swap in between, that is a check that what went
 out over NBD came back intact. A mismatch is an ``integrity_error``.
 
 The word is the page's (pid, virtual page, pass) triple; swap_writepage turns
-it into 4096 real bytes with a checksum (emulator/mm/swap.py).
+it into 4096 real bytes with a checksum (emulator/mm/page_io.py).
 
 ``rate_pages_s`` (0, the default, is usemem: as fast as the CPU goes) caps how
 many pages a process writes per emulated second: between stores it sleeps off

@@ -49,7 +49,7 @@ import trio
 
 from emulator.flags import GFP
 from emulator.mm.mempool import Mempool, mempool_alloc, mempool_free
-from emulator.mm.vmscan import BLK_RW_ASYNC, BLK_RW_SYNC
+from emulator.mm.backing_dev import BLK_RW_ASYNC, BLK_RW_SYNC
 from emulator.task import Task
 from emulator.wait import WaitQueue
 
@@ -149,7 +149,7 @@ class BlockDevice:
     @property
     def congested(self) -> bool:
         """bdi_write_congested(): the async direction's congestion, the one reclaim sees."""
-        return self.k.vmscan.bdi_congested[BLK_RW_ASYNC]
+        return self.k.bdi.bdi_congested[BLK_RW_ASYNC]
 
     async def init_pools(self, task: Task) -> None:
         await self.bio_pool.fill(task)
@@ -192,7 +192,7 @@ class BlockDevice:
                     self.rl_full[is_sync] = True
                 elif not self.ioc_batching(ioc):
                     return None
-            self.k.vmscan.set_bdi_congested(is_sync)  # blk_set_queue_congested
+            self.k.bdi.set_bdi_congested(is_sync)  # blk_set_queue_congested
         if count >= 3 * self.nr_requests // 2:
             return None  # not even a batcher goes 50 % over nr_requests
         self.rl_count[is_sync] += 1
@@ -233,7 +233,7 @@ class BlockDevice:
             # blk_clear_queue_congested on every request freed below the off
             # threshold: it wakes the direction's congestion_wait sleepers even
             # when the queue was not marked congested.
-            self.k.vmscan.clear_bdi_congested(is_sync)
+            self.k.bdi.clear_bdi_congested(is_sync)
         if count + 1 <= self.nr_requests:
             self.rl_wait[is_sync].wake_up(nr_exclusive=1)
             self.rl_full[is_sync] = False  # blk_clear_queue_full

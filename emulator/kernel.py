@@ -21,8 +21,11 @@ import random
 import threading
 from typing import TYPE_CHECKING
 
+import trio
+
 from emulator.config import Config
 from emulator.flags import GFP, PF
+from emulator.mm.backing_dev import BackingDev
 from emulator.mm.mmzone import PgData
 from emulator.mm.page import PAGE_SHIFT
 from emulator.mm.vmstat import VMStat
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from emulator.mm.oom_kill import OOMKiller
     from emulator.mm.page_alloc import PageAllocator
     from emulator.mm.slab_common import SlabAllocator
-    from emulator.mm.swap import SwapInfo
+    from emulator.mm.swapfile import SwapInfo
     from emulator.mm.vmscan import VMScan
     from emulator.patches import PatchSet
     from net.dev import NetDevice
@@ -52,6 +55,7 @@ class Kernel:
     initialises after mm; kthreadd runs in the machine's nursery)."""
 
     patches: PatchSet  #: the applied patches (emulator/patches.py)
+    boot_time: float  #: trio.current_time() at boot
     hz_scale: float  #: time.hz_scale: seconds of wall-clock time per kernel second
     lock: threading.RLock  #: the machine's lock (module docstring)
     rng: random.Random  #: the kernel's randomness (net_random), seeded by run.seed
@@ -61,6 +65,7 @@ class Kernel:
     tasks: dict[int, Task]  #: pid -> task
     memalloc_socks: int  #: the memalloc_socks static key's count (patch 8)
     page_alloc: PageAllocator
+    bdi: BackingDev  #: the swap device's congestion state (mm/backing-dev.c)
     vmscan: VMScan
     oom: OOMKiller
     swap: SwapInfo  #: swap_info[0]; its ``bdev`` is set by swapon (the machine)
@@ -78,10 +83,14 @@ class Kernel:
         from emulator.mm.oom_kill import OOMKiller
         from emulator.mm.page_alloc import PageAllocator
         from emulator.mm.slab_common import create_slab_allocator
-        from emulator.mm.swap import SwapInfo
+        from emulator.mm.swapfile import SwapInfo
         from emulator.mm.vmscan import VMScan
 
         self.patches = cfg.kernel.patches
+        try:
+            self.boot_time = trio.current_time()
+        except RuntimeError:  # built outside trio (unit tests)
+            self.boot_time = 0.0
         self.hz_scale = cfg.time.hz_scale
         self.lock = threading.RLock()
         self.rng = random.Random(cfg.run.seed)
@@ -96,6 +105,7 @@ class Kernel:
         self._next_cpu = itertools.cycle(range(cfg.machine.cpus))
         self.memalloc_socks = 0  #: the memalloc_socks static key's count (patch 8)
         self.page_alloc = PageAllocator(self)
+        self.bdi = BackingDev()
         self.vmscan = VMScan(self)
         self.oom = OOMKiller(self)
         self.swap = SwapInfo(self, cfg.swap.size_mib << (20 - PAGE_SHIFT))
@@ -116,6 +126,10 @@ class Kernel:
         self.integrity_log: list[dict] = []
 
     # -- helpers ------------------------------------------------------------------
+    def uptime(self) -> float:
+        """Seconds since the kernel booted, on trio's clock."""
+        return trio.current_time() - self.boot_time
+
     def hz(self, seconds: float) -> float:
         """A kernel timeout in (scaled) wall-clock seconds: ``k.hz(0.1)`` is HZ/10."""
         return seconds * self.hz_scale

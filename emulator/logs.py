@@ -1,6 +1,9 @@
-"""Structured logging: JSON lines through structlog, and the event catalogue.
+"""The machine's log: JSON lines through structlog, and the event catalogue.
 
-Models: nothing in the kernel; this is the emulator's /proc and dmesg. Every
+Models: nothing in the kernel; this is the emulator's /proc and dmesg: the
+sink, its file and its configuration belong to the machine. The kernel's own
+switch for debug messages is emulator/printk.py's ``debug_enabled``, which
+``configure`` sets. Every
 line is one JSON object with ``t`` (seconds since boot, trio clock), ``event``
 and, where they apply, ``cpu``, ``pid``, ``comm``. The first line of a run is
 ``run_start`` and carries ``schema`` (SCHEMA_VERSION) and the full config; the
@@ -107,6 +110,8 @@ from typing import IO
 
 import structlog
 import trio
+
+from emulator import printk
 
 SCHEMA_VERSION = 1
 
@@ -235,13 +240,6 @@ def _default(o):
 sink = _Sink()
 
 
-def debug_enabled() -> bool:
-    """Whether debug events reach the log. Hot paths (one event per NBD request or
-    reclaim) test this first: building an event that the sink then drops costs
-    more than the work it describes."""
-    return sink.level <= logging.DEBUG
-
-
 _configured = False
 
 
@@ -249,6 +247,7 @@ def configure(debug: bool = False) -> None:
     """Route every structlog logger through the JSON-lines sink (idempotent)."""
     global _configured
     sink.level = logging.DEBUG if debug else logging.INFO
+    printk.set_debug(debug)
     sink.owner = threading.get_ident()
     if _configured:
         return

@@ -1,4 +1,10 @@
-"""Rate-limited kernel messages: printk_ratelimited and its suppressed count.
+"""Kernel messages: the debug switch, and printk_ratelimited with its suppressed count.
+
+The debug switch (``debug_enabled``) stands for the kernel's own decision to
+emit a debug message at all (dynamic debug / the console loglevel): hot paths
+(one event per NBD request or reclaim) test it before building an event. It
+is the kernel's; where the messages go, and at which level, is the machine's
+log configuration (emulator/logs.py), which sets it.
 
 Models lib/ratelimit.c's ``___ratelimit`` (3.5) with the defaults of
 include/linux/ratelimit.h (DEFAULT_RATELIMIT_INTERVAL = 5 * HZ,
@@ -29,6 +35,19 @@ if TYPE_CHECKING:
     from emulator.kernel import Kernel
 
 log = structlog.get_logger("swapnbd.printk")
+
+_debug = False
+
+
+def debug_enabled() -> bool:
+    """Whether debug events are emitted. Building an event that the log then drops
+    costs more than the work it describes, so hot paths ask first."""
+    return _debug
+
+
+def set_debug(on: bool) -> None:
+    global _debug
+    _debug = on
 
 DEFAULT_RATELIMIT_INTERVAL_S = 5.0  #: 5 * HZ, in kernel seconds
 DEFAULT_RATELIMIT_BURST = 10

@@ -189,7 +189,7 @@ class PageAllocator:
                         break  # goto restart
                 if not self.should_alloc_retry(gfp, order, progress):
                     return self._nopage(gfp, order, task, "noretry")
-                await k.vmscan.wait_iff_congested(task, k.hz(1 / 50))
+                await k.bdi.wait_iff_congested(task, k.hz(1 / 50))
                 if task.memdie:  # chosen by the OOM killer meanwhile: reserves now
                     alloc_flags = gfp_to_alloc_flags(gfp, task, k.patches)
                     entitled = bool(alloc_flags & ALLOC_NO_WATERMARKS)
@@ -202,7 +202,7 @@ class PageAllocator:
                                                task.cpu.id)
             if page is not None or not gfp & GFP.NOFAIL:
                 return page
-            await self.k.vmscan.wait_iff_congested(task, self.k.hz(1 / 50))
+            await self.k.bdi.wait_iff_congested(task, self.k.hz(1 / 50))
 
     async def _alloc_pages_direct_reclaim(self, gfp, order, task, alloc_flags, owner):
         """__alloc_pages_direct_reclaim(): cond_resched, __perform_reclaim with

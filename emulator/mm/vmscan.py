@@ -9,9 +9,9 @@ kswapd_try_to_sleep, prepare_kswapd_sleep, balance_pgdat (priority loop,
 balance gap, all_unreclaimable, congestion_wait, kswapd_skip_congestion_wait);
 try_to_free_pages / do_try_to_free_pages (allocstall, priority loop,
 wait_iff_congested); patch 15's throttle_direct_reclaim and
-pfmemalloc_watermark_ok, patch 16's pgscan_direct_throttle; and from
-mm/backing-dev.c congestion_wait (ended early by the next clear_bdi_congested)
-/ wait_iff_congested.
+pfmemalloc_watermark_ok, patch 16's pgscan_direct_throttle. Congestion
+(congestion_wait, wait_iff_congested) is mm/backing_dev.py's; the LRU
+helpers (lru_cache_add, rotate_reclaimable_page) are mm/swap.py's.
 
 Page cache pages are clean and unmapped (read at boot, never written), so
 reclaiming one needs no I/O. Simplified: shrink_slab has nothing reclaimable;
@@ -36,15 +36,13 @@ import structlog
 import trio
 
 from emulator.flags import GFP, GFP_KERNEL, PF
-from emulator.logs import debug_enabled
+from emulator.printk import debug_enabled
 from emulator.mm.mmzone import (
     LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE, LRU_NAMES,
 )
 from emulator.mm.page import PG, Page
+from emulator.mm.swap import LruCache
 from emulator.task import Task
-from emulator.wait import WaitQueue
-
-BLK_RW_ASYNC, BLK_RW_SYNC = 0, 1  #: include/linux/backing-dev.h: the two directions
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
@@ -77,17 +75,12 @@ class ScanControl:
         self.kswapd = kswapd
 
 
-class VMScan:
+class VMScan(LruCache):
     def __init__(self, k: Kernel) -> None:
         self.k = k
         self.pgdat = k.pgdat
         self.zone = k.pgdat.zone
         self.vmstat = k.vmstat
-        #: the swap device's bdi state bits (BDI_async_congested, BDI_sync_congested)
-        #: and mm/backing-dev.c congestion_wqh[], indexed BLK_RW_ASYNC / BLK_RW_SYNC
-        self.bdi_congested = [False, False]
-        self.congestion_wqh = (WaitQueue("congestion_wait[async]"),
-                               WaitQueue("congestion_wait[sync]"))
         self.kswapd_woken = False
         self.throttled: dict[int, float] = {}  # pid -> since
         self.throttle_events = 0
@@ -95,33 +88,6 @@ class VMScan:
         #: Pages shrink_page_list has reclaimed into a batch's free_pages list but
         #: not yet freed (their reclaimer is still walking, or asleep in, the batch).
         self.nr_reclaimed_unfreed = 0
-
-    # -- congestion ----------------------------------------------------------------
-    def set_bdi_congested(self, sync: int) -> None:
-        """set_bdi_congested(bdi, sync): mark one direction congested; wakes nobody."""
-        self.bdi_congested[sync] = True
-
-    def clear_bdi_congested(self, sync: int) -> None:
-        """clear_bdi_congested(bdi, sync): clear the direction's bit and wake every
-        congestion_wait sleeper on that direction, each time it is called, not only
-        when the state changes: 3.5's __freed_request calls it for every request
-        freed while the queue is below its off threshold."""
-        self.bdi_congested[sync] = False
-        self.congestion_wqh[sync].wake_up()
-
-    async def congestion_wait(self, task: Task, timeout: float) -> None:
-        """congestion_wait(BLK_RW_ASYNC, timeout): prepare_to_wait, then
-        io_schedule_timeout: one sleep that ends at the next async
-        clear_bdi_congested wake-up or when the timeout passes, whichever comes
-        first. Every caller in reclaim waits on the async direction."""
-        await task.sleep_on(self.congestion_wqh[BLK_RW_ASYNC], None, timeout=timeout,
-                            wchan="congestion_wait", iowait=True)
-
-    async def wait_iff_congested(self, task: Task, timeout: float) -> None:
-        """wait_iff_congested(): sleep only if a bdi is congested and the zone is
-        flagged congested. Swap pages never set ZONE_CONGESTED (reference 8.4), so
-        this is a cond_resched() in practice."""
-        await task.cond_resched()
 
     # -- kswapd wake-up ----------------------------------------------------------------
     def wake_all_kswapd(self, order: int) -> None:
@@ -140,49 +106,6 @@ class VMScan:
     def _wake_kswapd(self) -> None:
         self.kswapd_woken = True
         self.pgdat.kswapd_wait.wake_up()
-
-    # -- LRU helpers --------------------------------------------------------------------
-    @staticmethod
-    def page_lru(page: Page) -> int:
-        """page_lru(): which list the page belongs on."""
-        lru = LRU_INACTIVE_ANON if page.flags & PG.swapbacked else LRU_INACTIVE_FILE
-        return lru + 1 if page.flags & PG.active else lru
-
-    def add_page_to_lru(self, page: Page, lru: int) -> None:
-        page.flags |= PG.lru
-        if lru & 1:
-            page.flags |= PG.active
-        else:
-            page.flags &= ~PG.active
-        page.zone.lru[lru][page.pfn] = page
-        self.vmstat[_NR_LRU[lru]] += 1
-
-    def lru_cache_add_active(self, page: Page) -> None:
-        """lru_cache_add_lru(page, LRU_ACTIVE_ANON): a new anonymous page."""
-        self.add_page_to_lru(page, LRU_ACTIVE_ANON)
-
-    def lru_cache_add_inactive(self, page: Page) -> None:
-        """lru_cache_add_anon(): a page read in from swap."""
-        self.add_page_to_lru(page, LRU_INACTIVE_ANON)
-
-    def lru_cache_add_file(self, page: Page) -> None:
-        """lru_cache_add_file(): a page cache page starts on the inactive file list."""
-        self.add_page_to_lru(page, LRU_INACTIVE_FILE)
-
-    def del_page_from_lru(self, page: Page) -> None:
-        if not page.flags & PG.lru:
-            return
-        lru = self.page_lru(page)
-        del page.zone.lru[lru][page.pfn]
-        self.vmstat[_NR_LRU[lru]] -= 1
-        page.flags &= ~(PG.lru | PG.active)
-
-    def rotate_reclaimable_page(self, page: Page) -> None:
-        """rotate_reclaimable_page(): a page whose writeback finished goes to the
-        inactive list's tail, to be freed by the next scan."""
-        if page.flags & PG.lru and not page.flags & PG.active:
-            page.zone.lru[self.page_lru(page)].move_to_end(page.pfn, last=False)
-            self.vmstat["pgrotated"] += 1
 
     def inactive_list_is_low(self, zone: Zone, file: int) -> bool:
         """inactive_anon_is_low (inactive * inactive_ratio < active) and
@@ -234,7 +157,7 @@ class VMScan:
         k = self.k
         file = int(lru >= LRU_INACTIVE_FILE)
         while self.too_many_isolated(zone, file, task):
-            await self.congestion_wait(task, k.hz(0.1))
+            await self.k.bdi.congestion_wait(task, k.hz(0.1))
             if task.fatal_signal:
                 return SWAP_CLUSTER_MAX
         isolated_name = "nr_isolated_file" if file else "nr_isolated_anon"
@@ -273,7 +196,7 @@ class VMScan:
             zone.nr_isolated[file] -= nr_taken
             self.vmstat[isolated_name] -= nr_taken
         if nr_writeback and nr_writeback >= (nr_taken >> (DEF_PRIORITY - sc.priority)):
-            await self.wait_iff_congested(task, k.hz(0.1))
+            await self.k.bdi.wait_iff_congested(task, k.hz(0.1))
         return nr_reclaimed
 
     @staticmethod
@@ -513,7 +436,7 @@ class VMScan:
             if sc.nr_reclaimed >= sc.nr_to_reclaim:
                 break
             if priority < DEF_PRIORITY - 2 and sc.nr_scanned:
-                await self.wait_iff_congested(task, self.k.hz(0.1))
+                await self.k.bdi.wait_iff_congested(task, self.k.hz(0.1))
         task.direct_reclaimed += sc.nr_reclaimed
         if debug_enabled():
             log.debug("direct_reclaim_end", pid=task.pid, comm=task.comm, cpu=task.cpu.id,
@@ -599,7 +522,7 @@ class VMScan:
                     if has_under_min:
                         self.vmstat["kswapd_skip_congestion_wait"] += 1
                     else:
-                        await self.congestion_wait(task, k.hz(0.1))
+                        await self.k.bdi.congestion_wait(task, k.hz(0.1))
                 if sc.nr_reclaimed >= SWAP_CLUSTER_MAX:
                     break
                 await task.cond_resched()

@@ -81,10 +81,9 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from emulator import logs
 from emulator.block import BLK_RW_ASYNC, BLK_RW_SYNC, READ, BlockDevice, Request
 from emulator.flags import GFP_NOIO, GFP, PF
-from emulator.logs import debug_enabled
+from emulator.printk import debug_enabled
 from emulator.task import Task
 from emulator.wait import WaitQueue
 from net.nbd import protocol as P
@@ -419,7 +418,7 @@ class NBDDevice(BlockDevice):
                 self.harderror = NBD_EIO
                 k = self.k
                 k.vmstat["nbd_connection_lost"] += 1
-                self.lost.append({"t": round(trio.current_time() - (logs.clock.boot or 0.0), 3),
+                self.lost.append({"t": round(k.uptime(), 3),
                                   "reason": str(e)})
                 log.error("nbd_connection_lost", reason=str(e), inflight=len(self.queue_head),
                           queued=len(self.waiting_queue))

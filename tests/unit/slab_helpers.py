@@ -17,6 +17,7 @@ from emulator.mm.mmzone import PgData
 from emulator.mm.page import Owner
 from emulator.mm.page_alloc import PageAllocator
 from emulator.mm.slab_common import create_slab_allocator
+from emulator.mm.backing_dev import BackingDev
 from emulator.mm.vmstat import VMStat
 from emulator.patches import PATCHES, PatchSet
 from emulator.task import Task
@@ -32,14 +33,6 @@ class _VMScanStub:
     async def try_to_free_pages(self, gfp, order, task) -> int:
         return 0
 
-    async def wait_iff_congested(self, task, timeout) -> None:
-        pass
-
-    def set_bdi_congested(self, sync: int) -> None:
-        pass
-
-    def clear_bdi_congested(self, sync: int) -> None:
-        pass
 
 
 class _OOMStub:
@@ -64,6 +57,7 @@ class TestKernel:
         self.cpus = [CPU(i) for i in range(cpus)]
         self.memalloc_socks = 0
         self.vmscan = _VMScanStub()
+        self.bdi = BackingDev()
         self.oom = _OOMStub()
         self.page_alloc = PageAllocator(self)
         self.slab = create_slab_allocator(self, kind, slub_nomerge=slub_nomerge)

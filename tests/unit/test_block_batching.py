@@ -138,7 +138,7 @@ async def test_reads_and_writes_have_their_own_request_lists(autojump_clock):
     queue full of writes does not hold back a swap-in read, and only async
     congestion is the bdi congestion that reclaim's congestion_wait sees."""
     k, q = await queue()
-    vm = k.vmscan
+    vm = k.bdi
     writer, reader, waker, reclaimer = (k.new_task(c, cpu=0)
                                         for c in ("kswapd0", "faulter", "irq", "usemem"))
 

@@ -24,7 +24,8 @@ from emulator.kernel import Kernel
 from emulator.mm.memory import MMStruct, do_anonymous_page, exit_mmap
 from emulator.mm.mmzone import LRU_INACTIVE_ANON
 from emulator.mm.page import PG, Owner
-from emulator.mm.vmscan import BLK_RW_ASYNC, ScanControl
+from emulator.mm.backing_dev import BLK_RW_ASYNC
+from emulator.mm.vmscan import ScanControl
 from emulator.task import Task
 
 FREE = (Owner.FREE, Owner.PCP)
@@ -44,7 +45,7 @@ async def _sleep_length(timeout: float, congested_after: float, congested: bool)
     t0 = trio.current_time()
 
     async def sleeper() -> None:
-        await k.vmscan.congestion_wait(task, timeout)
+        await k.bdi.congestion_wait(task, timeout)
         ended.append(trio.current_time())
 
     async with trio.open_nursery() as n:
@@ -52,9 +53,9 @@ async def _sleep_length(timeout: float, congested_after: float, congested: bool)
         await trio.sleep(congested_after)
         assert not ended and task.wchan == "congestion_wait"
         if congested:
-            k.vmscan.set_bdi_congested(BLK_RW_ASYNC)
+            k.bdi.set_bdi_congested(BLK_RW_ASYNC)
         else:
-            k.vmscan.clear_bdi_congested(BLK_RW_ASYNC)
+            k.bdi.clear_bdi_congested(BLK_RW_ASYNC)
     assert task.wchan is None
     return ended[0] - t0
 
@@ -74,9 +75,9 @@ async def test_a_clear_before_the_sleep_does_not_end_it(autojump_clock):
     went to sleep does not count (as with prepare_to_wait)."""
     k = small_kernel()
     task = k.new_task("reclaimer", cpu=0)
-    k.vmscan.clear_bdi_congested(BLK_RW_ASYNC)
+    k.bdi.clear_bdi_congested(BLK_RW_ASYNC)
     t0 = trio.current_time()
-    await k.vmscan.congestion_wait(task, 0.1)
+    await k.bdi.congestion_wait(task, 0.1)
     assert trio.current_time() - t0 == pytest.approx(0.1)
 
 
