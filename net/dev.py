@@ -46,6 +46,7 @@ import trio
 
 from emulator.flags import GFP_ATOMIC, PF
 from emulator.task import Task
+from emulator.patches import SKB_PF_MEMALLOC
 from net.skbuff import SkBuff
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ class NetDevice:
         the protocol."""
         k = self.k
         saved = ctx.flags & PF.MEMALLOC
-        if skb.pfmemalloc and k.sk_memalloc_socks() and k.patches.has(12):
+        if skb.pfmemalloc and k.sk_memalloc_socks() and k.patches.has(SKB_PF_MEMALLOC):
             ctx.flags |= PF.MEMALLOC
         try:
             await sock.tcp_v4_rcv(skb, ctx)

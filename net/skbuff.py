@@ -47,6 +47,7 @@ from emulator.mm.kmalloc import ksize
 from emulator.mm.page import PAGE_SIZE, Owner, Page
 from emulator.mm.page_alloc import gfp_pfmemalloc_allowed
 from emulator.task import Task
+from emulator.patches import SKB_RESERVES
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
@@ -120,7 +121,7 @@ class SkbAllocator:
         Returns (object, pfmemalloc)."""
         k = self.k
         slab = k.slab
-        if not k.patches.has(9):
+        if not k.patches.has(SKB_RESERVES):
             return await slab.kmalloc(size, gfp, task), False
         obj = await slab.kmalloc(size, gfp | GFP.NOMEMALLOC | GFP.NOWARN, task)
         if obj is not None or not gfp_pfmemalloc_allowed(gfp, task, k.patches):
@@ -132,7 +133,7 @@ class SkbAllocator:
     async def alloc_skb(self, size: int, gfp: GFP, flags: int, task: Task) -> SkBuff | None:
         """__alloc_skb(size, gfp, flags): alloc_skb, alloc_skb_fclone (SKB_ALLOC_FCLONE)."""
         k = self.k
-        if flags & SKB_ALLOC_RX and k.sk_memalloc_socks() and k.patches.has(9):
+        if flags & SKB_ALLOC_RX and k.sk_memalloc_socks() and k.patches.has(SKB_RESERVES):
             gfp |= GFP.MEMALLOC
         slab = k.slab
         cache = slab.skbuff_fclone_cache if flags & SKB_ALLOC_FCLONE else slab.skbuff_head_cache
@@ -160,7 +161,7 @@ class SkbAllocator:
         fragsz = SKB_DATA_ALIGN(length + NET_SKB_PAD) + SKB_DATA_ALIGN(SKB_SHARED_INFO)
         if self.rx_buffers != "page_frag" or fragsz > PAGE_SIZE or gfp & GFP.WAIT:
             return await self.alloc_skb(length + NET_SKB_PAD, gfp, SKB_ALLOC_RX, task)
-        if k.patches.has(9):
+        if k.patches.has(SKB_RESERVES):
             # 3.6: __netdev_alloc_frag(fragsz, gfp) with __GFP_MEMALLOC if memalloc sockets.
             frag_gfp = gfp | GFP.MEMALLOC if k.sk_memalloc_socks() else gfp
         else:

@@ -51,6 +51,7 @@ import trio
 from emulator.flags import GFP, GFP_KERNEL, PF
 from emulator.task import Task
 from emulator.wait import WaitQueue
+from emulator.patches import SKB_PF_MEMALLOC, SKB_RESERVES, SK_GFP_ATOMIC, SOCK_MEMALLOC
 from net.skbuff import SkBuff
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ class Sock:
         """sk_backlog_rcv(); with patch 12, __sk_backlog_rcv sets PF_MEMALLOC while a
         pfmemalloc skb is processed."""
         k = self.k
-        if not (skb.pfmemalloc and k.sk_memalloc_socks() and k.patches.has(12)):
+        if not (skb.pfmemalloc and k.sk_memalloc_socks() and k.patches.has(SKB_PF_MEMALLOC)):
             await self.backlog_rcv(skb, task)
             return
         assert self.memalloc, "__sk_backlog_rcv: a pfmemalloc skb on a socket without SOCK_MEMALLOC"
@@ -182,7 +183,7 @@ class Sock:
     # -- SOCK_MEMALLOC ----------------------------------------------------------------
     def sk_set_memalloc(self) -> None:
         """sk_set_memalloc (patch 8): SOCK_MEMALLOC and __GFP_MEMALLOC on sk_allocation."""
-        if not self.k.patches.has(8) or self.memalloc:
+        if not self.k.patches.has(SOCK_MEMALLOC) or self.memalloc:
             return
         self.memalloc = True
         self.sk_allocation |= GFP.MEMALLOC
@@ -197,14 +198,14 @@ class Sock:
 
     def sk_gfp_atomic(self, gfp: GFP) -> GFP:
         """sk_gfp_atomic (patch 7): GFP_ATOMIC plus the socket's __GFP_MEMALLOC."""
-        if self.k.patches.has(7):
+        if self.k.patches.has(SK_GFP_ATOMIC):
             return gfp | (self.sk_allocation & GFP.MEMALLOC)
         return gfp
 
     def sk_filter(self, skb: SkBuff) -> bool:
         """sk_filter(): False (-ENOMEM, drop) for a pfmemalloc skb on a socket
         without SOCK_MEMALLOC."""
-        if skb.pfmemalloc and not self.memalloc and self.k.patches.has(9):
+        if skb.pfmemalloc and not self.memalloc and self.k.patches.has(SKB_RESERVES):
             return False
         return True
 

@@ -36,7 +36,7 @@ from emulator.flags import (
 )
 from emulator.mm.mmzone import MAX_ORDER, PAGE_ALLOC_COSTLY_ORDER, allocflags_to_migratetype
 from emulator.mm.page import PG, Owner, Page
-from emulator.patches import PatchSet
+from emulator.patches import GFP_MEMALLOC, PFMEMALLOC_WHEN_NEEDED, PatchSet, SLAB_PFMEMALLOC, SOFTIRQ_PF_MEMALLOC
 from emulator.task import Task, current
 
 if TYPE_CHECKING:
@@ -59,9 +59,9 @@ def gfp_to_alloc_flags(gfp: GFP, task: Task, patches: PatchSet) -> int:
             alloc_flags |= ALLOC_HARDER
         alloc_flags &= ~ALLOC_CPUSET
     if not gfp & GFP.NOMEMALLOC:
-        if gfp & GFP.MEMALLOC and patches.has(3):
+        if gfp & GFP.MEMALLOC and patches.has(GFP_MEMALLOC):
             alloc_flags |= ALLOC_NO_WATERMARKS
-        elif task.in_serving_softirq() and task.flags & PF.MEMALLOC and patches.has(4):
+        elif task.in_serving_softirq() and task.flags & PF.MEMALLOC and patches.has(SOFTIRQ_PF_MEMALLOC):
             alloc_flags |= ALLOC_NO_WATERMARKS
         elif not task.in_interrupt() and (task.flags & PF.MEMALLOC or task.memdie):
             alloc_flags |= ALLOC_NO_WATERMARKS
@@ -104,7 +104,7 @@ class PageAllocator:
             if page is None:
                 return None
             self._prep_new_page(page, order, owner)
-            if self.k.patches.has(5) and alloc_flags & ALLOC_NO_WATERMARKS:
+            if self.k.patches.has(PFMEMALLOC_WHEN_NEEDED) and alloc_flags & ALLOC_NO_WATERMARKS:
                 # Patch 5: marked only when this very attempt ignored the watermarks.
                 self._mark_pfmemalloc(page)
             if alloc_flags & ALLOC_NO_WATERMARKS:
@@ -163,7 +163,7 @@ class PageAllocator:
                 if page is None and entitled:
                     page = await self._alloc_pages_high_priority(gfp, order, task, owner)
                 if page is not None:
-                    if not k.patches.has(5) and entitled and k.patches.has(1):
+                    if not k.patches.has(PFMEMALLOC_WHEN_NEEDED) and entitled and k.patches.has(SLAB_PFMEMALLOC):
                         # Patch 1 alone: any slow-path page of an entitled caller is marked.
                         self._mark_pfmemalloc(page)
                     return page

@@ -49,6 +49,7 @@ from emulator.flags import GFP
 from emulator.mm import kmalloc as kmalloc_mod
 from emulator.mm.page import PAGE_SIZE, PG, Owner, Page
 from emulator.mm.page_alloc import gfp_pfmemalloc_allowed
+from emulator.patches import SLAB_PFMEMALLOC
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
@@ -156,7 +157,7 @@ class SlabAllocator:
         self.vmstat = k.vmstat
         self.nr_cpus = len(k.cpus)
         #: patch 1 ("mm: sl[au]b: add knowledge of PFMEMALLOC reserve pages"): read once.
-        self.pfmemalloc_aware = k.patches.has(1)
+        self.pfmemalloc_aware = k.patches.has(SLAB_PFMEMALLOC)
         self.caches: list = []
         self.kmalloc_sizes = kmalloc_mod.kmalloc_sizes(self.kind)
         self.kmalloc_caches: dict[int, KmemCacheBase] = {}

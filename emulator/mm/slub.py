@@ -66,6 +66,8 @@ from emulator.mm.slab_common import (
     SLAB_TRACE, KmemCacheBase, SlabAllocator, SlabObj, fls,
 )
 
+from emulator.patches import SLAB_PFMEMALLOC, SLUB_FASTPATH_NO_CHECK
+
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
     from emulator.task import Task
@@ -246,7 +248,7 @@ class SlabAllocatorSLUB(SlabAllocator):
 
     def __init__(self, k: Kernel, *, slub_nomerge: bool = False) -> None:
         #: patch 2 absent (with patch 1): the fast path checks pfmemalloc_match too.
-        self.fastpath_check = k.patches.has(1) and not k.patches.has(2)
+        self.fastpath_check = k.patches.has(SLAB_PFMEMALLOC) and not k.patches.has(SLUB_FASTPATH_NO_CHECK)
         #: the ``slub_nomerge`` boot parameter: no cache merging. It must be given to
         #: the constructor to affect the standard caches (created here, at "boot");
         #: changing it later affects later kmem_cache_create() calls only.

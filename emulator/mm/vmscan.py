@@ -43,6 +43,7 @@ from emulator.mm.mmzone import (
 from emulator.mm.page import PG, Page
 from emulator.mm.swap import LruCache
 from emulator.task import Task
+from emulator.patches import PGSCAN_DIRECT_THROTTLE, THROTTLE_DIRECT_RECLAIM
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel
@@ -376,13 +377,13 @@ class VMScan(LruCache):
 
     async def throttle_direct_reclaim(self, gfp: GFP, task: Task) -> None:
         """throttle_direct_reclaim() (patch 15; counter by patch 16)."""
-        if not self.k.patches.has(15):
+        if not self.k.patches.has(THROTTLE_DIRECT_RECLAIM):
             return
         if task.flags & PF.KTHREAD:
             return
         if self.pfmemalloc_watermark_ok():
             return
-        if self.k.patches.has(16):
+        if self.k.patches.has(PGSCAN_DIRECT_THROTTLE):
             self.vmstat["pgscan_direct_throttle"] += 1
         pgdat = self.pgdat
         since = trio.current_time()
@@ -416,7 +417,7 @@ class VMScan(LruCache):
         """try_to_free_pages -> do_try_to_free_pages. Returns pages reclaimed, or 1
         if nothing was reclaimed but the zone is not all_unreclaimable."""
         await self.throttle_direct_reclaim(gfp, task)
-        if task.fatal_signal and self.k.patches.has(15):
+        if task.fatal_signal and self.k.patches.has(THROTTLE_DIRECT_RECLAIM):
             # Patch 15: "Do not enter reclaim if fatal signal is pending. 1 is
             # returned so that the page allocator does not consider triggering
             # OOM". 3.5 has no such check: a killed task reclaims like any other.

@@ -86,6 +86,7 @@ from emulator.flags import GFP_NOIO, GFP, PF
 from emulator.printk import debug_enabled
 from emulator.task import Task
 from emulator.wait import WaitQueue
+from emulator.patches import NBD_SOCK_MEMALLOC
 from net.nbd import protocol as P
 from net.tcp import TcpSock
 
@@ -307,7 +308,7 @@ class NBDDevice(BlockDevice):
     def _sock_xmit_begin(self, task: Task) -> int:
         """sock_xmit(): sk_allocation GFP_NOIO; patch 14 adds __GFP_MEMALLOC and runs the
         whole call with PF_MEMALLOC. Returns the task's PF_MEMALLOC to restore."""
-        patched = self.k.patches.has(14)
+        patched = self.k.patches.has(NBD_SOCK_MEMALLOC)
         if self.sock is not None:
             self.sock.sk_allocation = GFP_NOIO | GFP.MEMALLOC if patched else GFP_NOIO
         saved = task.flags & PF.MEMALLOC
@@ -409,7 +410,7 @@ class NBDDevice(BlockDevice):
     async def nbd_do_it(self, task: Task) -> None:
         """nbd_do_it(): the receiver in the nbd-client process: read replies until
         nbd_read_stat fails, which sets harderror."""
-        if self.k.patches.has(14) and self.sock is not None:
+        if self.k.patches.has(NBD_SOCK_MEMALLOC) and self.sock is not None:
             self.sock.sk_set_memalloc()
         while True:
             try:
