@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from emulator.sched import running
 from emulator.flags import PF
+from emulator.sched import running
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel

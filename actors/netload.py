@@ -74,7 +74,7 @@ class BackgroundSender:
                 try:
                     n = s.send(payload)
                     self.bytes_sent += n
-                except (socket.timeout, BlockingIOError):
+                except (TimeoutError, BlockingIOError):
                     continue  # the receiver's window is closed: try later
                 except OSError:
                     return

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from emulator.sched import running
 from emulator.mm.memory import MMStruct, exit_mmap
+from emulator.sched import running
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel

@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from emulator.flags import GFP
-from emulator.mm.mempool import Mempool, mempool_alloc, mempool_free
 from emulator.mm.backing_dev import BLK_RW_ASYNC, BLK_RW_SYNC
+from emulator.mm.mempool import Mempool, mempool_alloc, mempool_free
 from emulator.task import Task
 from emulator.wait import WaitQueue
 

@@ -38,8 +38,7 @@ from rich.table import Table
 from emulator.analysis.outcomes import NOT_DECIDED, wilson_interval
 from emulator.config import ConfigError, load, packaged_configs
 from emulator.patches import PATCHES
-from emulator.sweep import (VM_KEYS, RunSpec, cluster_of, plan_rows, progress_console,
-                            run_sweep)
+from emulator.sweep import VM_KEYS, RunSpec, cluster_of, plan_rows, progress_console, run_sweep
 
 SEED_KERNELS = ["vanilla-slub", "swapnbd-slub", "vanilla-slab", "swapnbd-slab"]
 

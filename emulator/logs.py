@@ -106,7 +106,6 @@ import json
 import logging
 import os
 import threading
-from typing import IO
 
 import structlog
 import trio

@@ -602,8 +602,14 @@ class SweepProgress:
     """A rich progress bar with counts by outcome and an ETA, and one line per run."""
 
     def __init__(self, total: int, console: Console) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.counts: Counter[str] = Counter()
         self.progress = Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(),

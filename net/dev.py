@@ -45,8 +45,8 @@ import attrs
 import trio
 
 from emulator.flags import GFP_ATOMIC, PF
-from emulator.task import Task
 from emulator.patches import SKB_PF_MEMALLOC
+from emulator.task import Task
 from net.skbuff import SkBuff
 
 if TYPE_CHECKING:

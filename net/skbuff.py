@@ -46,8 +46,8 @@ from emulator.flags import GFP, GFP_ATOMIC
 from emulator.mm.kmalloc import ksize
 from emulator.mm.page import PAGE_SIZE, Owner, Page
 from emulator.mm.page_alloc import gfp_pfmemalloc_allowed
-from emulator.task import Task
 from emulator.patches import SKB_RESERVES
+from emulator.task import Task
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel

@@ -49,9 +49,9 @@ import attrs
 import trio
 
 from emulator.flags import GFP, GFP_KERNEL, PF
+from emulator.patches import SK_GFP_ATOMIC, SKB_PF_MEMALLOC, SKB_RESERVES, SOCK_MEMALLOC
 from emulator.task import Task
 from emulator.wait import WaitQueue
-from emulator.patches import SKB_PF_MEMALLOC, SKB_RESERVES, SK_GFP_ATOMIC, SOCK_MEMALLOC
 from net.skbuff import SkBuff
 
 if TYPE_CHECKING:

@@ -96,7 +96,7 @@ import trio
 from emulator.flags import GFP_ATOMIC
 from emulator.mm.page import PAGE_SIZE, Owner
 from emulator.task import Task
-from net.skbuff import SkBuff, SKB_DATA_ALIGN, SKB_SHARED_INFO, SKB_TRUESIZE
+from net.skbuff import SKB_DATA_ALIGN, SKB_SHARED_INFO, SKB_TRUESIZE, SkBuff
 from net.sock import Sock, SockStatistics
 
 if TYPE_CHECKING:

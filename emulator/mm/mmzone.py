@@ -59,7 +59,7 @@ import math
 from collections import OrderedDict, deque
 
 from emulator.flags import ALLOC_HARDER, ALLOC_HIGH, GFP
-from emulator.mm.page import PG, PAGE_SHIFT, Owner, Page
+from emulator.mm.page import PAGE_SHIFT, PG, Owner, Page
 from emulator.wait import WaitQueue
 
 MAX_ORDER = 11  # orders 0..10

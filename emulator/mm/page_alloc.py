@@ -31,12 +31,27 @@ from typing import TYPE_CHECKING
 import structlog
 
 from emulator.flags import (
-    ALLOC_CPUSET, ALLOC_HARDER, ALLOC_HIGH, ALLOC_NO_WATERMARKS, ALLOC_WMARK_LOW,
-    ALLOC_WMARK_HIGH, ALLOC_WMARK_MASK, ALLOC_WMARK_MIN, GFP, PF, gfp_name,
+    ALLOC_CPUSET,
+    ALLOC_HARDER,
+    ALLOC_HIGH,
+    ALLOC_NO_WATERMARKS,
+    ALLOC_WMARK_HIGH,
+    ALLOC_WMARK_LOW,
+    ALLOC_WMARK_MASK,
+    ALLOC_WMARK_MIN,
+    GFP,
+    PF,
+    gfp_name,
 )
 from emulator.mm.mmzone import MAX_ORDER, PAGE_ALLOC_COSTLY_ORDER, allocflags_to_migratetype
 from emulator.mm.page import PG, Owner, Page
-from emulator.patches import GFP_MEMALLOC, PFMEMALLOC_WHEN_NEEDED, PatchSet, SLAB_PFMEMALLOC, SOFTIRQ_PF_MEMALLOC
+from emulator.patches import (
+    GFP_MEMALLOC,
+    PFMEMALLOC_WHEN_NEEDED,
+    SLAB_PFMEMALLOC,
+    SOFTIRQ_PF_MEMALLOC,
+    PatchSet,
+)
 from emulator.task import Task, current
 
 if TYPE_CHECKING:

@@ -18,10 +18,9 @@ Simplified: no frontswap, no SWP_FILE direct I/O, no synchronous completion.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import struct
 import zlib
+from typing import TYPE_CHECKING
 
 from emulator.flags import GFP_KERNEL, GFP_NOIO
 from emulator.mm.page import PAGE_SIZE, PG, Page

@@ -46,8 +46,15 @@ from emulator.flags import GFP, GFP_CONSTRAINT_MASK, GFP_RECLAIM_MASK
 from emulator.mm.mmzone import MAX_ORDER
 from emulator.mm.page import PAGE_SIZE, Owner, Page
 from emulator.mm.slab_common import (
-    ALIGN, ARCH_SLAB_MINALIGN, BYTES_PER_WORD, CACHE_LINE_SIZE, SLAB_HWCACHE_ALIGN,
-    SLAB_RECLAIM_ACCOUNT, KmemCacheBase, SlabAllocator, SlabObj,
+    ALIGN,
+    ARCH_SLAB_MINALIGN,
+    BYTES_PER_WORD,
+    CACHE_LINE_SIZE,
+    SLAB_HWCACHE_ALIGN,
+    SLAB_RECLAIM_ACCOUNT,
+    KmemCacheBase,
+    SlabAllocator,
+    SlabObj,
 )
 
 if TYPE_CHECKING:

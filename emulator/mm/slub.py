@@ -60,12 +60,27 @@ from emulator.mm.kmalloc import get_order
 from emulator.mm.mmzone import MAX_ORDER, PAGE_ALLOC_COSTLY_ORDER
 from emulator.mm.page import PAGE_SHIFT, PAGE_SIZE, Owner, Page
 from emulator.mm.slab_common import (
-    ALIGN, ARCH_SLAB_MINALIGN, BYTES_PER_WORD, CACHE_LINE_SIZE, SLAB_CACHE_DMA,
-    SLAB_DEBUG_FREE, SLAB_DESTROY_BY_RCU, SLAB_FAILSLAB, SLAB_HWCACHE_ALIGN, SLAB_NOLEAKTRACE,
-    SLAB_NOTRACK, SLAB_POISON, SLAB_RECLAIM_ACCOUNT, SLAB_RED_ZONE, SLAB_STORE_USER,
-    SLAB_TRACE, KmemCacheBase, SlabAllocator, SlabObj, fls,
+    ALIGN,
+    ARCH_SLAB_MINALIGN,
+    BYTES_PER_WORD,
+    CACHE_LINE_SIZE,
+    SLAB_CACHE_DMA,
+    SLAB_DEBUG_FREE,
+    SLAB_DESTROY_BY_RCU,
+    SLAB_FAILSLAB,
+    SLAB_HWCACHE_ALIGN,
+    SLAB_NOLEAKTRACE,
+    SLAB_NOTRACK,
+    SLAB_POISON,
+    SLAB_RECLAIM_ACCOUNT,
+    SLAB_RED_ZONE,
+    SLAB_STORE_USER,
+    SLAB_TRACE,
+    KmemCacheBase,
+    SlabAllocator,
+    SlabObj,
+    fls,
 )
-
 from emulator.patches import SLAB_PFMEMALLOC, SLUB_FASTPATH_NO_CHECK
 
 if TYPE_CHECKING:

@@ -14,7 +14,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from emulator.mm.mmzone import (
-    LRU_ACTIVE_ANON, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE, LRU_NAMES,
+    LRU_ACTIVE_ANON,
+    LRU_INACTIVE_ANON,
+    LRU_INACTIVE_FILE,
+    LRU_NAMES,
 )
 from emulator.mm.page import PG, Page
 

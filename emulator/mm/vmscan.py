@@ -36,14 +36,18 @@ import structlog
 import trio
 
 from emulator.flags import GFP, GFP_KERNEL, PF
-from emulator.printk import debug_enabled
 from emulator.mm.mmzone import (
-    LRU_ACTIVE_ANON, LRU_ACTIVE_FILE, LRU_INACTIVE_ANON, LRU_INACTIVE_FILE, LRU_NAMES,
+    LRU_ACTIVE_ANON,
+    LRU_ACTIVE_FILE,
+    LRU_INACTIVE_ANON,
+    LRU_INACTIVE_FILE,
+    LRU_NAMES,
 )
 from emulator.mm.page import PG, Page
 from emulator.mm.swap import LruCache
-from emulator.task import Task
 from emulator.patches import PGSCAN_DIRECT_THROTTLE, THROTTLE_DIRECT_RECLAIM
+from emulator.printk import debug_enabled
+from emulator.task import Task
 
 if TYPE_CHECKING:
     from emulator.kernel import Kernel

@@ -82,11 +82,11 @@ import structlog
 import trio
 
 from emulator.block import BLK_RW_ASYNC, BLK_RW_SYNC, READ, BlockDevice, Request
-from emulator.flags import GFP_NOIO, GFP, PF
+from emulator.flags import GFP, GFP_NOIO, PF
+from emulator.patches import NBD_SOCK_MEMALLOC
 from emulator.printk import debug_enabled
 from emulator.task import Task
 from emulator.wait import WaitQueue
-from emulator.patches import NBD_SOCK_MEMALLOC
 from net.nbd import protocol as P
 from net.tcp import TcpSock
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import urllib.parse
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import structlog
 import trio
@@ -143,7 +143,7 @@ class NBDClient:
     @contextlib.asynccontextmanager
     async def connect(
         cls, url: str, *, structured_replies: bool = False, timeout: float = 10.0
-    ) -> AsyncIterator["NBDClient"]:
+    ) -> AsyncIterator[NBDClient]:
         host, port, name = parse_nbd_url(url)
         try:
             with trio.fail_after(timeout):

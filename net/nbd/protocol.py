@@ -41,7 +41,7 @@ extended headers.
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
 

@@ -287,7 +287,7 @@ def write_log(path: str | Path, events: Iterable[dict[str, Any]], *,
                 last = CORRUPT_LINES[k % len(CORRUPT_LINES)]
                 k += 1
         if last is not None:
-            fh.write((last[: len(last) // 2] if truncate_last else last + "\n"))
+            fh.write(last[: len(last) // 2] if truncate_last else last + "\n")
     return path
 
 

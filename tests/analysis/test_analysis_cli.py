@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from logfactory import iter_run, write_log
 
 from emulator.analysis import cli
 from emulator.analysis.summary import VMSTAT_ROWS
-from logfactory import iter_run, write_log
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from logfactory import CORRUPT_LINES, count_corrupt, iter_run, run_start, write_log
 
 from emulator.analysis import reader as reader_mod
 from emulator.analysis.reader import LogError, LogReader, run_name
-from logfactory import CORRUPT_LINES, count_corrupt, iter_run, run_start, write_log
 
 
 def test_streams_every_event_in_order(tmp_path):

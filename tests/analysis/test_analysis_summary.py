@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from logfactory import iter_run, write_log
 
 from emulator.analysis.summary import (
-    DURATION_ROWS, EMULATOR_ROWS, VMSTAT_ROWS, delta, format_value, percentile, summarize,
+    DURATION_ROWS,
+    EMULATOR_ROWS,
+    VMSTAT_ROWS,
+    delta,
+    format_value,
+    percentile,
+    summarize,
     vmstat_rows,
 )
-from logfactory import iter_run, write_log
 
 
 def _run(tmp_path, name="run.jsonl", **kw):

@@ -12,12 +12,12 @@ import socket
 from contextlib import asynccontextmanager
 
 import trio
+from netmem_helpers import kernel
 
-from emulator.sched import running
 from emulator.flags import PF
+from emulator.sched import running
 from emulator.task import Task
 from net.tcp import TcpSock
-from netmem_helpers import kernel
 
 MSS = 1448
 

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import pytest
 import trio
+from netmem_helpers import hold_free_at, kernel, release
 
-from emulator.sched import running
-from actors.softirq import start_net_rx
-from actors.netload import start_background_traffic
-from emulator.config import BackgroundConfig
-from emulator.flags import GFP_NOIO, PF
 from actors.kthreadd import KthreaddNursery
 from actors.nbdclient import start_nbd_client
+from actors.netload import start_background_traffic
+from actors.softirq import start_net_rx
+from emulator.config import BackgroundConfig
+from emulator.flags import GFP_NOIO, PF
 from emulator.machine import attach_nbd_swap
+from emulator.sched import running
 from net.nbd.server import ExportSpec
 from net.nbd.thread import NBDServerThread
-from netmem_helpers import hold_free_at, kernel, release
 
 SWAP = 96 << 20
 

@@ -14,11 +14,10 @@ they are not performance thresholds.
 from __future__ import annotations
 
 import trio
-
-from actors.kthreadd import KthreaddNursery
 from netmem_helpers import hold_free_at, release
 from tcp_helpers import run_as, tcp_on_nic, wait_until
 
+from actors.kthreadd import KthreaddNursery
 from emulator.block import Bio, Request
 from net.nbd import protocol as P
 from net.nbd.blockdev import NBDDevice

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import pytest
 import trio
-
-from emulator.flags import PF
 from netmem_helpers import hold_free_at, release
 from tcp_helpers import tcp_on_nic
+
+from emulator.flags import PF
 
 LEVELS = ["above_low", "min_to_low", "quarter_min", "zero"]
 FRAME = bytes(range(256)) * 4  # 1 KiB of payload: above copybreak, takes a ring buffer

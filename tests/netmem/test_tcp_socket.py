@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import trio
+from netmem_helpers import hold_free_at, release
+from tcp_helpers import MSS, run_as, tcp_on_nic, wait_until
 
 from emulator.flags import GFP_ATOMIC, GFP_NOIO, PF
 from emulator.mm.page_alloc import gfp_pfmemalloc_allowed
 from net.tcp import TCP_RTO_MIN
-from netmem_helpers import hold_free_at, release
-from tcp_helpers import MSS, run_as, tcp_on_nic, wait_until
 
 REPLY = b"r" * 16  # an NBD simple reply: one small frame
 HZ_FAST = "time.hz_scale=0.1"  # retransmission timeouts of 20 ms

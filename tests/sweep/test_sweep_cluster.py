@@ -16,6 +16,7 @@ from sweep_helpers import rows_of, run_sweep, wait_for
 
 from emulator.analysis.reader import LogReader
 
+
 def _start(argv, cwd, log):
     return subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                             stderr=subprocess.STDOUT)

@@ -18,8 +18,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sweep_helpers import (ROOT, TIMEOUT_S, alive, cmdline, rows_of, run_processes, run_sweep,
-                           sweep_argv, wait_for)
+from sweep_helpers import (
+    ROOT,
+    TIMEOUT_S,
+    alive,
+    cmdline,
+    rows_of,
+    run_processes,
+    run_sweep,
+    sweep_argv,
+    wait_for,
+)
 
 from emulator.analysis.outcomes import read_rows, summarize_cells, wilson_interval
 from emulator.analysis.reader import LogReader

@@ -10,12 +10,19 @@ import os
 
 import pytest
 
-from emulator.analysis.outcomes import (read_rows, summarize_cells, summary_markdown,
-                                        wilson_interval)
+from emulator.analysis.outcomes import read_rows, summarize_cells, summary_markdown, wilson_interval
 from emulator.analysis.reader import LogReader
 from emulator.cli import main
-from emulator.sweep import (GZIP_ABOVE, PlanError, _log_bytes, outcome_fields, parse_grid,
-                            parse_seeds, plan_sweep, split_values)
+from emulator.sweep import (
+    GZIP_ABOVE,
+    PlanError,
+    _log_bytes,
+    outcome_fields,
+    parse_grid,
+    parse_seeds,
+    plan_sweep,
+    split_values,
+)
 
 
 # -- Wilson interval --------------------------------------------------------------------

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import threading
 
-from emulator.sched import CPU
 from emulator.flags import ALLOC_NO_WATERMARKS, GFP, PF
+from emulator.mm.backing_dev import BackingDev
 from emulator.mm.mmzone import PgData
 from emulator.mm.page import Owner
 from emulator.mm.page_alloc import PageAllocator
 from emulator.mm.slab_common import create_slab_allocator
-from emulator.mm.backing_dev import BackingDev
 from emulator.mm.vmstat import VMStat
 from emulator.patches import PATCHES, PatchSet
+from emulator.sched import CPU
 from emulator.task import Task
 
 ALL = frozenset(PATCHES)

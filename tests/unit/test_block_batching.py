@@ -12,7 +12,14 @@ from __future__ import annotations
 import trio
 
 from emulator.block import (
-    BLK_BATCH_REQ, BLK_BATCH_TIME, BLK_RW_ASYNC, BLK_RW_SYNC, WRITE, Bio, BlockDevice, IOContext,
+    BLK_BATCH_REQ,
+    BLK_BATCH_TIME,
+    BLK_RW_ASYNC,
+    BLK_RW_SYNC,
+    WRITE,
+    Bio,
+    BlockDevice,
+    IOContext,
 )
 from emulator.config import from_dict
 from emulator.kernel import Kernel

@@ -6,6 +6,7 @@ Migrate types and pageblocks are in test_pageblocks.py.
 
 from __future__ import annotations
 
+from buddy_helpers import check_free_lists, free_blocks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,6 @@ from emulator.flags import ALLOC_NO_WATERMARKS, GFP
 from emulator.kernel import Kernel
 from emulator.mm.mmzone import MAX_ORDER, MIGRATE_MOVABLE, PgData
 from emulator.mm.page import PG, Owner
-from buddy_helpers import check_free_lists, free_blocks
 
 
 def take(zone, order: int):

@@ -13,14 +13,27 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.sched import CPU
 from emulator.flags import (
-    ALLOC_CPUSET, ALLOC_HARDER, ALLOC_HIGH, ALLOC_NO_WATERMARKS, ALLOC_WMARK_MIN, GFP,
-    GFP_ATOMIC, GFP_HIGHUSER_MOVABLE, GFP_KERNEL, GFP_NOFS, GFP_NOIO, GFP_NOWAIT,
-    GFP_RECLAIM_MASK, GFP_USER, PF, gfp_name,
+    ALLOC_CPUSET,
+    ALLOC_HARDER,
+    ALLOC_HIGH,
+    ALLOC_NO_WATERMARKS,
+    ALLOC_WMARK_MIN,
+    GFP,
+    GFP_ATOMIC,
+    GFP_HIGHUSER_MOVABLE,
+    GFP_KERNEL,
+    GFP_NOFS,
+    GFP_NOIO,
+    GFP_NOWAIT,
+    GFP_RECLAIM_MASK,
+    GFP_USER,
+    PF,
+    gfp_name,
 )
 from emulator.mm.page_alloc import gfp_pfmemalloc_allowed, gfp_to_alloc_flags
 from emulator.patches import PATCHES, PatchSet
+from emulator.sched import CPU
 from emulator.task import Task
 
 VANILLA = PatchSet.preset("vanilla")

@@ -6,17 +6,23 @@ Expected values are worked out by hand from 3.5's mm/page_alloc.c.
 
 from __future__ import annotations
 
+from buddy_helpers import check_free_lists
+
 from emulator.config import from_dict
 from emulator.diagnosis import diagnose, explain
 from emulator.flags import GFP, GFP_HIGHUSER_MOVABLE
 from emulator.kernel import Kernel
 from emulator.mm.mmzone import (
-    MIGRATE_MOVABLE, MIGRATE_RECLAIMABLE, MIGRATE_RESERVE, MIGRATE_UNMOVABLE, PgData,
-    allocflags_to_migratetype, pageblock_nr_pages,
+    MIGRATE_MOVABLE,
+    MIGRATE_RECLAIMABLE,
+    MIGRATE_RESERVE,
+    MIGRATE_UNMOVABLE,
+    PgData,
+    allocflags_to_migratetype,
+    pageblock_nr_pages,
 )
 from emulator.mm.page import Owner
 from emulator.task import current
-from buddy_helpers import check_free_lists
 
 
 def blocks_of(zone, migratetype: int) -> list[int]:

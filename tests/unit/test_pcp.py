@@ -10,6 +10,7 @@ lists, which is what a direct reclaimer does after its first attempt fails.
 from __future__ import annotations
 
 import pytest
+from slab_helpers import make_kernel
 
 from emulator.config import from_dict
 from emulator.diagnosis import diagnose, explain
@@ -18,7 +19,6 @@ from emulator.kernel import Kernel
 from emulator.mm.mmzone import MIGRATE_MOVABLE, MIGRATE_UNMOVABLE, PgData, zone_batchsize
 from emulator.mm.page import Owner
 from emulator.task import current
-from slab_helpers import make_kernel
 
 
 @pytest.mark.parametrize(("mib", "batch"), [

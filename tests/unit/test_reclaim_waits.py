@@ -21,10 +21,10 @@ import trio
 from emulator.config import from_dict
 from emulator.flags import GFP_KERNEL, GFP_NOIO, PF
 from emulator.kernel import Kernel
+from emulator.mm.backing_dev import BLK_RW_ASYNC
 from emulator.mm.memory import MMStruct, do_anonymous_page, exit_mmap
 from emulator.mm.mmzone import LRU_INACTIVE_ANON
 from emulator.mm.page import PG, Owner
-from emulator.mm.backing_dev import BLK_RW_ASYNC
 from emulator.mm.vmscan import ScanControl
 from emulator.task import Task
 

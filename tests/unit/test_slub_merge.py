@@ -15,7 +15,11 @@ from slab_helpers import ALL, hold_below_min, make_kernel, release
 
 from emulator.flags import GFP_ATOMIC, GFP_KERNEL, PF
 from emulator.mm.slab_common import (
-    SLAB_CACHE_DMA, SLAB_DESTROY_BY_RCU, SLAB_HWCACHE_ALIGN, SLAB_PANIC, SLAB_POISON,
+    SLAB_CACHE_DMA,
+    SLAB_DESTROY_BY_RCU,
+    SLAB_HWCACHE_ALIGN,
+    SLAB_PANIC,
+    SLAB_POISON,
     SLAB_RECLAIM_ACCOUNT,
 )
 from emulator.mm.slub import SLUB_MERGE_SAME, SLUB_NEVER_MERGE

@@ -14,8 +14,8 @@ from page_holder import Holder
 
 from emulator.config import from_dict
 from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_KERNEL, GFP_NOFS, GFP_NOIO, PF
-from emulator.mm.page import PG, Owner
 from emulator.kernel import Kernel
+from emulator.mm.page import PG, Owner
 
 ALL = list(range(1, 17))
 HZ_SCALE = 0.01

@@ -10,15 +10,19 @@ from __future__ import annotations
 import math
 
 import pytest
+from page_holder import Holder
 
 from emulator.config import from_dict
 from emulator.flags import ALLOC_HARDER, ALLOC_HIGH, ALLOC_NO_WATERMARKS, ALLOC_WMARK_MIN, GFP
 from emulator.kernel import Kernel
 from emulator.mm.mmzone import (
-    PgData, Zone, default_min_free_kbytes, setup_per_zone_wmarks, zone_watermark_ok,
+    PgData,
+    Zone,
+    default_min_free_kbytes,
+    setup_per_zone_wmarks,
+    zone_watermark_ok,
 )
 from emulator.mm.page import Owner
-from page_holder import Holder
 
 MIB = 1024  # KiB
 
