@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import attrs
 import structlog
 import trio
 
@@ -26,7 +27,7 @@ async def sampler(k: Kernel, interval: float, extra: Callable[[], dict]) -> None
 
 
 def log_vmstat(k: Kernel, extra: Callable[[], dict]) -> None:
-    log.info("vmstat", vm=k.vmstat.snapshot(), cpus=[c.stat() for c in k.cpus],
+    log.info("vmstat", vm=k.vmstat.snapshot(), cpus=[attrs.asdict(c.stat()) for c in k.cpus],
              nr_throttled=len(k.vmscan.throttled), **extra())
     slabinfo = getattr(k.slab, "slabinfo", None)
     if slabinfo is not None:

@@ -68,7 +68,7 @@ def diagnose(k: Kernel, stalled_s: float, sockets=(), nbd=None) -> dict:
         "all_unreclaimable": z.all_unreclaimable,
         "tasks": tasks,
         "throttled": len(k.vmscan.throttled),
-        "nbd": nbd.statistics() if nbd is not None else None,
+        "nbd": attrs.asdict(nbd.statistics()) if nbd is not None else None,
         "sockets": [attrs.asdict(s.statistics()) for s in sockets],
         "nic": attrs.asdict(k.netdev.statistics()) if k.netdev is not None else None,
         "skbs_live": k.skb.live if k.skb is not None else 0,

@@ -326,7 +326,7 @@ class Machine:
             for s in self.sockets:
                 s.release(self._any_task())
             k.netdev.release(self._any_task())
-        cpus = [c.stat() for c in k.cpus]
+        cpus = [attrs.asdict(c.stat()) for c in k.cpus]
         times = {
             "user_s": round(sum(t.utime for t in k.tasks.values()), 4),
             "sys_s": round(sum(t.stime for t in k.tasks.values()), 4),
@@ -340,8 +340,8 @@ class Machine:
                  "completed": sum(p.outcome == "completed" for p in self.processes),
                  "killed": sum(p.outcome == "killed" for p in self.processes),
                  "killed_by": killed_by}
-        lat = self.nbd.latency_summary() if self.nbd else None
-        sender = self.nbd.sender_stalls.summary() if self.nbd else None
+        lat = attrs.asdict(self.nbd.latency_summary()) if self.nbd else None
+        sender = attrs.asdict(self.nbd.sender_stalls.summary()) if self.nbd else None
         nbd = self.nbd.error_summary() if self.nbd else None
         throttle = {"events": k.vmscan.throttle_events,
                     "total_s": round(k.vmscan.throttle_total_s, 4)}

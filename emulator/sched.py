@@ -62,6 +62,7 @@ from __future__ import annotations
 
 from collections import deque
 
+import attrs
 import trio
 
 from emulator.task import NICE_0_LOAD, Task, current
@@ -77,6 +78,20 @@ def sched_wakeup_granularity(nr_cpus: int) -> float:
     """sysctl_sched_wakeup_granularity as update_sysctl() scales it by default
     (SCHED_TUNABLESCALING_LOG): 1 ms x (1 + ilog2(min(nr_cpus, 8)))."""
     return WAKEUP_GRANULARITY_S * (1 + (min(max(nr_cpus, 1), 8).bit_length() - 1))
+
+
+@attrs.frozen
+class CpuStat:
+    """One CPU's /proc/stat line (seconds of wall-clock time) and its run queue."""
+
+    cpu: int
+    user: float
+    sys: float
+    softirq: float
+    idle: float
+    iowait: float  #: idle while a task of this CPU sleeps on I/O
+    nr_switches: int
+    nr_running: int  #: the holder and the queued tasks
 
 
 class CPU:
@@ -213,12 +228,13 @@ class CPU:
             return ran >= self.wakeup_granularity
         return bool(self._tasks or self._boosted) and ran >= self.timeslice
 
-    def stat(self) -> dict:
+    def stat(self) -> CpuStat:
+        """This CPU's line of /proc/stat (seconds), as of now."""
         self.account()
-        return {"cpu": self.id, "user": round(self.user, 4), "sys": round(self.sys, 4),
-                "softirq": round(self.softirq, 4), "idle": round(self.idle, 4),
-                "iowait": round(self.iowait, 4), "nr_switches": self.nr_switches,
-                "nr_running": self.nr_running()}
+        return CpuStat(cpu=self.id, user=round(self.user, 4), sys=round(self.sys, 4),
+                       softirq=round(self.softirq, 4), idle=round(self.idle, 4),
+                       iowait=round(self.iowait, 4), nr_switches=self.nr_switches,
+                       nr_running=self.nr_running())
 
     def __repr__(self) -> str:
         return f"<CPU{self.id} current={self.current!r} queued={len(self._tasks)}>"

@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from emulator.flags import GFP, GFP_KERNEL
 from emulator.wait import WaitQueue
 
@@ -39,6 +41,24 @@ MEMPOOL_TIMEOUT_S = 5.0  #: io_schedule_timeout(5*HZ)
 AllocFn = Callable[[GFP, "Task"], Awaitable[Any]]
 FreeFn = Callable[[Any, "Task"], None]
 
+
+
+@attrs.frozen
+class MempoolStatistics:
+    """A mempool's state and its counts since creation."""
+
+    name: str
+    min_nr: int  #: elements the pool keeps in reserve
+    curr_nr: int  #: elements in the pool now
+    outstanding: int  #: elements handed out and not yet freed
+    waiters: int  #: tasks asleep in mempool_alloc
+    alloc: int  #: mempool_alloc calls that returned an element
+    alloc_backing: int  #: ... from the backing allocator
+    alloc_pool: int  #: ... from the reserve
+    alloc_fail: int  #: calls that returned NULL (no __GFP_WAIT)
+    waits: int  #: sleeps in mempool_alloc
+    free_to_pool: int  #: frees that refilled the reserve
+    free_backing: int  #: frees to the backing allocator
 
 class Mempool:
     """mempool_t: ``min_nr`` reserved elements over a backing allocator."""
@@ -100,15 +120,13 @@ class Mempool:
             with self.k.lock:
                 self.elements.append(elem)
 
-    def statistics(self) -> dict:
-        return {
-            "name": self.name, "min_nr": self.min_nr, "curr_nr": len(self.elements),
-            "outstanding": self.outstanding, "waiters": len(self.wait),
-            "alloc": self.nr_alloc, "alloc_backing": self.nr_alloc_backing,
-            "alloc_pool": self.nr_alloc_pool, "alloc_fail": self.nr_alloc_fail,
-            "waits": self.nr_waits, "free_to_pool": self.nr_free_to_pool,
-            "free_backing": self.nr_free_backing,
-        }
+    def statistics(self) -> MempoolStatistics:
+        return MempoolStatistics(
+            name=self.name, min_nr=self.min_nr, curr_nr=len(self.elements),
+            outstanding=self.outstanding, waiters=len(self.wait), alloc=self.nr_alloc,
+            alloc_backing=self.nr_alloc_backing, alloc_pool=self.nr_alloc_pool,
+            alloc_fail=self.nr_alloc_fail, waits=self.nr_waits,
+            free_to_pool=self.nr_free_to_pool, free_backing=self.nr_free_backing)
 
     def __repr__(self) -> str:
         return f"<mempool {self.name} {len(self.elements)}/{self.min_nr}>"

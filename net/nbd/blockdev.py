@@ -78,6 +78,7 @@ from array import array
 from collections import Counter, deque
 from typing import TYPE_CHECKING
 
+import attrs
 import structlog
 import trio
 
@@ -111,6 +112,56 @@ def _lost(sock: TcpSock | None) -> str:
     return "connection closed by the server (end of file)"
 
 
+@attrs.frozen
+class SenderStallSummary:
+    """The sender stalls of a run so far (module docstring)."""
+
+    stalls: int  #: sends during which the sender entered direct reclaim
+    exposed: int  #: ... that spent time with no request awaiting a reply
+    near_misses: int  #: exposed stalls in which the sender's own reclaim freed nothing
+    total_s: float
+    longest_s: float
+    longest_exposed_s: float
+
+
+@attrs.frozen
+class LatencySummary:
+    """NBD request latencies (send to reply), seconds."""
+
+    count: int
+    p50_s: float | None
+    p99_s: float | None
+    max_s: float | None
+
+
+@attrs.frozen
+class InflightRequest:
+    cookie: int
+    cmd: str  #: "read" | "write"
+    offset: int
+    age_s: float  #: since it was sent
+
+
+@attrs.frozen
+class NBDStatistics:
+    """The NBD device's queues and state, as the lockup diagnosis reads them."""
+
+    queued: int  #: on waiting_queue, not yet sent
+    inflight: int  #: sent, awaiting a reply (queue_head)
+    requests_allocated: int
+    requests_sync: int  #: swap-in reads
+    requests_async: int  #: swap-out writes
+    congested: bool  #: the bdi's write congestion
+    oldest: tuple[InflightRequest, ...]  #: the oldest requests in flight (up to 8)
+    active_req: int | None  #: the request being sent
+    harderror: int
+    connected: bool
+    errors: dict  #: "cmd errno (server)" / "cmd (driver)" -> count
+    sender_stalls: SenderStallSummary
+    sender_exposed_s: float | None  #: how long the send in progress has had nothing in flight
+    sender_send: dict | None  #: pages freed / taken below min since that send began
+
+
 class SenderStalls:
     """Sends during which the NBD sender entered direct reclaim (see the module
     docstring). The counts live in vmstat (``nbd_sender_reclaim``,
@@ -137,12 +188,13 @@ class SenderStalls:
             vm["nbd_sender_near_miss"] += reclaimed == 0
             self.longest_exposed_s = max(self.longest_exposed_s, exposed_s)
 
-    def summary(self) -> dict:
+    def summary(self) -> SenderStallSummary:
         vm = self.vmstat
-        return {"stalls": vm["nbd_sender_reclaim"], "exposed": vm["nbd_sender_reclaim_exposed"],
-                "near_misses": vm["nbd_sender_near_miss"],
-                "total_s": round(self.total_s, 4), "longest_s": round(self.longest_s, 4),
-                "longest_exposed_s": round(self.longest_exposed_s, 4)}
+        return SenderStallSummary(
+            stalls=vm["nbd_sender_reclaim"], exposed=vm["nbd_sender_reclaim_exposed"],
+            near_misses=vm["nbd_sender_near_miss"], total_s=round(self.total_s, 4),
+            longest_s=round(self.longest_s, 4),
+            longest_exposed_s=round(self.longest_exposed_s, 4))
 
 
 class SendMarks:
@@ -533,37 +585,31 @@ class NBDDevice(BlockDevice):
                 "xmit_timeouts": self.k.vmstat["nbd_xmit_timeouts"]}
 
     # -- introspection -----------------------------------------------------------------
-    def latency_summary(self) -> dict:
+    def latency_summary(self) -> LatencySummary:
         lat = sorted(self.latencies)
         if not lat:
-            return {"count": 0, "p50_s": None, "p99_s": None, "max_s": None}
+            return LatencySummary(count=0, p50_s=None, p99_s=None, max_s=None)
+
         def pct(p: float) -> float:
             return round(lat[min(len(lat) - 1, int(p * len(lat)))], 6)
-        return {"count": len(lat), "p50_s": pct(0.50), "p99_s": pct(0.99),
-                "max_s": round(lat[-1], 6)}
+        return LatencySummary(count=len(lat), p50_s=pct(0.50), p99_s=pct(0.99),
+                              max_s=round(lat[-1], 6))
 
-    def statistics(self) -> dict:
+    def statistics(self) -> NBDStatistics:
         now = trio.current_time()
         inflight = sorted(self.queue_head.items())
-        return {
-            "queued": len(self.waiting_queue),
-            "inflight": len(inflight),
-            "requests_allocated": self.count,
-            "requests_sync": self.rl_count[BLK_RW_SYNC],
-            "requests_async": self.rl_count[BLK_RW_ASYNC],
-            "congested": self.congested,
-            "oldest": [
-                {"cookie": c, "cmd": "read" if r.bio.rw == READ else "write",
-                 "offset": r.bio.offset, "age_s": round(now - r.started, 3)}
-                for c, r in inflight[:8]
-            ],
-            "active_req": self.active_req.cookie if self.active_req else None,
-            "harderror": self.harderror,
-            "connected": self.sock is not None,
-            "errors": {**{f"{cmd} {e} (server)": n for (cmd, e), n in sorted(self.errors.items())},
-                       **{f"{cmd} (driver)": n for cmd, n in sorted(self.failed.items())}},
-            "sender_stalls": self.sender_stalls.summary(),
-            "sender_exposed_s": (None if self._exposed_since is None or self.active_req is None
-                                 else round(now - self._exposed_since, 3)),
-            "sender_send": None if self.active_req is None else self._send_deltas(),
-        }
+        return NBDStatistics(
+            queued=len(self.waiting_queue), inflight=len(inflight),
+            requests_allocated=self.count, requests_sync=self.rl_count[BLK_RW_SYNC],
+            requests_async=self.rl_count[BLK_RW_ASYNC], congested=self.congested,
+            oldest=tuple(InflightRequest(cookie=c, cmd="read" if r.bio.rw == READ else "write",
+                                         offset=r.bio.offset, age_s=round(now - r.started, 3))
+                         for c, r in inflight[:8]),
+            active_req=self.active_req.cookie if self.active_req else None,
+            harderror=self.harderror, connected=self.sock is not None,
+            errors={**{f"{cmd} {e} (server)": n for (cmd, e), n in sorted(self.errors.items())},
+                    **{f"{cmd} (driver)": n for cmd, n in sorted(self.failed.items())}},
+            sender_stalls=self.sender_stalls.summary(),
+            sender_exposed_s=(None if self._exposed_since is None or self.active_req is None
+                              else round(now - self._exposed_since, 3)),
+            sender_send=None if self.active_req is None else self._send_deltas())

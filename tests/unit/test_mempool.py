@@ -59,7 +59,7 @@ async def test_mempool_masks_and_pool_fallback():
     mempool_free(pool, e, t)
     assert pool.curr_nr == 2 and b.freed == ["elem3"]
     st = pool.statistics()
-    assert st["alloc_pool"] == 2 and st["alloc_fail"] == 1 and st["free_to_pool"] == 2
+    assert st.alloc_pool == 2 and st.alloc_fail == 1 and st.free_to_pool == 2
 
 
 async def test_mempool_waiter_sleeps_until_an_element_returns():

@@ -83,13 +83,13 @@ async def test_stalls_and_exposures_are_timed_from_the_replies(autojump_clock):
     await dev.nbd_handle_req(write_request(), task)
 
     s = dev.sender_stalls.summary()
-    assert (s["stalls"], s["exposed"], s["near_misses"]) == (3, 2, 1)
-    assert abs(s["longest_s"] - 0.050) < 1e-9
-    assert abs(s["longest_exposed_s"] - 0.030) < 1e-9
-    assert abs(s["total_s"] - 0.110) < 1e-9
+    assert (s.stalls, s.exposed, s.near_misses) == (3, 2, 1)
+    assert abs(s.longest_s - 0.050) < 1e-9
+    assert abs(s.longest_exposed_s - 0.030) < 1e-9
+    assert abs(s.total_s - 0.110) < 1e-9
     assert (k.vmstat["nbd_sender_reclaim"], k.vmstat["nbd_sender_reclaim_exposed"],
             k.vmstat["nbd_sender_near_miss"]) == (3, 2, 1)
-    assert dev.statistics()["sender_exposed_s"] is None  # no send in progress
+    assert dev.statistics().sender_exposed_s is None  # no send in progress
 
 
 async def test_a_send_in_progress_reports_its_exposure(autojump_clock):
@@ -99,7 +99,7 @@ async def test_a_send_in_progress_reports_its_exposure(autojump_clock):
     async def stuck(t: Task) -> None:
         t.allocstall += 1
         await trio.sleep(7.0)
-        seen.append(dev.statistics()["sender_exposed_s"])  # what a diagnosis would read
+        seen.append(dev.statistics().sender_exposed_s)  # what a diagnosis would read
 
     sock.steps.append(stuck)
     await dev.nbd_handle_req(write_request(), task)
@@ -117,12 +117,12 @@ async def test_a_stall_says_where_the_memory_went(autojump_clock):
         await trio.sleep(1.0)
         k.vmstat["pgfree"] += 5  # another task frees five pages...
         k.vmstat["pgalloc_below_min"] += 3  # ...and atomic receive takes three of them
-        seen.append(dev.statistics()["sender_send"])
+        seen.append(dev.statistics().sender_send)
 
     sock.steps.append(stuck)
     await dev.nbd_handle_req(write_request(), task)
     assert seen == [{"pgfree": 5, "pgalloc_below_min": 3}]
-    assert dev.statistics()["sender_send"] is None  # no send in progress
+    assert dev.statistics().sender_send is None  # no send in progress
 
 
 async def test_a_stall_event_names_who_freed_pages(autojump_clock):
