@@ -210,14 +210,6 @@ class Zone:
         return self.lru[LRU_ACTIVE_ANON]
 
     @property
-    def lru_inactive_file(self) -> OrderedDict[int, Page]:
-        return self.lru[LRU_INACTIVE_FILE]
-
-    @property
-    def lru_active_file(self) -> OrderedDict[int, Page]:
-        return self.lru[LRU_ACTIVE_FILE]
-
-    @property
     def nr_isolated_anon(self) -> int:
         return self.nr_isolated[0]
 
@@ -227,10 +219,6 @@ class Zone:
         if nr_swap_pages > 0:
             nr += len(self.lru[LRU_INACTIVE_ANON]) + len(self.lru[LRU_ACTIVE_ANON]) + self.nr_isolated[0]
         return nr
-
-    def zone_reclaimable(self) -> bool:
-        """pages_scanned < 6 x reclaimable pages (mm/vmscan.c)."""
-        return self.pages_scanned < self.zone_reclaimable_pages() * 6
 
     # -- per-cpu page lists --------------------------------------------------------
     def setup_pagesets(self, nr_cpus: int) -> None:

@@ -85,21 +85,6 @@ class Page:
         #: when rmqueue_bulk took it); stale while the page is allocated.
         self.migratetype = 2  # MIGRATE_MOVABLE
 
-    # Flag helpers with the kernel's names, for readability at call sites.
-    def test(self, flag: PG) -> bool:
-        return bool(self.flags & flag)
-
-    def set(self, flag: PG) -> None:
-        self.flags |= flag
-
-    def clear(self, flag: PG) -> None:
-        self.flags &= ~flag
-
-    def test_and_clear(self, flag: PG) -> bool:
-        had = bool(self.flags & flag)
-        self.flags &= ~flag
-        return had
-
     @property
     def mapped(self) -> bool:
         return self.mm is not None
