@@ -156,10 +156,12 @@ class BlockDevice:
         await self.rq_pool.fill(task)
 
     async def bio_alloc(self, gfp: GFP, task: Task) -> Bio | None:
+        """bio_alloc(): a bio from fs_bio_set's mempool."""
         elem = await mempool_alloc(self.bio_pool, gfp, task)
         return None if elem is None else Bio(elem)
 
     def bio_put(self, bio: Bio, task: Task) -> None:
+        """bio_put(): the bio back to its mempool."""
         mempool_free(self.bio_pool, bio.elem, task)
 
     # -- request allocation (get_request, get_request_wait) ------------------------------
@@ -213,11 +215,13 @@ class BlockDevice:
         return req
 
     async def submit_bio(self, bio: Bio, task: Task) -> None:
+        """submit_bio(): a request (get_request_wait), then the driver's request_fn."""
         bio.submitted = trio.current_time()
         req = await self.get_request_wait(bio, task)
         await self.request_fn(req, task)
 
     async def request_fn(self, req: Request, task: Task) -> None:  # pragma: no cover
+        """The driver's request_fn (q->request_fn)."""
         raise NotImplementedError
 
     def end_request(self, req: Request, error: int, task: Task) -> None:

@@ -120,9 +120,11 @@ class Task:
         return self.in_softirq
 
     def local_bh_disable(self) -> None:
+        """local_bh_disable(): softirqs off in process context."""
         self.bh_disabled += 1
 
     def local_bh_enable(self) -> None:
+        """local_bh_enable()."""
         self.bh_disabled -= 1
 
     # -- scheduling ------------------------------------------------------------

@@ -180,6 +180,8 @@ class SkbAllocator:
                                     truesize, False))
 
     async def netdev_alloc_frag(self, fragsz: int, gfp: GFP, task: Task) -> PageFrag | None:
+        """netdev_alloc_frag(): ``fragsz`` bytes of the running CPU's fragment page,
+        a new order-0 page when it is used up."""
         cpu = task.cpu.id
         nc = self.frag_cache[cpu]
         if nc is None or nc.offset + fragsz > PAGE_SIZE:
@@ -214,6 +216,8 @@ class SkbAllocator:
 
     # -- kfree_skb ----------------------------------------------------------------------
     def kfree_skb(self, skb: SkBuff, task: Task) -> None:
+        """kfree_skb(): the head back to its cache, the data to kmalloc or the
+        fragment's page."""
         slab = self.k.slab
         slab.kmem_cache_free(skb.head_cache, skb.head, task)
         if skb.data_obj is not None:

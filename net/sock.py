@@ -122,6 +122,7 @@ class Sock:
 
     # -- the socket lock ------------------------------------------------------------
     def sock_owned_by_user(self) -> bool:
+        """sock_owned_by_user(): a task owns the socket (lock_sock)."""
         return self.owner is not None
 
     async def lock_sock(self, task: Task) -> None:
@@ -190,6 +191,7 @@ class Sock:
         self.k.memalloc_socks += 1
 
     def sk_clear_memalloc(self) -> None:
+        """sk_clear_memalloc(): SOCK_MEMALLOC and __GFP_MEMALLOC off again."""
         if not self.memalloc:
             return
         self.memalloc = False
@@ -211,9 +213,11 @@ class Sock:
 
     # -- the stream's buffers ---------------------------------------------------------
     def sk_stream_memory_free(self) -> bool:
+        """sk_stream_memory_free(): the send buffer has room."""
         return self.wmem_queued < self.sk_sndbuf
 
     def sk_stream_wspace(self) -> int:
+        """sk_stream_wspace(): sndbuf minus what is queued."""
         return self.sk_sndbuf - self.wmem_queued
 
     def sk_stream_write_space(self) -> None:

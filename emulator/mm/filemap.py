@@ -28,10 +28,12 @@ class Filemap:
     page_wait: HashedWaitTable
 
     def unlock_page(self, page: Page) -> None:
+        """unlock_page(): clear PG_locked and wake the page's waiters."""
         page.flags &= ~PG.locked
         self.page_wait.for_key(page.pfn).wake_up()
 
     async def wait_on_page_locked(self, page: Page, task: Task, wchan: str) -> None:
+        """wait_on_page_locked(): sleep (iowait) until PG_locked is clear."""
         if page.flags & PG.locked:
             await task.sleep_on(self.page_wait.for_key(page.pfn),
                                 lambda: not page.flags & PG.locked, wchan=wchan, iowait=True)

@@ -60,6 +60,8 @@ async def handle_mm_fault(k: Kernel, mm: MMStruct, vpn: int, task: Task, write: 
 
 
 async def do_anonymous_page(k: Kernel, mm: MMStruct, vpn: int, task: Task) -> Page | None:
+    """do_anonymous_page(): a new zeroed page (GFP_HIGHUSER_MOVABLE), mapped and
+    put on the active anon list."""
     page = await k.page_alloc.alloc_page(GFP_HIGHUSER_MOVABLE, task, owner=Owner.ANON)
     if page is None:
         return None
@@ -85,6 +87,8 @@ def _map_page(k: Kernel, mm: MMStruct, vpn: int, page: Page) -> None:
 
 async def do_swap_page(k: Kernel, mm: MMStruct, vpn: int, entry: int, task: Task,
                        write: bool) -> Page | None:
+    """do_swap_page(): the page from the swap cache or swapin_readahead (a major
+    fault), lock_page, SIGBUS if the read failed, map it, swap_free the entry."""
     swap = k.swap
     page = swap.swap_cache.get(entry)
     if page is None:

@@ -182,22 +182,27 @@ class Zone:
     # -- watermarks --------------------------------------------------------------
     @property
     def min_wmark_pages(self) -> int:
+        """min_wmark_pages(zone)."""
         return self.watermark[0]
 
     @property
     def low_wmark_pages(self) -> int:
+        """low_wmark_pages(zone)."""
         return self.watermark[1]
 
     @property
     def high_wmark_pages(self) -> int:
+        """high_wmark_pages(zone)."""
         return self.watermark[2]
 
     def zone_watermark_ok(self, order: int, mark: int, classzone_idx: int = 0,
                           alloc_flags: int = 0) -> bool:
+        """zone_watermark_ok(): __zone_watermark_ok on this zone's free counts."""
         return zone_watermark_ok(self.nr_free_pages, self.free_area_counts(), order, mark,
                                  self.lowmem_reserve[classzone_idx], alloc_flags)
 
     def free_area_counts(self) -> list[int]:
+        """nr_free per order, for __zone_watermark_ok's per-order loop."""
         return [a.nr_free for a in self.free_area]
 
     # Names for the lists, as the kernel's for_each_evictable_lru sees them.
@@ -222,6 +227,7 @@ class Zone:
 
     # -- per-cpu page lists --------------------------------------------------------
     def setup_pagesets(self, nr_cpus: int) -> None:
+        """setup_pageset() for every CPU: batch from zone_batchsize, high 6 x batch."""
         batch = zone_batchsize(self.present_pages)
         self.pageset = [PerCpuPages(cpu, batch) for cpu in range(nr_cpus)]
 
@@ -313,6 +319,7 @@ class Zone:
 
     # -- pageblocks --------------------------------------------------------------
     def get_pageblock_migratetype(self, pfn: int) -> int:
+        """get_pageblock_migratetype(): the migrate type of a page's pageblock."""
         return self.pageblock_flags[(pfn - self.zone_start_pfn) >> pageblock_order]
 
     def set_pageblock_migratetype(self, pfn: int, migratetype: int) -> None:

@@ -41,6 +41,9 @@ class OOMKiller:
 
     async def alloc_pages_may_oom(self, gfp: GFP, order: int, task: Task,
                                   owner: Owner) -> Page | None:
+        """__alloc_pages_may_oom(): under the zonelist OOM lock, one last attempt at
+        the high watermark, then out_of_memory; another task holding the lock
+        means a short sleep and a retry."""
         k = self.k
         if self.zonelist_oom_locked:  # try_set_zonelist_oom failed
             await task.sleep(k.hz(0.001), wchan="oom_lock")
@@ -60,6 +63,8 @@ class OOMKiller:
         return None
 
     def select_bad_process(self) -> Task | None:
+        """select_bad_process(): the process with the largest rss + swap entries;
+        none while a previous victim (TIF_MEMDIE) is still exiting."""
         victim, points = None, 0
         for t in self.k.tasks.values():
             if t.exited or t.mm is None:
@@ -73,6 +78,8 @@ class OOMKiller:
 
     def out_of_memory(self, task: Task, order: int, gfp: GFP) -> None:
         # A task that is itself exiting gets the reserves instead of a kill.
+        """out_of_memory(): an exiting caller gets TIF_MEMDIE itself; otherwise the
+        selected victim is sent SIGKILL and given TIF_MEMDIE (oom_kill_process)."""
         if task.fatal_signal and task.mm is not None:
             task.memdie = True
             return

@@ -159,6 +159,7 @@ class PageAllocator:
         return page
 
     async def alloc_page(self, gfp: GFP, task: Task, owner: Owner = Owner.KERNEL) -> Page | None:
+        """alloc_page(): alloc_pages of order 0."""
         return await self.alloc_pages(gfp, 0, task, owner)
 
     async def _alloc_pages_slowpath(self, gfp: GFP, order: int, task: Task,
@@ -256,6 +257,9 @@ class PageAllocator:
 
     @staticmethod
     def should_alloc_retry(gfp: GFP, order: int, did_some_progress: int) -> bool:
+        """should_alloc_retry(): never with __GFP_NORETRY, always with
+        __GFP_NOFAIL or for order <= PAGE_ALLOC_COSTLY_ORDER, else only with
+        __GFP_REPEAT and progress."""
         if gfp & GFP.NORETRY:
             return False
         if gfp & GFP.NOFAIL:
@@ -311,6 +315,7 @@ class PageAllocator:
             self.vmstat["nr_pcp_pages"] = zone.nr_pcp_pages
 
     def free_page(self, page: Page, *, cold: bool = False) -> None:
+        """free_page(): __free_pages of order 0."""
         self.free_pages(page, 0, cold=cold)
 
 

@@ -39,6 +39,7 @@ class LruCache:
         return lru + 1 if page.flags & PG.active else lru
 
     def add_page_to_lru(self, page: Page, lru: int) -> None:
+        """add_page_to_lru_list(): onto the list's head, PG_lru (and PG_active) set."""
         page.flags |= PG.lru
         if lru & 1:
             page.flags |= PG.active
@@ -60,6 +61,7 @@ class LruCache:
         self.add_page_to_lru(page, LRU_INACTIVE_FILE)
 
     def del_page_from_lru(self, page: Page) -> None:
+        """del_page_from_lru_list(): off its list, PG_lru and PG_active cleared."""
         if not page.flags & PG.lru:
             return
         lru = self.page_lru(page)

@@ -63,6 +63,7 @@ class SwapState:
         return True
 
     def radix_tree_delete(self, entry: int, task: Task) -> None:
+        """radix_tree_delete(): free the nodes that no entry uses any more."""
         slab = self.k.slab
         for key in self._radix_keys(entry):
             self._radix_count[key] -= 1
@@ -95,6 +96,8 @@ class SwapState:
         self.k.vmstat["nr_file_pages"] += 1
 
     def delete_from_swap_cache(self, page: Page, task: Task) -> None:
+        """delete_from_swap_cache(): out of the cache and its radix tree; the slot's
+        cache reference dropped (swapcache_free)."""
         entry = page.swap
         del self.swap_cache[entry]
         self.radix_tree_delete(entry, task)

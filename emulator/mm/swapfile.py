@@ -52,6 +52,7 @@ class SwapInfo(SwapState, PageIO, Filemap, Rmap):
 
     # -- slots ---------------------------------------------------------------------
     def nr_swap_pages(self) -> int:
+        """nr_swap_pages: free slots."""
         return self.max - 1 - self.inuse_pages
 
     def get_swap_page(self) -> int:
@@ -77,6 +78,7 @@ class SwapInfo(SwapState, PageIO, Filemap, Rmap):
             self.k.vmstat["swap_used_pages"] = self.inuse_pages
 
     def swap_duplicate(self, entry: int) -> None:
+        """swap_duplicate(): one more PTE refers to the slot."""
         self.swap_map[entry] += 1
 
     def swap_free(self, entry: int) -> None:
@@ -86,6 +88,7 @@ class SwapInfo(SwapState, PageIO, Filemap, Rmap):
         self._maybe_free_slot(entry)
 
     def swapcache_free(self, entry: int) -> None:
+        """swapcache_free(): the swap cache lets go of the slot."""
         self.swap_map[entry] &= ~SWAP_HAS_CACHE
         self._maybe_free_slot(entry)
 

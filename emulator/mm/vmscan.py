@@ -96,9 +96,12 @@ class VMScan(LruCache):
 
     # -- kswapd wake-up ----------------------------------------------------------------
     def wake_all_kswapd(self, order: int) -> None:
+        """wake_all_kswapd(): wakeup_kswapd for the one zone."""
         self.wakeup_kswapd(self.zone, order)
 
     def wakeup_kswapd(self, zone: Zone, order: int) -> None:
+        """wakeup_kswapd(): record the order; wake a sleeping kswapd unless the zone
+        meets its low watermark."""
         pgdat = self.pgdat
         if pgdat.kswapd_max_order < order:
             pgdat.kswapd_max_order = order
@@ -120,6 +123,7 @@ class VMScan(LruCache):
         return len(zone.lru[LRU_INACTIVE_ANON]) * zone.inactive_ratio < len(zone.lru[LRU_ACTIVE_ANON])
 
     def inactive_anon_is_low(self, zone: Zone) -> bool:
+        """inactive_anon_is_low(): inactive x inactive_ratio < active."""
         return self.inactive_list_is_low(zone, 0)
 
     # -- shrink_active_list -------------------------------------------------------------
@@ -152,6 +156,8 @@ class VMScan(LruCache):
 
     # -- shrink_inactive_list -----------------------------------------------------------
     def too_many_isolated(self, zone: Zone, file: int, task: Task) -> bool:
+        """too_many_isolated(): a direct reclaimer waits while more pages of the type
+        are isolated than are inactive (kswapd never does)."""
         if task.flags & PF.KSWAPD:
             return False
         inactive = len(zone.lru[LRU_INACTIVE_FILE if file else LRU_INACTIVE_ANON])
@@ -159,6 +165,10 @@ class VMScan(LruCache):
 
     async def shrink_inactive_list(self, nr_to_scan: int, zone: Zone, sc: ScanControl,
                                    task: Task, lru: int = LRU_INACTIVE_ANON) -> int:
+        """shrink_inactive_list(): wait while too_many_isolated, isolate up to
+        ``nr_to_scan`` pages from the list's tail, shrink_page_list them, put the
+        survivors back (putback_inactive_pages) and wait_iff_congested when most
+        were under writeback. Returns the pages reclaimed."""
         k = self.k
         file = int(lru >= LRU_INACTIVE_FILE)
         while self.too_many_isolated(zone, file, task):
@@ -214,6 +224,11 @@ class VMScan(LruCache):
     # -- shrink_page_list ---------------------------------------------------------------
     async def shrink_page_list(self, page_list: list[Page], zone: Zone, sc: ScanControl,
                                task: Task) -> tuple[int, int, list[Page]]:
+        """shrink_page_list() for anonymous and clean page-cache pages: writeback
+        pages get PG_reclaim and stay; referenced pages are activated; add_to_swap
+        (only with __GFP_IO), try_to_unmap, pageout -> swap_writepage;
+        __remove_mapping frees clean unmapped ones, the batch at the end
+        (free_hot_cold_page_list). Returns (reclaimed, under writeback, survivors)."""
         k = self.k
         swap = k.swap
         nr_reclaimed = 0
@@ -454,13 +469,17 @@ class VMScan(LruCache):
 
     # -- kswapd ------------------------------------------------------------------------
     def zone_balanced(self, zone: Zone, order: int, balance_gap: int = 0) -> bool:
+        """zone_balanced(): the zone meets its high watermark (plus ``balance_gap``)."""
         return zone.zone_watermark_ok(order, zone.high_wmark_pages + balance_gap, 0, 0)
 
     def pgdat_balanced(self, order: int) -> bool:
+        """pgdat_balanced(): the node's zone is balanced or all_unreclaimable."""
         zone = self.zone
         return zone.all_unreclaimable or self.zone_balanced(zone, order)
 
     def prepare_kswapd_sleep(self, order: int, remaining: float) -> bool:
+        """prepare_kswapd_sleep(): never sleep while tasks are throttled (wake
+        them, patch 15); else sleep only if the node is balanced."""
         if remaining:
             return False
         if self.pgdat.pfmemalloc_wait.active():
@@ -469,6 +488,8 @@ class VMScan(LruCache):
         return self.pgdat_balanced(order)
 
     async def kswapd_try_to_sleep(self, task: Task, order: int) -> None:
+        """kswapd_try_to_sleep(): a HZ/10 nap; if the node stayed balanced, sleep
+        on kswapd_wait until woken; else count a *_wmark_hit_quickly."""
         pgdat = self.pgdat
         if self.prepare_kswapd_sleep(order, 0):
             # Short nap of HZ/10 to see whether the zone stays balanced.
@@ -490,6 +511,10 @@ class VMScan(LruCache):
             await task.cond_resched()
 
     async def balance_pgdat(self, task: Task, order: int) -> None:
+        """balance_pgdat(): priority 12 -> 0 over the zone until it meets its high
+        watermark: age the anon lists, shrink_zone with the balance gap,
+        all_unreclaimable, patch 15's wake of throttled reclaimers,
+        congestion_wait below priority 10; restart while short of 32 pages."""
         k = self.k
         zone = self.zone
         pgdat = self.pgdat

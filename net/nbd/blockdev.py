@@ -535,6 +535,9 @@ class NBDDevice(BlockDevice):
         return req
 
     def nbd_end_request(self, ev: P.Reply, req: Request, task: Task) -> None:
+        """nbd_end_request(): a read's data into its bio, an error reply as -EIO,
+        then __blk_end_request_all: the bio's completion (end_swap_bio_*) runs in
+        this (nbd-client's) context."""
         k = self.k
         if not self.queue_head and self.active_req is not None:
             self._exposed_since = trio.current_time()  # the send in progress is exposed
