@@ -11,7 +11,7 @@ each owner's count matches its own bookkeeping.
 
 ``contents`` stands for the page's bytes: for an anonymous page, the
 (pid, virtual page, write generation) triple the workload last wrote. The real
-4096 bytes are produced from it by swap_writepage (mm/swap.py) and checked on
+4096 bytes are produced from it by swap_writepage (mm/page_io.py) and checked on
 swap-in, so what crosses the network is real data.
 
 Simplified: no page refcount or mapcount arithmetic (an anonymous page has at
