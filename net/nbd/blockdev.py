@@ -44,19 +44,9 @@ sent as skbs charged to emulated memory and held until TCP processes the
 peer's ACK for them; replies arrive in skbs the NIC's receive path allocated.
 The reply decoder is the sans-I/O ``TransmissionClient`` of net/nbd/protocol.py.
 
-Emulator accounting (not a kernel counter): every send during which the
-sender entered direct reclaim is a *sender stall*. While a stall lasts with no
-request awaiting a reply, it is *exposed*: no reply can arrive to make a page
-clean, so only memory freed by others can end it. An exposed stall in which
-the sender's own reclaim freed nothing is a *near miss*: it ended only because
-another task freed memory in time. A 3.5 lockup is a near miss that nobody
-rescues, an exposure that never ends; the numbers of both say how close a
-completed run came (``SenderStalls``). Each stall's event also says where the
-memory went meanwhile: how many pages anyone freed (``pgfree``, and by whom:
-``freed_by``), how many drain_all_pages moved from the per-cpu lists, where
-the watermark check does not see them (``pcp_drained``), and how many atomic
-callers took at or below the min watermark (``pgalloc_below_min``), a band
-the vanilla sender may not enter.
+Emulator accounting of the sender's stalls (sends during which it entered
+direct reclaim) is net/nbd/sender_stalls.py's; the driver tells it when a send
+begins and ends and when a reply leaves nothing in flight.
 
 Errors: a reply with an error and a request the driver fails itself both end
 the request with -EIO; the first are counted by command and NBD errno
@@ -89,6 +79,7 @@ from emulator.printk import debug_enabled
 from emulator.task import Task
 from emulator.wait import WaitQueue
 from net.nbd import protocol as P
+from net.nbd.sender_stalls import SenderStallMonitor, SenderStallSummary
 from net.tcp import TcpSock
 
 if TYPE_CHECKING:
@@ -110,18 +101,6 @@ def _lost(sock: TcpSock | None) -> str:
     if sock.error:
         return f"{errno.errorcode.get(sock.error, sock.error)} ({os.strerror(sock.error)})"
     return "connection closed by the server (end of file)"
-
-
-@attrs.frozen
-class SenderStallSummary:
-    """The sender stalls of a run so far (module docstring)."""
-
-    stalls: int  #: sends during which the sender entered direct reclaim
-    exposed: int  #: ... that spent time with no request awaiting a reply
-    near_misses: int  #: exposed stalls in which the sender's own reclaim freed nothing
-    total_s: float
-    longest_s: float
-    longest_exposed_s: float
 
 
 @attrs.frozen
@@ -162,62 +141,6 @@ class NBDStatistics:
     sender_send: dict | None  #: pages freed / taken below min since that send began
 
 
-class SenderStalls:
-    """Sends during which the NBD sender entered direct reclaim (see the module
-    docstring). The counts live in vmstat (``nbd_sender_reclaim``,
-    ``nbd_sender_reclaim_exposed``, ``nbd_sender_near_miss``); this keeps the
-    durations beside them."""
-
-    __slots__ = ("vmstat", "total_s", "longest_s", "longest_exposed_s")
-
-    def __init__(self, vmstat: dict) -> None:
-        self.vmstat = vmstat
-        self.total_s = 0.0
-        self.longest_s = 0.0
-        self.longest_exposed_s = 0.0
-
-    def record(self, seconds: float, exposed_s: float | None, reclaimed: int) -> None:
-        """A stall of ``seconds``, the last ``exposed_s`` of them with nothing in
-        flight (None: never exposed), in which the sender reclaimed ``reclaimed`` pages."""
-        vm = self.vmstat
-        vm["nbd_sender_reclaim"] += 1
-        self.total_s += seconds
-        self.longest_s = max(self.longest_s, seconds)
-        if exposed_s is not None:
-            vm["nbd_sender_reclaim_exposed"] += 1
-            vm["nbd_sender_near_miss"] += reclaimed == 0
-            self.longest_exposed_s = max(self.longest_exposed_s, exposed_s)
-
-    def summary(self) -> SenderStallSummary:
-        vm = self.vmstat
-        return SenderStallSummary(
-            stalls=vm["nbd_sender_reclaim"], exposed=vm["nbd_sender_reclaim_exposed"],
-            near_misses=vm["nbd_sender_near_miss"], total_s=round(self.total_s, 4),
-            longest_s=round(self.longest_s, 4),
-            longest_exposed_s=round(self.longest_exposed_s, 4))
-
-
-class SendMarks:
-    """The counters a send began with, for its stall's event: the machine's
-    (pgfree, pgalloc_below_min, pcp_drained, the allocator's pgfree_by, free
-    pages) and the sender's (direct reclaims, those of them for order > 0, pages
-    reclaimed)."""
-
-    __slots__ = ("pgfree", "below_min", "pcp_drained", "freed_by", "free",
-                 "allocstall", "high_order", "reclaimed")
-
-    def __init__(self, k: Kernel, task: Task | None) -> None:
-        vm = k.vmstat
-        self.pgfree = vm["pgfree"]
-        self.below_min = vm["pgalloc_below_min"]
-        self.pcp_drained = vm["pcp_drained"]
-        self.freed_by = dict(k.page_alloc.pgfree_by)
-        self.free = k.pgdat.zone.nr_free_pages
-        self.allocstall = task.allocstall if task else 0
-        self.high_order = task.allocstall_high_order if task else 0
-        self.reclaimed = task.direct_reclaimed if task else 0
-
-
 class NBDDevice(BlockDevice):
     name = "nbd0"
 
@@ -248,11 +171,7 @@ class NBDDevice(BlockDevice):
         self.latencies = array("d")
         self.requests = 0
         self.replies = 0
-        self.sender_stalls = SenderStalls(k.vmstat)
-        #: when the send in progress last saw nothing in flight (None: not since it began)
-        self._exposed_since: float | None = None
-        #: the counters as the send in progress began
-        self._send_marks = SendMarks(k, None)
+        self.sender_stalls = SenderStallMonitor(k)  #: emulator accounting (sender_stalls.py)
 
     # -- submission -------------------------------------------------------------------
     async def request_fn(self, req: Request, task: Task) -> None:
@@ -296,18 +215,15 @@ class NBDDevice(BlockDevice):
                                     bio.data if cmd == P.NBD_CMD_WRITE else b"")
         req.started = trio.current_time()
         self.active_req = req
-        self._send_marks = SendMarks(k, task)
-        self._exposed_since = None if self.queue_head else req.started
+        self.sender_stalls.send_begins(req, task, in_flight=bool(self.queue_head))
         try:
             await self.nbd_send_req(wire, cmd, task)
         except (ConnectionError, InterruptedError) as e:
             self._clear_active()
-            self._exposed_since = None
+            self.sender_stalls.send_ends(req, task, accounted=False)
             self._fail(req, f"send failed: {e}", task)
             return
-        if task.allocstall != self._send_marks.allocstall:
-            self._account_stall(req, task)
-        self._exposed_since = None
+        self.sender_stalls.send_ends(req, task)
         self.queue_head[cookie] = req
         self._clear_active()
         self.requests += 1
@@ -330,32 +246,6 @@ class NBDDevice(BlockDevice):
         await self.sock_xmit(task, header, more=cmd == P.NBD_CMD_WRITE)
         if data:
             await self.sock_xmit(task, data)
-
-    def _account_stall(self, req: Request, task: Task) -> None:
-        """The send of ``req`` entered direct reclaim: a sender stall (module docstring)."""
-        now = trio.current_time()
-        marks = self._send_marks
-        reclaimed = task.direct_reclaimed - marks.reclaimed
-        exposed_s = None if self._exposed_since is None else now - self._exposed_since
-        self.sender_stalls.record(now - req.started, exposed_s, reclaimed)
-        freed_by = self.k.page_alloc.pgfree_by
-        log.info("nbd_sender_stall", cookie=req.cookie, stall_s=round(now - req.started, 6),
-                 exposed_s=None if exposed_s is None else round(exposed_s, 6),
-                 allocstall=task.allocstall - marks.allocstall,
-                 high_order=task.allocstall_high_order - marks.high_order,
-                 reclaimed=reclaimed, **self._send_deltas(),
-                 pcp_drained=self.k.vmstat["pcp_drained"] - marks.pcp_drained,
-                 freed_by={c: n - marks.freed_by.get(c, 0) for c, n in freed_by.items()
-                           if n != marks.freed_by.get(c, 0)},
-                 free_before=marks.free, free_after=self.k.pgdat.zone.nr_free_pages)
-
-    def _send_deltas(self) -> dict[str, int]:
-        """Pages freed by anyone, and taken below min by atomic callers, since the
-        send in progress began."""
-        vm = self.k.vmstat
-        marks = self._send_marks
-        return {"pgfree": vm["pgfree"] - marks.pgfree,
-                "pgalloc_below_min": vm["pgalloc_below_min"] - marks.below_min}
 
     def _sock_xmit_begin(self, task: Task) -> int:
         """sock_xmit(): sk_allocation GFP_NOIO; patch 14 adds __GFP_MEMALLOC and runs the
@@ -540,7 +430,7 @@ class NBDDevice(BlockDevice):
         this (nbd-client's) context."""
         k = self.k
         if not self.queue_head and self.active_req is not None:
-            self._exposed_since = trio.current_time()  # the send in progress is exposed
+            self.sender_stalls.exposed()  # the send in progress has nothing in flight
         latency = trio.current_time() - req.started
         self.latencies.append(latency)
         self.replies += 1
@@ -613,6 +503,5 @@ class NBDDevice(BlockDevice):
             errors={**{f"{cmd} {e} (server)": n for (cmd, e), n in sorted(self.errors.items())},
                     **{f"{cmd} (driver)": n for cmd, n in sorted(self.failed.items())}},
             sender_stalls=self.sender_stalls.summary(),
-            sender_exposed_s=(None if self._exposed_since is None or self.active_req is None
-                              else round(now - self._exposed_since, 3)),
-            sender_send=None if self.active_req is None else self._send_deltas())
+            sender_exposed_s=self.sender_stalls.exposed_s() if self.active_req else None,
+            sender_send=self.sender_stalls.send_deltas() if self.active_req else None)
