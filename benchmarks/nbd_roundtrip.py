@@ -69,7 +69,8 @@ async def roundtrip_rate(url: str, seconds: float, queue_depth: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--url", default=None, help="an existing NBD server (default: an in-process NBDServerThread)")
+    ap.add_argument("--url", default=None,
+                    help="an existing NBD server (default: an in-process NBDServerThread)")
     ap.add_argument("--depths", default="1,16")
     args = ap.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         srv = NBDServerThread([ExportSpec("", 256 * 1024 * 1024)]).start()
         url = srv.url()
     try:
-        print(f"# {platform.python_implementation()} {platform.python_version()} ({sys.executable}); server: {url}")
+        print(f"# {platform.python_implementation()} {platform.python_version()} ({sys.executable}); "
+              f"server: {url}")
         for qd in depths:
             rate = trio.run(roundtrip_rate, url, args.seconds, qd)
             print(f"4 KiB write+read round trips, QD{qd}: {rate:,.0f} requests/s")

@@ -133,7 +133,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of ys over xs."""
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else math.nan
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else math.nan
 
 
 async def floor_rate(server: str, seconds: float, qd: int) -> float:

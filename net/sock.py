@@ -248,7 +248,7 @@ class Sock:
             if self.sk_stream_memory_free() and not vm_wait:
                 return
             self.nospace = True
-            await self.sk_wait_event(task, lambda: bool(self.error) or task.fatal_signal or (
+            await self.sk_wait_event(task, lambda vm_wait=vm_wait: bool(self.error) or task.fatal_signal or (
                 self.sk_stream_memory_free() and not vm_wait), vm_wait or None,
                 wchan=f"sk_stream_wait_memory({self.name})")
             vm_wait = 0.0

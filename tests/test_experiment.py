@@ -63,7 +63,7 @@ def test_seed_experiment_repeated_counts_every_outcome(capsys, tmp_path):
     for name, outcomes in seen.items():  # the counts are the runs' own outcomes
         assert counts[name]["completed"] == outcomes.count("completed")
         assert counts[name]["lockup"] == outcomes.count("lockup")
-    for name, c in counts.items():  # P(lockup) over the runs that reached an outcome
+    for c in counts.values():  # P(lockup) over the runs that reached an outcome
         assert c["p_lockup_95"] == list(wilson_interval(c["lockup"], c["decided"]))
     # One row per run in OUT/runs.jsonl, the tables' source.
     rows = read_rows(tmp_path)

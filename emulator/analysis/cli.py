@@ -152,7 +152,7 @@ def plot_main(args: argparse.Namespace) -> int:
             series.append(load_series(path, names[i] if names else None))
         except LogError as e:
             return _error("plot", str(e))
-    for s, n in zip(series, unique_names([s.name for s in series])):
+    for s, n in zip(series, unique_names([s.name for s in series]), strict=True):
         s.name = n
     try:
         plot(series, output, dpi=dpi)

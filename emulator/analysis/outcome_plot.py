@@ -73,15 +73,15 @@ def _draw_axis(ax_p, ax_e, key: str | None, series: dict[str, list[tuple[str, Ce
         if decided:
             xs = [x for x, _ in decided]
             ps = [c.p_lockup for _, c in decided]
-            err = [[p - c.interval[0] for p, (_, c) in zip(ps, decided)],
-                   [c.interval[1] - p for p, (_, c) in zip(ps, decided)]]
+            err = [[p - c.interval[0] for p, (_, c) in zip(ps, decided, strict=True)],
+                   [c.interval[1] - p for p, (_, c) in zip(ps, decided, strict=True)]]
             ax_p.errorbar(xs, ps, yerr=err, marker="o", capsize=4, label=label)
         timed = [(pos[v], c) for v, c in pts if c.elapsed_s]
         if timed:
             xs = [x for x, _ in timed]
             med = [c.elapsed_median for _, c in timed]
-            err = [[m - c.elapsed_s[0] for m, (_, c) in zip(med, timed)],
-                   [c.elapsed_s[-1] - m for m, (_, c) in zip(med, timed)]]
+            err = [[m - c.elapsed_s[0] for m, (_, c) in zip(med, timed, strict=True)],
+                   [c.elapsed_s[-1] - m for m, (_, c) in zip(med, timed, strict=True)]]
             ax_e.errorbar(xs, med, yerr=err, marker="s", capsize=4, label=label)
     ax_p.set_ylim(-0.03, 1.03)
     ax_p.set_ylabel("P(lockup), 95% Wilson interval")

@@ -69,7 +69,7 @@ class Series:
         self._seen += 1
         if (self._seen - 1) % self.stride:
             return
-        for k, v in zip(_FIELDS, row):
+        for k, v in zip(_FIELDS, row, strict=True):
             self.data[k].append(v)
         if len(self.data["t"]) >= 2 * MAX_POINTS:
             for k in _FIELDS:

@@ -156,7 +156,7 @@ def render_compare(summaries: Sequence[RunSummary], names: Sequence[str],
         else:
             t.add_row(label, *(Text(c) for c in cells))
     console.print(t)
-    for n, s in zip(names, summaries):
+    for n, s in zip(names, summaries, strict=True):
         notes = []
         if not s.complete:
             notes.append("incomplete (no run_end)")
@@ -168,6 +168,6 @@ def render_compare(summaries: Sequence[RunSummary], names: Sequence[str],
 
 def compare_json(summaries: Sequence[RunSummary], names: Sequence[str]) -> str:
     return json.dumps(_json_safe({
-        "runs": [{"name": n, **s.as_dict()} for n, s in zip(names, summaries)],
+        "runs": [{"name": n, **s.as_dict()} for n, s in zip(names, summaries, strict=True)],
         "rows": [label for label in ALL_ROWS],
     }), separators=(",", ":"), default=str)

@@ -168,7 +168,7 @@ async def mempool_alloc(pool: Mempool, gfp: GFP, task: Task):
             pool.nr_waits += 1
             k.vmstat["mempool_wait"] += 1
             gen = pool.nr_adds
-        await task.sleep_on(pool.wait, lambda: pool.nr_adds != gen,
+        await task.sleep_on(pool.wait, lambda gen=gen: pool.nr_adds != gen,
                             timeout=k.hz(MEMPOOL_TIMEOUT_S), wchan="mempool_alloc", iowait=True)
 
 

@@ -179,7 +179,8 @@ class PageAllocator:
                 if page is None and entitled:
                     page = await self._alloc_pages_high_priority(gfp, order, task, owner)
                 if page is not None:
-                    if not k.patches.has(PFMEMALLOC_WHEN_NEEDED) and entitled and k.patches.has(SLAB_PFMEMALLOC):
+                    if (not k.patches.has(PFMEMALLOC_WHEN_NEEDED) and entitled
+                            and k.patches.has(SLAB_PFMEMALLOC)):
                         # Patch 1 alone: any slow-path page of an entitled caller is marked.
                         self._mark_pfmemalloc(page)
                     return page

@@ -21,7 +21,8 @@ MiB = 1024 * 1024
 def need_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        msg = f"{name} is not installed (apt-get install nbdkit libnbd-bin qemu-utils nbd-server python3-libnbd fio)"
+        msg = (f"{name} is not installed "
+               "(apt-get install nbdkit libnbd-bin qemu-utils nbd-server python3-libnbd fio)")
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
@@ -133,7 +134,8 @@ def qemu_nbd(tmp_path):
         f.truncate(64 * MiB)
     port = free_port()
     proc = subprocess.Popen(
-        ["qemu-nbd", "-t", "-e", "4", "-p", str(port), "-b", "127.0.0.1", "-f", "raw", "-x", "disk", str(img)],
+        ["qemu-nbd", "-t", "-e", "4", "-p", str(port), "-b", "127.0.0.1", "-f", "raw", "-x", "disk",
+         str(img)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -160,7 +162,8 @@ def nbd_server_peer(tmp_path):
         f"[disk]\n    exportname = {img}\n    flush = true\n    fua = true\n    trim = true\n"
         f"[ro]\n    exportname = {img}\n    readonly = true\n"
     )
-    subprocess.run(["nbd-server", "-C", str(conf), "-p", str(pidfile)], check=True, capture_output=True, timeout=10)
+    subprocess.run(["nbd-server", "-C", str(conf), "-p", str(pidfile)], check=True, capture_output=True,
+                   timeout=10)
     deadline = time.monotonic() + 10
     text = ""
     while time.monotonic() < deadline:

@@ -7,10 +7,10 @@ import os
 import pytest
 import trio
 
-MiB = 1024 * 1024
-
 from net.nbd import protocol as P
 from net.nbd.client import NBDClient, NBDHandshakeError
+
+MiB = 1024 * 1024
 
 pytestmark = pytest.mark.interop
 

@@ -94,7 +94,8 @@ def test_qemu_img_convert_and_compare(tools, our_server, tmp_path):
 def test_qemu_io_read_only_export_refuses_writes(tools, our_server):
     tools.need_tool("qemu-io")
     url = our_server.url("ro")
-    res = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", url], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", url],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "Permission denied" in res.stdout + res.stderr  # READ_ONLY flag honoured
     res = tools.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0 0 4k", url])
     assert "read 4096/4096" in res.stdout
