@@ -47,6 +47,7 @@ async def net_rx_action(k: Kernel, nic: NetDevice, ctx: Task) -> None:
                     nursery.start_soon(rx_interrupt, nic, sock, armed)
                     nursery.start_soon(wire_xmit, sock)
             ctx.wchan = "net_rx_action(idle)"  # no interrupt pending, no timer due
+            ctx.wait_since = trio.current_time()
             with trio.move_on_at(nic.next_deadline(trio.current_time())):
                 await nic.irq.wait()
             ctx.wchan = None

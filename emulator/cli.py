@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     acli.add_compare_arguments(p)
     p = sub.add_parser("plot", help="plot one or more runs to a PNG")
     acli.add_plot_arguments(p)
+    p = sub.add_parser("outcomes", help="outcome counts over sweep or experiment directories")
+    acli.add_outcomes_arguments(p)
     p = sub.add_parser("experiment", help="the seed's experiment and patch ablation")
     add_experiment_arguments(p)
     from emulator.sweep import add_sweep_arguments
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         from net.nbd.serve import serve_main
 
         return serve_main(args)
-    if args.command in ("analyze", "compare", "plot"):
+    if args.command in ("analyze", "compare", "plot", "outcomes"):
         from emulator.analysis import cli as acli
 
         return getattr(acli, f"{args.command}_main")(args)

@@ -1,4 +1,4 @@
-"""Argument parsing and entry points for ``swapnbd analyze | compare | plot``.
+"""Argument parsing and entry points for ``swapnbd analyze | compare | plot | outcomes``.
 
 What it does: ``add_*_arguments(parser)`` declares each sub-command's options on
 an argparse parser (the ``swapnbd`` CLI in emulator/cli.py builds the
@@ -8,7 +8,9 @@ version, bad option) with a one-line message on stderr and no traceback.
 ``python -m emulator.analysis.cli analyze LOG`` works without the main CLI.
 
 MMTests counterpart: ``compare-kernels.sh`` (compare) and ``graph-*.sh``
-(plot); analyze is the single-column case. Simplified: no HTML report, no
+(plot); analyze is the single-column case. ``outcomes`` pools the rows of
+several sweeps (or experiments) into one outcome table, which MMTests has no
+counterpart for. Simplified: no HTML report, no
 per-benchmark result block.
 """
 
@@ -185,6 +187,61 @@ def plot_sweep_main(directory: str, output: str | None, dpi: int) -> int:
     return EXIT_OK
 
 
+# -- outcomes ---------------------------------------------------------------
+
+def add_outcomes_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dirs", metavar="DIR", nargs="+",
+                        help="sweep or experiment output directories (their runs.jsonl); "
+                             "rows of the same cell are pooled")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print a markdown table (as in a sweep's summary.md)")
+    parser.add_argument("--ratio", action="append", default=[], metavar="CELL_A/CELL_B",
+                        help="also print median elapsed of CELL_A over that of CELL_B (repeatable)")
+
+
+def outcomes_main(args: argparse.Namespace) -> int:
+    """``outcomes DIR...``: one outcome table over the runs of several directories."""
+    import statistics
+
+    from .outcomes import read_rows, summarize_cells, summary_markdown, summary_table
+
+    rows = []
+    for d in args.dirs:
+        found = read_rows(d)
+        if not found:
+            return _error("outcomes", f"{d}: no runs.jsonl rows (not a sweep or experiment directory)")
+        rows.extend(found)
+    # A sweep names its cells by config and grid values; its --set overrides
+    # apply to every cell, so they join the name once sweeps are pooled.
+    rows = [{**r, "cell": " ".join([str(r.get("cell")), *(
+        o for o in r.get("overrides", ()) if o.partition("=")[0] not in (r.get("grid") or {}))])}
+        for r in rows]
+    cells = summarize_cells(rows)
+    by_name = {c.cell: c for c in cells}
+    ratios = []
+    for spec in args.ratio:
+        a, sep, b = spec.partition("/")
+        missing = [n for n in (a, b) if n not in by_name] if sep else [spec]
+        if missing:
+            return _error("outcomes", f"--ratio {spec}: no cell named {missing[0]!r} "
+                          f"(cells: {', '.join(by_name)})")
+        ea, eb = by_name[a].elapsed_s, by_name[b].elapsed_s
+        if not ea or not eb:
+            return _error("outcomes", f"--ratio {spec}: a cell without elapsed times")
+        ratios.append(f"median elapsed {a} / {b}: {statistics.median(ea):.1f} s / "
+                      f"{statistics.median(eb):.1f} s = {statistics.median(ea) / statistics.median(eb):.2f}")
+    if args.markdown:
+        sys.stdout.write(summary_markdown(cells))
+        for r in ratios:
+            sys.stdout.write(f"\n{r}\n")
+    else:
+        console = _console(120)
+        console.print(summary_table(cells, title=f"outcomes over {len(rows)} runs"))
+        for r in ratios:
+            console.print(r)
+    return EXIT_OK
+
+
 # -- stand-alone dispatcher -------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, add, main, help_ in (
             ("analyze", add_analyze_arguments, analyze_main, "summarise one run"),
             ("compare", add_compare_arguments, compare_main, "MMTests-style table, one column per run"),
-            ("plot", add_plot_arguments, plot_main, "plot runs over time to a PNG")):
+            ("plot", add_plot_arguments, plot_main, "plot runs over time to a PNG"),
+            ("outcomes", add_outcomes_arguments, outcomes_main, "outcome table over sweep directories")):
         sp = sub.add_parser(name, help=help_, description=help_)
         add(sp)
         sp.set_defaults(func=main)

@@ -227,3 +227,50 @@ def test_real_lockup_run(tmp_path, capsys):
     png = tmp_path / "lockup.png"
     assert plot([str(log), "-o", str(png)]) == 0
     _check_png(png)
+
+
+# -- outcomes ---------------------------------------------------------------
+
+def outcomes(argv):
+    return cli.outcomes_main(_args(cli.add_outcomes_arguments, argv))
+
+
+def _write_rows(d, rows):
+    d.mkdir()
+    with open(d / "runs.jsonl", "w") as fh:
+        for i, r in enumerate(rows):
+            fh.write(json.dumps({"run_id": f"{d.name}-{i}", "grid": {}, "overrides": [], **r}) + "\n")
+
+
+def test_outcomes_pools_directories_and_keeps_set_overrides_apart(tmp_path, capsys):
+    _write_rows(tmp_path / "a", [
+        {"cell": "vanilla-slub", "seed": 1, "outcome": "lockup", "elapsed_s": 40.0, "lockup_at_s": 20.0},
+        {"cell": "swapnbd-slub", "seed": 1, "outcome": "completed", "elapsed_s": 100.0}])
+    _write_rows(tmp_path / "b", [
+        {"cell": "vanilla-slub", "seed": 2, "outcome": "completed", "elapsed_s": 60.0},
+        {"cell": "swapnbd-slub", "seed": 2, "outcome": "completed", "elapsed_s": 300.0},
+        # Another sweep's --set: the same config name, not the same cell.
+        {"cell": "vanilla-slub", "seed": 1, "outcome": "lockup", "elapsed_s": 30.0,
+         "overrides": ["machine.cpus=4"]},
+        # A grid value is in the cell name already and is not repeated.
+        {"cell": "vanilla-slub machine.memory_mib=96", "seed": 1, "outcome": "lockup",
+         "elapsed_s": 30.0, "overrides": ["machine.memory_mib=96"],
+         "grid": {"machine.memory_mib": "96"}}])
+    assert outcomes([str(tmp_path / "a"), str(tmp_path / "b"), "--markdown",
+                     "--ratio", "swapnbd-slub/vanilla-slub"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in out.splitlines() if ln.startswith("| ")}
+    assert "| 2 | 1 | 1 | 0.50 [" in lines["vanilla-slub"]
+    assert "| 2 | 2 | 0 | 0.00 [" in lines["swapnbd-slub"]
+    assert "| 1 | 0 | 1 | 1.00 [" in lines["vanilla-slub machine.cpus=4"]
+    assert "vanilla-slub machine.memory_mib=96" in lines
+    assert "median elapsed swapnbd-slub / vanilla-slub: 200.0 s / 50.0 s = 4.00" in out
+
+
+def test_outcomes_refuses_an_unknown_cell_and_an_empty_directory(tmp_path, capsys):
+    _write_rows(tmp_path / "a", [{"cell": "x", "seed": 1, "outcome": "completed", "elapsed_s": 1.0}])
+    assert outcomes([str(tmp_path / "a"), "--ratio", "x/y"]) == cli.EXIT_BAD_INPUT
+    assert "no cell named 'y'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert outcomes([str(tmp_path / "empty")]) == cli.EXIT_BAD_INPUT
+    assert "no runs.jsonl rows" in capsys.readouterr().err
