@@ -20,6 +20,9 @@ retransmission may get through.
 It observes the machine from outside (like an NMI watchdog): it needs no CPU
 of the emulated machine, so it fires even when every CPU is busy spinning in
 reclaim.
+
+Progress (k.progress) is a page accessed or an I/O completed without an error:
+a failed swap write is no progress.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ receive buffer left, the receiver is in the allocator, or the requests not
 yet sent wait for a sender that is. A long retransmission backoff with
 nothing else blocked is not a cycle: the peer's next retransmission may get
 through.
+
+It also sorts the swap cache by what reclaim may do with each page (under
+writeback, dirty, clean but mapped, clean and unmapped on the LRU or
+isolated), a walk of mem_map the kernel has no single report for, and gives
+the free pages on the MIGRATE_RESERVE lists.
 """
 
 from __future__ import annotations

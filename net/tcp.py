@@ -74,6 +74,12 @@ modelled (tcp_clamp_window raises sk_rcvbuf first; the model's sockets never
 reach tcp_rmem[2]). No quick-ACK mode or pingpong: a data segment is
 acknowledged by the next segment we send, by the every-second-segment rule,
 or by the delayed-ACK timer.
+
+Figures: sk_rcvbuf 87380; sk_sndbuf 16384 raised by tcp_fixup_sndbuf to about
+23,400; sk_add_backlog's limit is sk_rcvbuf + sk_sndbuf (past it
+TCPBacklogDrop). The window is free space with tcp_adv_win_scale 1, never
+shrinking (rcv_wup/rcv_wnd), and the peer sends only up to the right edge last
+advertised. No tcp_mem accounting (never approached).
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ congestion_wqh[BLK_RW_ASYNC / BLK_RW_SYNC], congestion_wait and
 wait_iff_congested.
 
 Simplified: one backing device (the swap device), so its bits are global.
+
+Thresholds as blk-core.c's for 128 requests: congested at 113, cleared below
+103; __freed_request clears the bit, and so wakes congestion_wait's sleepers,
+for every request freed below the off threshold.
 """
 
 from __future__ import annotations

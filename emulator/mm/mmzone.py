@@ -51,6 +51,16 @@ zonelist fallback never happens. The free lists are LIFO: __free_one_page's
 placement of a block at the tail of its list when its next-higher buddy is
 free is not modelled. No MIGRATE_ISOLATE, no memory hotplug, no CMA, no
 compaction.
+
+Details: a stolen block of pageblock size or more retypes its whole range
+(change_pageblock_range). A 192 MiB machine (min 443 pages) has one reserve
+pageblock; boot's order-10 block at pfn 0 moves onto the reserve lists whole,
+so pfn 512-1023 start there too, as in the kernel. Per-cpu high is 6 x batch;
+zone_batchsize is 0 below 32 MiB (every free spills at once), 1 at 32 MiB, 3
+at 48 MiB, 31 from 512 MiB. Anonymous and page-cache pages are movable, slab
+and skb pages unmovable; no cache is SLAB_RECLAIM_ACCOUNT, so the reclaimable
+lists stay empty. Frees outside any task (unit tests, SLAB's cache_reap timer)
+go to the buddy lists.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ ways a machine swapping over a stalled network stays locked up.
 
 Simplified: no oom_score_adj, no per-cpuset or memcg OOM, kernel threads are
 never victims, the "Out of memory" report is the ``oom_kill`` log event.
+
+Differs from 3.5: a victim's slow-path allocation fails ("killed") right after
+__alloc_pages_may_oom, where 3.5 restarts and lets TIF_MEMDIE take a page from
+the reserves; a task chosen while it loops gets the reserves at its next
+retry, where 3.5 fails it (goto nopage).
 """
 
 from __future__ import annotations

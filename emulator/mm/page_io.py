@@ -14,6 +14,10 @@ end_swap_bio_read checks them (``decode_page``). A bad checksum is an
 ``integrity_error``. Only I/O that succeeded is forward progress.
 
 Simplified: no frontswap, no SWP_FILE direct I/O, no synchronous completion.
+
+A failed read leaves the page not uptodate: do_swap_page returns
+VM_FAULT_SIGBUS and the process dies of SIGBUS. Both error messages are rate-
+limited (emulator/printk.py).
 """
 
 from __future__ import annotations

@@ -18,13 +18,30 @@ reclaiming one needs no I/O. Simplified: shrink_slab has nothing reclaimable;
 no memcg; no lumpy
 reclaim or compaction; one zone, so the zonelist loops are one step; page
 "locking" during reclaim is the PG_locked bit, waited on through the hashed
-page wait table. Not modelled: throttle_vm_writeout (it would not fire here,
-see docs/MODEL.md), the per-CPU lru_rotate_pvecs (rotate_reclaimable_page acts
-at once), __remove_mapping's reference-count check. zone_reclaimable_pages
+page wait table. Not modelled: throttle_vm_writeout (it would not fire: with
+one page per request, writeback stays far below 110 % of the dirty
+threshold), the per-CPU lru_rotate_pvecs (rotate_reclaimable_page acts at
+once), __remove_mapping's reference-count check. zone_reclaimable_pages
 counts isolated pages, which 3.5's does not (only kswapd's all_unreclaimable
 test uses it). One emulator addition: when kswapd finds nothing at all on the
 LRU to scan it naps for a 4 ms tick instead of spinning (the kernel would spin;
 the outcome is the same, the host CPU is spared).
+
+Details: get_scan_count weighs anon_prio 60 against file_prio 140 (swappiness
+60) by recent_scanned/rotated; file only without swap, anon only when file +
+free <= high. Referenced anon pages are deactivated anyway (page_referenced
+clears the young bit), as in 3.6. shrink_page_list frees its batch together
+after the loop (free_hot_cold_page_list), so a reclaimer asleep in
+get_request_wait on a later page still holds the earlier ones. Without
+page_freeze_refs a page a concurrent swap-in looked up can be freed; the fault
+reads it again. do_try_to_free_pages returns 1 when nothing was reclaimed but
+the zone is not all_unreclaimable, so order-0 allocations retry instead of
+OOM-killing. kswapd_try_to_sleep naps HZ/10 first; prepare_kswapd_sleep wakes
+pfmemalloc_wait waiters and never sleeps while they wait; all_unreclaimable
+comes at 6x the reclaimable pages scanned. Patch 15: pfmemalloc_watermark_ok
+is free > sum(min)/2; kernel threads are exempt; !__GFP_FS callers wait at
+most HZ, others killably; a task with a fatal signal returns 1 without
+reclaiming.
 """
 
 from __future__ import annotations
