@@ -83,6 +83,106 @@ from .constants import (
 # --------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------
+# The state machine: states, triggers, and the transition table
+# --------------------------------------------------------------------------
+
+
+class _SentinelBase(type):
+    """Metaclass of the sentinels: a class that is its own type, shown by name (as in h11)."""
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
+def _make_sentinel(name: str) -> type:
+    cls = _SentinelBase(name, (_SentinelBase,), {})
+    cls.__class__ = cls
+    return cls
+
+
+# Roles.
+CLIENT = _make_sentinel("CLIENT")
+SERVER = _make_sentinel("SERVER")
+
+# Client states: what the client is waiting for from the server.
+AWAIT_GREETING = _make_sentinel("AWAIT_GREETING")  # NBDMAGIC, IHAVEOPT, handshake flags
+AWAIT_STRUCTURED_REPLY = _make_sentinel("AWAIT_STRUCTURED_REPLY")  # reply to NBD_OPT_STRUCTURED_REPLY
+AWAIT_LIST = _make_sentinel("AWAIT_LIST")  # NBD_REP_SERVER* then NBD_REP_ACK to NBD_OPT_LIST
+AWAIT_GO = _make_sentinel("AWAIT_GO")  # NBD_REP_INFO* then NBD_REP_ACK to NBD_OPT_GO / NBD_OPT_INFO
+AWAIT_EXPORT_NAME_REPLY = _make_sentinel("AWAIT_EXPORT_NAME_REPLY")  # size, flags (, 124 zeroes)
+DONE = _make_sentinel("DONE")  # handshake over (transmission, or ABORT sent)
+
+# Server states.
+AWAIT_CLIENT_FLAGS = _make_sentinel("AWAIT_CLIENT_FLAGS")  # greeting sent, 32-bit client flags next
+OPTIONS = _make_sentinel("OPTIONS")  # option haggling
+TRANSMISSION = _make_sentinel("TRANSMISSION")  # EXPORT_NAME answered or GO acknowledged
+CLOSED = _make_sentinel("CLOSED")  # NBD_OPT_ABORT acknowledged
+
+# Either side, after a ProtocolError (entered from any state, as h11's ERROR).
+ERROR = _make_sentinel("ERROR")
+
+# Triggers: the messages that move a machine (sent by the client, or received by it).
+SEND_STRUCTURED_REPLY = _make_sentinel("SEND_STRUCTURED_REPLY")
+SEND_LIST = _make_sentinel("SEND_LIST")
+SEND_GO = _make_sentinel("SEND_GO")  # NBD_OPT_GO or NBD_OPT_INFO
+SEND_EXPORT_NAME = _make_sentinel("SEND_EXPORT_NAME")
+SEND_ABORT = _make_sentinel("SEND_ABORT")
+RECV_REP_SERVER = _make_sentinel("RECV_REP_SERVER")
+RECV_REP_INFO = _make_sentinel("RECV_REP_INFO")
+RECV_EXPORT_NAME_REPLY = _make_sentinel("RECV_EXPORT_NAME_REPLY")
+# Server triggers: what it received (and acted on).
+RECV_CLIENT_FLAGS = _make_sentinel("RECV_CLIENT_FLAGS")
+RECV_OPTION = _make_sentinel("RECV_OPTION")  # any option answered with replies, staying in OPTIONS
+RECV_EXPORT_NAME = _make_sentinel("RECV_EXPORT_NAME")
+RECV_GO = _make_sentinel("RECV_GO")  # NBD_OPT_GO answered with NBD_REP_ACK
+RECV_ABORT = _make_sentinel("RECV_ABORT")
+
+#: The single source of truth for both handshakes: (role, state, trigger) -> next state.
+#: ERROR is not listed: a ProtocolError moves a machine there from any state.
+TRANSITIONS: dict[tuple[type, type, type], type] = {
+    # Client: after the greeting, the first option (or EXPORT_NAME if the server is not fixed newstyle).
+    (CLIENT, AWAIT_GREETING, SEND_STRUCTURED_REPLY): AWAIT_STRUCTURED_REPLY,
+    (CLIENT, AWAIT_GREETING, SEND_LIST): AWAIT_LIST,
+    (CLIENT, AWAIT_GREETING, SEND_GO): AWAIT_GO,
+    (CLIENT, AWAIT_GREETING, SEND_EXPORT_NAME): AWAIT_EXPORT_NAME_REPLY,
+    # STRUCTURED_REPLY answered (ACK or an error reply): ask for the export.
+    (CLIENT, AWAIT_STRUCTURED_REPLY, SEND_GO): AWAIT_GO,
+    (CLIENT, AWAIT_LIST, RECV_REP_SERVER): AWAIT_LIST,
+    (CLIENT, AWAIT_LIST, SEND_ABORT): DONE,  # after the list's NBD_REP_ACK
+    (CLIENT, AWAIT_GO, RECV_REP_INFO): AWAIT_GO,
+    (CLIENT, AWAIT_GO, SEND_EXPORT_NAME): AWAIT_EXPORT_NAME_REPLY,  # GO unsupported: fall back
+    (CLIENT, AWAIT_GO, RECV_GO): DONE,  # NBD_REP_ACK to GO: transmission
+    (CLIENT, AWAIT_GO, SEND_ABORT): DONE,  # NBD_REP_ACK to INFO: abort
+    (CLIENT, AWAIT_EXPORT_NAME_REPLY, RECV_EXPORT_NAME_REPLY): DONE,
+    # Server.
+    (SERVER, AWAIT_CLIENT_FLAGS, RECV_CLIENT_FLAGS): OPTIONS,
+    (SERVER, OPTIONS, RECV_OPTION): OPTIONS,
+    (SERVER, OPTIONS, RECV_EXPORT_NAME): TRANSMISSION,
+    (SERVER, OPTIONS, RECV_GO): TRANSMISSION,
+    (SERVER, OPTIONS, RECV_ABORT): CLOSED,
+}
+
+INITIAL_STATE: dict[type, type] = {CLIENT: AWAIT_GREETING, SERVER: AWAIT_CLIENT_FLAGS}
+
+
+class LocalProtocolError(ProtocolError):
+    """A machine was asked to take a transition the table does not have (a bug on our
+    side, as h11's LocalProtocolError); the peer's violations raise ProtocolError
+    (the "remote" error, :data:`RemoteProtocolError`)."""
+
+
+RemoteProtocolError = ProtocolError
+
+
+def next_state(role: type, state: type, trigger: type) -> type:
+    """Look ``(role, state, trigger)`` up in :data:`TRANSITIONS`."""
+    try:
+        return TRANSITIONS[role, state, trigger]
+    except KeyError:
+        raise LocalProtocolError(f"{role!r}: can't handle {trigger!r} in state {state!r}") from None
+
+
 def _rep_name(t: int) -> str:
     return REP_NAMES.get(t, f"0x{t:x}")
 
@@ -123,7 +223,7 @@ class ClientHandshake:
         self.mode = mode
         self._in = _Buffer()
         self._out = bytearray()
-        self._state = "greeting"
+        self.state: type = AWAIT_GREETING
         self._no_zeroes = False
         self._fixed = False
         self.structured_replies = False
@@ -146,7 +246,7 @@ class ClientHandshake:
 
     @property
     def finished(self) -> bool:
-        return self._state == "done"
+        return self.state is DONE
 
     def _send_option(self, option: int, data: bytes = b"") -> None:
         self._out += encode_option(option, data)
@@ -161,10 +261,10 @@ class ClientHandshake:
     def _start_options(self) -> None:
         if self.mode == "list":
             self._send_option(NBD_OPT_LIST)
-            self._state = "list"
+            self._to(SEND_LIST)
         elif self.want_structured and self.mode == "go":
             self._send_option(NBD_OPT_STRUCTURED_REPLY)
-            self._state = "structured"
+            self._to(SEND_STRUCTURED_REPLY)
         else:
             self._send_go()
 
@@ -172,14 +272,18 @@ class ClientHandshake:
         opt = NBD_OPT_GO if self.mode == "go" else NBD_OPT_INFO
         self._send_option(opt, encode_info_request(self.export_name, self._info_types()))
         self._info = {}
-        self._state = "go"
+        self._to(SEND_GO)
 
     def _send_export_name(self) -> None:
         self._send_option(NBD_OPT_EXPORT_NAME, self.export_name.encode())
-        self._state = "export_name"
+        self._to(SEND_EXPORT_NAME)
+
+    def _to(self, trigger: type) -> None:
+        self.state = next_state(CLIENT, self.state, trigger)
 
     def _fail(self, msg: str) -> HandshakeFailed:
         """The error state (next_event raises ``error`` from now on)."""
+        self.state = ERROR
         self.error = HandshakeFailed(msg)
         return self.error
 
@@ -187,9 +291,9 @@ class ClientHandshake:
         if self.error is not None:
             raise self.error
         while True:
-            st = self._state
+            st = self.state
             buf = self._in
-            if st == "greeting":
+            if st is AWAIT_GREETING:
                 if buf.available() >= 8:  # judge the first magic as soon as it is there
                     head = bytes(buf.buf[buf.pos : buf.pos + 8])
                     if int.from_bytes(head, "big") != NBDMAGIC:
@@ -221,18 +325,18 @@ class ClientHandshake:
                 else:
                     self._start_options()
                 continue
-            if st == "export_name":
+            if st is AWAIT_EXPORT_NAME_REPLY:
                 need = 10 if self._no_zeroes else 134
                 if buf.available() < need:
                     return NEED_DATA
                 size, flags = _EXPORT_NAME_REPLY.unpack_from(buf.buf, buf.pos)
                 buf.pos += need
-                self._state = "done"
+                self._to(RECV_EXPORT_NAME_REPLY)
                 info = ExportInfo(
                     name=self.export_name, size=size, flags=flags, structured_replies=self.structured_replies
                 )
                 return HandshakeDone(info=info, structured_replies=self.structured_replies)
-            if st == "done":
+            if st is DONE:
                 return NEED_DATA
             # All remaining states read option replies.
             if buf.available() < 20:
@@ -257,16 +361,16 @@ class ClientHandshake:
                 return ev
 
     def _handle_reply(self, rtype: int, data: bytes):
-        st = self._state
+        st = self.state
         msg = data.decode(errors="replace") if rtype & NBD_REP_FLAG_ERROR else ""
-        if st == "structured":
+        if st is AWAIT_STRUCTURED_REPLY:
             if rtype == NBD_REP_ACK:
                 self.structured_replies = True
             elif not rtype & NBD_REP_FLAG_ERROR:
                 raise self._fail(f"unexpected reply {_rep_name(rtype)} to NBD_OPT_STRUCTURED_REPLY")
             self._send_go()
             return None
-        if st == "list":
+        if st is AWAIT_LIST:
             if rtype == NBD_REP_SERVER:
                 if len(data) < 4:
                     raise self._fail("short NBD_REP_SERVER")
@@ -276,15 +380,17 @@ class ClientHandshake:
                 self._exports.append(
                     (data[4 : 4 + n].decode(errors="replace"), data[4 + n :].decode(errors="replace"))
                 )
+                self._to(RECV_REP_SERVER)
                 return None
             if rtype == NBD_REP_ACK:
                 self._send_option(NBD_OPT_ABORT)
-                self._state = "done"
+                self._to(SEND_ABORT)
                 return ExportList(tuple(self._exports))
             raise self._fail(f"NBD_OPT_LIST refused: {_rep_name(rtype)} {msg}".rstrip())
-        if st == "go":
+        if st is AWAIT_GO:
             if rtype == NBD_REP_INFO:
                 self._parse_info(data)
+                self._to(RECV_REP_INFO)
                 return None
             if rtype == NBD_REP_ACK:
                 if "size" not in self._info:
@@ -301,7 +407,9 @@ class ClientHandshake:
                 )
                 if self.mode == "info":
                     self._send_option(NBD_OPT_ABORT)
-                self._state = "done"
+                    self._to(SEND_ABORT)
+                else:
+                    self._to(RECV_GO)
                 return HandshakeDone(info=info, structured_replies=self.structured_replies)
             if rtype == NBD_REP_ERR_UNSUP and self.mode == "go":
                 # Old server: fall back to NBD_OPT_EXPORT_NAME.  Structured
@@ -394,7 +502,7 @@ class ServerHandshake:
         self.exports = dict(exports)
         self._in = _Buffer()
         self._out = bytearray()
-        self._state = "client_flags"
+        self.state: type = AWAIT_CLIENT_FLAGS
         self._hflags = NBD_FLAG_FIXED_NEWSTYLE | (NBD_FLAG_NO_ZEROES if allow_no_zeroes else 0)
         self.no_zeroes = False
         self.structured_replies = False
@@ -431,8 +539,12 @@ class ServerHandshake:
     def _err(self, option: int, rtype: int, message: str) -> None:
         self._reply(option, rtype, message.encode()[:NBD_MAX_STRING])
 
+    def _to(self, trigger: type) -> None:
+        self.state = next_state(SERVER, self.state, trigger)
+
     def _fail(self, msg: str) -> ProtocolError:
         """Hard close: the error state (next_event raises ``error`` from now on)."""
+        self.state = ERROR
         self.error = ProtocolError(msg)
         return self.error
 
@@ -456,8 +568,8 @@ class ServerHandshake:
             raise self.error
         while True:
             buf = self._in
-            st = self._state
-            if st == "client_flags":
+            st = self.state
+            if st is AWAIT_CLIENT_FLAGS:
                 if buf.available() < 4:
                     return NEED_DATA
                 (cflags,) = _U32_unpack_from(buf.buf, buf.pos)
@@ -465,9 +577,9 @@ class ServerHandshake:
                 if cflags & ~self._hflags:
                     raise self._fail(f"client sent unknown or unoffered flags 0x{cflags:08x}")
                 self.no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
-                self._state = "options"
+                self._to(RECV_CLIENT_FLAGS)
                 continue
-            if st != "options":
+            if st is not OPTIONS:
                 return NEED_DATA
             if buf.available() < 16:
                 return NEED_DATA
@@ -486,6 +598,7 @@ class ServerHandshake:
             ev = self._handle_option(opt, data)
             if ev is not None:
                 return ev
+            self._to(RECV_OPTION)
 
     def _handle_option(self, opt: int, data: bytes):
         if opt == NBD_OPT_EXPORT_NAME:
@@ -500,11 +613,11 @@ class ServerHandshake:
             self._out += _EXPORT_NAME_REPLY.pack(info.size, info.flags)
             if not self.no_zeroes:
                 self._out += bytes(124)
-            self._state = "transmission"
+            self._to(RECV_EXPORT_NAME)
             return HandshakeDone(info=info, structured_replies=self.structured_replies)
         if opt == NBD_OPT_ABORT:
             self._reply(opt, NBD_REP_ACK)
-            self._state = "closed"
+            self._to(RECV_ABORT)
             return HandshakeAborted()
         if self.shutting_down:
             self._err(opt, NBD_REP_ERR_SHUTDOWN, "server is shutting down")
@@ -574,6 +687,6 @@ class ServerHandshake:
         )
         self._reply(opt, NBD_REP_ACK)
         if opt == NBD_OPT_GO:
-            self._state = "transmission"
+            self._to(RECV_GO)
             return HandshakeDone(info=info, structured_replies=self.structured_replies)
         return None
