@@ -60,6 +60,7 @@ from .codec import (
     HandshakeAborted,
     HandshakeDone,
     HandshakeFailed,
+    NeedData,
     OptionReply,
     ProtocolError,
     Reply,
@@ -215,19 +216,28 @@ from .handshake import (
     TRANSITIONS,
     TRANSMISSION,
     ClientHandshake,
+    ClientHandshakeEvent,
     LocalProtocolError,
     RemoteProtocolError,
     ServerExport,
     ServerHandshake,
+    ServerHandshakeEvent,
     _rep_name,
     next_state,
 )
 from .transmission import (
+    ClientTransmissionEvent,
     RequestParser,
+    ServerTransmissionEvent,
     TransmissionClient,
 )
 
 __all__ = [
+    "ClientTransmissionEvent",
+    "ServerTransmissionEvent",
+    "ClientHandshakeEvent",
+    "ServerHandshakeEvent",
+    "NeedData",
     "CLIENT",
     "SERVER",
     "AWAIT_GREETING",

@@ -94,6 +94,10 @@ class _NeedData:
 
 NEED_DATA = _NeedData()
 
+#: The type of :data:`NEED_DATA`, for annotations (h11 has PAUSED too; NBD needs no pause:
+#: the transmission parsers take any number of pipelined messages).
+NeedData = _NeedData
+
 
 def reply_cookie(header: bytes) -> int:
     """The cookie (handle) of a simple reply's 16-byte header, as a kernel driver

@@ -30,6 +30,7 @@ from .codec import (
     HandshakeAborted,
     HandshakeDone,
     HandshakeFailed,
+    NeedData,
     OptionReply,
     ProtocolError,
     _Buffer,
@@ -183,6 +184,12 @@ def next_state(role: type, state: type, trigger: type) -> type:
         raise LocalProtocolError(f"{role!r}: can't handle {trigger!r} in state {state!r}") from None
 
 
+#: What ``ClientHandshake.next_event()`` returns.
+ClientHandshakeEvent = HandshakeDone | ExportList | NeedData
+#: What ``ServerHandshake.next_event()`` returns.
+ServerHandshakeEvent = HandshakeDone | HandshakeAborted | NeedData
+
+
 def _rep_name(t: int) -> str:
     return REP_NAMES.get(t, f"0x{t:x}")
 
@@ -287,7 +294,7 @@ class ClientHandshake:
         self.error = HandshakeFailed(msg)
         return self.error
 
-    def next_event(self):
+    def next_event(self) -> ClientHandshakeEvent:
         if self.error is not None:
             raise self.error
         while True:
@@ -563,7 +570,7 @@ class ServerHandshake:
             structured_replies=self.structured_replies,
         )
 
-    def next_event(self):
+    def next_event(self) -> ServerHandshakeEvent:
         if self.error is not None:
             raise self.error
         while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .codec import (
     NEED_DATA,
+    NeedData,
     ProtocolError,
     Reply,
     Request,
@@ -40,6 +41,12 @@ from .constants import (
 # --------------------------------------------------------------------------
 # Transmission phase: client
 # --------------------------------------------------------------------------
+
+
+#: What ``TransmissionClient.next_event()`` returns.
+ClientTransmissionEvent = Reply | NeedData
+#: What ``RequestParser.next_event()`` returns.
+ServerTransmissionEvent = Request | NeedData
 
 
 class TransmissionClient:
@@ -102,7 +109,7 @@ class TransmissionClient:
             self._pos = 0
         buf += data
 
-    def next_event(self):
+    def next_event(self) -> ClientTransmissionEvent:
         if self.error is not None:
             raise self.error
         try:
@@ -319,7 +326,7 @@ class RequestParser:
             self._pos = 0
         buf += data
 
-    def next_event(self):
+    def next_event(self) -> ServerTransmissionEvent:
         if self.error is not None:
             raise self.error
         try:
