@@ -57,7 +57,9 @@ def parse_nbd_url(url: str) -> tuple[str, int, str]:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "nbd":
         if parts.scheme in ("nbds", "nbd+unix", "nbds+unix", "nbd+vsock"):
-            raise ValueError(f"unsupported NBD URL scheme {parts.scheme!r} in {url!r} (only plain nbd:// over TCP)")
+            raise ValueError(
+                f"unsupported NBD URL scheme {parts.scheme!r} in {url!r} (only plain nbd:// over TCP)"
+            )
         raise ValueError(f"not an NBD URL: {url!r} (expected nbd://host[:port]/export)")
     host = parts.hostname
     if not host:
@@ -97,9 +99,10 @@ async def _run_handshake(stream: trio.abc.Stream, hs: P.ClientHandshake):
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise NBDHandshakeError(f"connection lost during the NBD handshake: {exc}") from None
         if not data:
-            if hs.mode == "go" and hs._state == "export_name":
+            if hs.mode == "go" and hs.state is P.AWAIT_EXPORT_NAME_REPLY:
                 raise NBDHandshakeError(
-                    f"server closed the connection after NBD_OPT_EXPORT_NAME {hs.export_name!r} (no such export?)"
+                    f"server closed the connection after NBD_OPT_EXPORT_NAME {hs.export_name!r}"
+                    " (no such export?)"
                 )
             raise NBDHandshakeError("server closed the connection during the NBD handshake")
         hs.receive_data(data)
@@ -157,7 +160,9 @@ class NBDClient:
                 with trio.fail_after(timeout):
                     info = await nbd_handshake(stream, name, structured_replies=structured_replies)
             except trio.TooSlowError:
-                raise NBDHandshakeError(f"NBD handshake with {host}:{port} timed out after {timeout} s") from None
+                raise NBDHandshakeError(
+                    f"NBD handshake with {host}:{port} timed out after {timeout} s"
+                ) from None
             client = cls(stream, info)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)
@@ -201,7 +206,9 @@ class NBDClient:
             w[0].set()
         self._waiters.clear()
 
-    async def _request(self, cmd: int, offset: int, length: int, flags: int = 0, payload: bytes = b"") -> P.Reply:
+    async def _request(
+        self, cmd: int, offset: int, length: int, flags: int = 0, payload: bytes = b""
+    ) -> P.Reply:
         if self._error is not None:
             raise NBDError(P.NBD_EIO, f"connection is down ({self._error})")
         cookie = self._next_cookie
@@ -230,10 +237,14 @@ class NBDClient:
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.info.size:
-            raise ValueError(f"range [{offset}, {offset + length}) is outside the export (size {self.info.size})")
+            raise ValueError(
+                f"range [{offset}, {offset + length}) is outside the export (size {self.info.size})"
+            )
         mb = self.info.min_block
         if mb > 1 and (offset % mb or length % mb):
-            raise ValueError(f"offset {offset} / length {length} not aligned to the export's minimum block size {mb}")
+            raise ValueError(
+                f"offset {offset} / length {length} not aligned to the export's minimum block size {mb}"
+            )
 
     def _pieces(self, offset: int, length: int):
         step = self.info.max_block
@@ -302,7 +313,10 @@ class NBDClient:
             return
         self._closed = True
         if self._error is None:
-            with trio.move_on_after(2), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            with (
+                trio.move_on_after(2),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
                 while self._sending:
                     await trio.sleep(0.001)
                 self._outbuf += P.encode_request(P.NBD_CMD_DISC, 0, 0, 0)

@@ -36,7 +36,9 @@ def pump(client: P.ClientHandshake, server: P.ServerHandshake):
 
 EXPORTS = {
     "": P.ServerExport("", 1 << 20, P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH, description="default"),
-    "big": P.ServerExport("big", 1 << 30, P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_READ_ONLY, min_block=512, max_block=1 << 20),
+    "big": P.ServerExport(
+        "big", 1 << 30, P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_READ_ONLY, min_block=512, max_block=1 << 20
+    ),
 }
 
 
@@ -152,7 +154,10 @@ def test_plain_newstyle_server_uses_export_name():
 
 
 def test_server_export_name_with_and_without_zeroes():
-    for cflags, tail in ((P.NBD_FLAG_C_FIXED_NEWSTYLE, 124), (P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES, 0)):
+    for cflags, tail in (
+        (P.NBD_FLAG_C_FIXED_NEWSTYLE, 124),
+        (P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES, 0),
+    ):
         s = P.ServerHandshake(EXPORTS)
         s.receive_data(struct.pack(">I", cflags) + P.encode_option(P.NBD_OPT_EXPORT_NAME, b"big"))
         ev = s.next_event()
@@ -183,7 +188,9 @@ def test_server_unknown_option_then_continues():
     assert s.next_event() is P.NEED_DATA
     out = s.data_to_send()
     assert struct.unpack(">QIII", out[:20])[1:3] == (0x55, P.NBD_REP_ERR_UNSUP)
-    assert [t for _, t in s.options_log] == [P.NBD_REP_ERR_UNSUP, P.NBD_REP_SERVER, P.NBD_REP_SERVER, P.NBD_REP_ACK]
+    assert [t for _, t in s.options_log] == [
+        P.NBD_REP_ERR_UNSUP, P.NBD_REP_SERVER, P.NBD_REP_SERVER, P.NBD_REP_ACK
+    ]
 
 
 def test_server_option_errors():
@@ -227,7 +234,9 @@ def test_client_rejects_invalid_block_size():
     c = P.ClientHandshake("")
     c.receive_data(P.encode_greeting())
     c.next_event()
-    c.receive_data(P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_INFO, struct.pack(">HIII", 3, 3, 4096, 1 << 20)))
+    c.receive_data(
+        P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_INFO, struct.pack(">HIII", 3, 3, 4096, 1 << 20))
+    )
     with pytest.raises(P.HandshakeFailed, match="minimum block size"):
         c.next_event()
 
@@ -403,7 +412,11 @@ def test_transmission_client_simple_replies_any_order():
     tc.send_request(P.NBD_CMD_READ, 1, 0, 4)
     tc.send_request(P.NBD_CMD_WRITE, 2, 0, 3, payload=b"abc")
     tc.send_request(P.NBD_CMD_FLUSH, 3, 0, 0)
-    stream = P.encode_simple_reply(3) + P.encode_simple_reply(2, P.NBD_ENOSPC) + P.encode_simple_reply(1, 0, b"DATA")
+    stream = (
+        P.encode_simple_reply(3)
+        + P.encode_simple_reply(2, P.NBD_ENOSPC)
+        + P.encode_simple_reply(1, 0, b"DATA")
+    )
     events = []
     for i in range(len(stream)):  # one byte at a time
         tc.receive_data(stream[i : i + 1])
@@ -446,7 +459,9 @@ def test_transmission_client_structured_read_assembly():
     events = []
     while (ev := tc.next_event()) is not P.NEED_DATA:
         events.append(ev)
-    assert events == [P.Reply(9, 0, None), P.Reply(7, 0, b"HEAD" + bytes(4) + b"TAIL"), P.Reply(8, P.NBD_EIO, None)]
+    assert events == [
+        P.Reply(9, 0, None), P.Reply(7, 0, b"HEAD" + bytes(4) + b"TAIL"), P.Reply(8, P.NBD_EIO, None)
+    ]
 
 
 def test_transmission_client_structured_overlapping_chunks_are_an_error():
@@ -877,19 +892,19 @@ def reply_streams(draw, structured: bool):
         bounds = [0] + [b for b in bounds if 0 < b < length] + [length]
         chunks = []
         expect = bytearray(data)
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in zip(bounds, bounds[1:], strict=False):
             if draw(st.booleans()):
-                chunks.append(lambda done, a=a, b=b: P.encode_offset_data_header(
-                    cookie, offset + a, b - a, done=done) + data[a:b])
+                chunks.append(lambda done, a=a, b=b, cookie=cookie, offset=offset, data=data:
+                              P.encode_offset_data_header(cookie, offset + a, b - a, done=done) + data[a:b])
             else:
                 expect[a:b] = bytes(b - a)
-                chunks.append(lambda done, a=a, b=b: P.encode_offset_hole(
+                chunks.append(lambda done, a=a, b=b, cookie=cookie, offset=offset: P.encode_offset_hole(
                     cookie, offset + a, b - a, done=done))
         chunks = draw(st.permutations(chunks))
         if error:
             at = draw(st.integers(0, len(chunks)))
-            chunks.insert(at, lambda done: P.encode_structured_error(cookie, error, "boom",
-                                                                     done=done))
+            chunks.insert(at, lambda done, cookie=cookie, error=error: P.encode_structured_error(
+                cookie, error, "boom", done=done))
         if chunks and draw(st.booleans()):
             wire = [c(False) for c in chunks[:-1]] + [chunks[-1](True)]
         else:
