@@ -48,6 +48,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 import attrs
 import structlog
@@ -85,6 +86,7 @@ _ZERO_VIEW = memoryview(_ZERO_CHUNK)
 _OUT_HIGH = 1024 * 1024  # send queued replies once they reach this size
 _VIEW_MIN = 65536  # READs this large are sent from views of the backend's buffers, not copies
 _SEND_PIECE = 256 * 1024  # bytes per sendmsg call (one huge blocking send was seen to stall)
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
 _SEND_IOV = 512  # buffers per sendmsg call (IOV_MAX is 1024 on Linux)
 _simple_pack = struct.Struct(">IIQ").pack
 
@@ -544,6 +546,7 @@ class NBDServer:
         shutdown_grace: float = 2.0,
         receive_size: int = 256 * 1024,
         io_mode: str = "thread",
+        busy_poll_us: int = 0,
     ) -> None:
         if not exports:
             raise ValueError("at least one export is needed")
@@ -565,6 +568,9 @@ class NBDServer:
         if io_mode not in ("thread", "trio"):
             raise ValueError(f"io_mode must be 'thread' or 'trio', not {io_mode!r}")
         self.io_mode = io_mode
+        if busy_poll_us < 0:
+            raise ValueError("busy_poll_us must not be negative")
+        self.busy_poll_us = busy_poll_us
         self._thread_limiter = trio.CapacityLimiter(max_clients + 1)
         self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbd-io")
         self.port: int | None = None
@@ -867,6 +873,9 @@ class NBDServer:
         sendmsg = sock.sendmsg
         recv_into = sock.recv_into
         timeout_set = False
+        spin = self.busy_poll_us / 1e6
+        monotonic = time.monotonic
+        sched_yield = os.sched_yield
 
         def worker(req: P.Request) -> None:
             try:
@@ -947,7 +956,25 @@ class NBDServer:
                         break
                     parser.payload_received(n)
                     continue
-                n = recv_into(rbuf)
+                n = -1
+                if spin and not timeout_set and self._connections == 1 and all(f.done() for f in pending):
+                    # Busy poll: look for the next request for a little while
+                    # before sleeping in recv (whose wake-up can cost more
+                    # than the whole request on a VM whose idle CPUs halt).
+                    # Only as the server's sole connection with no worker
+                    # busy: a spinning thread would hold up other threads
+                    # waiting for the GIL.
+                    deadline = monotonic() + spin
+                    while True:
+                        try:
+                            n = recv_into(rbuf, 0, _MSG_DONTWAIT)
+                            break
+                        except BlockingIOError:
+                            if monotonic() >= deadline:
+                                break
+                            sched_yield()  # anything else runnable on this CPU goes first
+                if n < 0:
+                    n = recv_into(rbuf)
                 if not n:
                     reason = "eof_partial_request" if parser.partial else "eof"
                     break

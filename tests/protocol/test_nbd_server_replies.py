@@ -134,3 +134,29 @@ def test_send_parts_sends_every_byte_in_order(pieces, limits):
     S._send_parts(sender, list(parts))
     assert sender.data == expect
 
+
+def test_busy_poll_serves_one_then_two_clients(server_factory, raw_client):
+    """With busy polling on, the sole client's requests (QD1 and pipelined)
+    are answered; a second client connecting meanwhile is served too (the
+    first connection then sleeps in recv instead of spinning); a client that
+    disconnects ends its connection."""
+    srv = server_factory([ExportSpec("", 8 * MiB)], busy_poll_us=500)
+    a = raw_client(srv.port)
+    a.go("", structured=True)
+    for i in range(50):
+        data = os.urandom(4096)
+        a.request(P.NBD_CMD_WRITE, i, i * 4096, 4096, payload=data)
+        assert a.simple_reply() == (0, i, b"")
+        a.request(P.NBD_CMD_READ, 1000 + i, i * 4096, 4096)
+        assert _read_reply(a, True, 1000 + i, i * 4096, 4096) == data
+    b = raw_client(srv.port)
+    b.go("")
+    b.sock.sendall(b"".join(P.encode_request(P.NBD_CMD_READ, 2000 + i, i * 4096, 4096) for i in range(50)))
+    a.request(P.NBD_CMD_READ, 3000, 0, 8192)
+    got_b = [b.simple_reply(4096) for _ in range(50)]
+    assert [r[1] for r in got_b] == [2000 + i for i in range(50)]
+    assert len(_read_reply(a, True, 3000, 0, 8192)) == 8192
+    b.request(P.NBD_CMD_DISC, 0, 0, 0)
+    assert b.is_closed()
+    a.request(P.NBD_CMD_READ, 3001, 0, 4)
+    assert len(_read_reply(a, True, 3001, 0, 4)) == 4
