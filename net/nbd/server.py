@@ -85,9 +85,8 @@ _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_VIEW = memoryview(_ZERO_CHUNK)
 _OUT_HIGH = 1024 * 1024  # send queued replies once they reach this size
 _VIEW_MIN = 65536  # READs this large are sent from views of the backend's buffers, not copies
-_SEND_PIECE = 256 * 1024  # bytes per sendmsg call (one huge blocking send was seen to stall)
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
-_SEND_IOV = 512  # buffers per sendmsg call (IOV_MAX is 1024 on Linux)
+_SEND_IOV = 1024  # buffers per sendmsg call (IOV_MAX on Linux)
 _simple_pack = struct.Struct(">IIQ").pack
 
 
@@ -410,27 +409,14 @@ class _Export:
 
 def _send_parts(sendmsg, parts: list) -> None:
     """Send every buffer of ``parts``, in order, with scatter-gather
-    ``sendmsg`` calls of at most ``_SEND_PIECE`` bytes and ``_SEND_IOV``
-    buffers, resuming after partial sends.  ``sendmsg`` is a blocking
-    socket's method; the caller holds the connection's send lock."""
-    i = 0
-    nparts = len(parts)
-    while i < nparts:
-        j = i
-        size = 0
-        while j < nparts and j - i < _SEND_IOV:
-            n = len(parts[j])
-            if size + n > _SEND_PIECE and j > i:
-                break
-            size += n
-            j += 1
-        batch = parts[i:j]
-        if size > _SEND_PIECE:  # one big buffer: send it in pieces
-            mv = memoryview(batch[0]).cast("B")
-            batch = [mv[k : k + _SEND_PIECE] for k in range(0, size, _SEND_PIECE)]
-            parts[i : i + 1] = batch
-            nparts = len(parts)
-            continue
+    ``sendmsg`` calls of at most ``_SEND_IOV`` buffers each, resuming after
+    partial sends.  ``sendmsg`` is a blocking socket's method; the caller
+    holds the connection's send lock.  One call per batch of replies: cutting
+    a 1 MiB batch into 256 KiB calls cost a third of the 1 MiB READ
+    throughput (more sleeps in the send path, docs/PERFORMANCE.md)."""
+    for i in range(0, len(parts), _SEND_IOV):
+        batch = parts[i : i + _SEND_IOV]
+        size = sum(map(len, batch))
         while size:
             sent = sendmsg(batch)
             size -= sent
@@ -442,7 +428,6 @@ def _send_parts(sendmsg, parts: list) -> None:
                 k += 1
             batch = batch[k:]
             batch[0] = memoryview(batch[0]).cast("B")[sent:]
-        i = j
 
 
 class _StreamIO:

@@ -106,7 +106,7 @@ class _ShortSender:
 
     def __call__(self, buffers):
         total = sum(len(b) for b in buffers)
-        assert len(buffers) <= S._SEND_IOV and (total <= S._SEND_PIECE or len(buffers) == 1)
+        assert len(buffers) <= S._SEND_IOV
         limit = self.limits[self.calls % len(self.limits)] if self.limits else total
         self.calls += 1
         n = min(total, max(1, limit))
@@ -121,8 +121,8 @@ class _ShortSender:
 )
 def test_send_parts_sends_every_byte_in_order(pieces, limits):
     """_send_parts sends the concatenation of its buffers exactly, whatever
-    the sizes (empty, tiny, larger than one send piece) and however short
-    each sendmsg call is."""
+    their number and sizes (empty, tiny, large) and however short each
+    sendmsg call is."""
     parts = []
     for p in pieces:
         if isinstance(p, int):
@@ -160,3 +160,11 @@ def test_busy_poll_serves_one_then_two_clients(server_factory, raw_client):
     assert b.is_closed()
     a.request(P.NBD_CMD_READ, 3001, 0, 4)
     assert len(_read_reply(a, True, 3001, 0, 4)) == 4
+
+
+def test_send_parts_more_buffers_than_one_sendmsg_takes():
+    """More buffers than IOV_MAX allows in one call go out in several calls, in order."""
+    parts = [bytes([i % 251]) * (1 + i % 7) for i in range(3 * S._SEND_IOV + 5)]
+    sender = _ShortSender([1000, 5, 100_000])
+    S._send_parts(sender, list(parts))
+    assert sender.data == b"".join(parts)
