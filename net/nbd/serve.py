@@ -86,9 +86,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--busy-poll-us",
         type=int,
-        default=50,
+        default=0,
         help="wait for the next request by spinning up to this many microseconds before sleeping, "
-        "while there is one client (default 50; 0 = never spin)",
+        "while there is one client (default 0 = never spin; costs CPU, see docs/PERFORMANCE.md)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
