@@ -83,6 +83,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT, help="requests in flight per client (default 64)"
     )
+    parser.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=0,
+        help="wait for the next request by spinning up to this many microseconds before sleeping, "
+        "while there is one client (default 0 = never spin; costs CPU, see docs/PERFORMANCE.md)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -142,8 +149,13 @@ def serve_main(args) -> int:
 
                 if not os.path.exists(e.path):  # type: ignore[arg-type]
                     raise ValueError(f"export {e.name!r}: read-only file {e.path!r} does not exist")
+        if not 0 <= args.busy_poll_us <= 1_000_000:
+            raise ValueError(f"--busy-poll-us must be between 0 and 1000000, not {args.busy_poll_us}")
         server = NBDServer(
-            exports, max_request=args.max_request_mib * 1024 * 1024, max_inflight_per_client=args.max_inflight
+            exports,
+            max_request=args.max_request_mib * 1024 * 1024,
+            max_inflight_per_client=args.max_inflight,
+            busy_poll_us=args.busy_poll_us,
         )
     except ValueError as exc:
         print(f"swapnbd serve: error: {exc}", file=sys.stderr)

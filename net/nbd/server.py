@@ -15,15 +15,18 @@ Behaviour (see docs/NBD.md for the full table):
   ``ENOSPC`` write past the end, ``EPERM`` read-only, ``EINVAL`` for unknown
   commands/flags and for READ/WRITE over the maximum request size, the
   WRITE's payload being drained first);
-* the memory backend is sparse (a dict of 4 KiB chunks, shared by all
+* the memory backend is sparse (a dict of 64 KiB chunks, shared by all
   connections to the export); the file backend is a sparse file, with a real
   ``fsync`` on FLUSH and ``fdatasync`` after a FUA write;
 * per connection, requests whose work is pure memory are executed inline by
   the reader (no task spawn), and their replies are batched into one
-  ``send_all`` per received buffer; requests that block (file FLUSH, FUA,
-  large file I/O, trim/zero on files) run in worker threads as separate
-  tasks, at most ``max_inflight_per_client`` at once, and their replies may
-  overtake earlier ones (out of order, matched by cookie);
+  scatter-gather ``sendmsg`` per received buffer; large READ replies are
+  views of the memory backend's chunks, not copies (they are sent before
+  any later request that could change those chunks runs); requests that
+  block (file FLUSH, FUA, large file I/O, trim/zero on files) run in worker
+  threads, at most ``max_inflight_per_client`` at once, and their replies
+  may overtake earlier ones (out of order, matched by cookie; one reply's
+  header and payload always go out together);
 * graceful shutdown (:meth:`NBDServer.request_shutdown`): stop accepting,
   let in-flight requests finish, answer new requests with ``ESHUTDOWN`` and
   new options with ``ERR_SHUTDOWN``, close remaining connections after a
@@ -45,6 +48,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 import attrs
 import structlog
@@ -78,7 +82,11 @@ DEFAULT_MAX_REQUEST = 32 * MiB
 DEFAULT_MAX_INFLIGHT = 64
 CHUNK = 65536
 _ZERO_CHUNK = bytes(CHUNK)
+_ZERO_VIEW = memoryview(_ZERO_CHUNK)
 _OUT_HIGH = 1024 * 1024  # send queued replies once they reach this size
+_VIEW_MIN = 65536  # READs this large are sent from views of the backend's buffers, not copies
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
+_SEND_IOV = 1024  # buffers per sendmsg call (IOV_MAX on Linux)
 _simple_pack = struct.Struct(">IIQ").pack
 
 
@@ -127,7 +135,11 @@ class ExportSpec:
 class MemoryBackend:
     """Sparse memory: 64 KiB chunks (bytearrays) in a dict; absent chunks read
     as zeroes.  Thread-safe for the server's use (connection threads): a
-    lock serialises writers, readers copy under the GIL."""
+    lock serialises writers; small reads copy under the GIL, large reads
+    hand out views that the kernel copies from while the GIL is released, so
+    a READ that overlaps a concurrent WRITE from another connection may see
+    a mix of old and new bytes (as with a disk, overlapping requests in
+    flight at once have no defined order)."""
 
     needs_thread = False
 
@@ -137,40 +149,36 @@ class MemoryBackend:
         self.chunks: dict[int, bytearray | memoryview] = {}
         self.lock = threading.Lock()
 
-    def read_into(self, out: bytearray, offset: int, length: int) -> None:
-        chunks = self.chunks
+    def pread(self, offset: int, length: int):
+        """A copy of ``length`` bytes at ``offset`` (for small reads), or None
+        when the whole range was never written (it reads as zeroes)."""
         idx, off = divmod(offset, CHUNK)
         if off + length <= CHUNK:
-            c = chunks.get(idx)
-            if c is None:
-                out += _ZERO_CHUNK[:length] if length != CHUNK else _ZERO_CHUNK
-            else:
-                with memoryview(c) as mv:
-                    out += mv[off : off + length]
-            return
+            c = self.chunks.get(idx)
+            return None if c is None else bytes(c[off : off + length])
+        parts = self.read_views(offset, length)
+        return None if parts is None else b"".join(parts)
+
+    def read_views(self, offset: int, length: int):
+        """The bytes at ``offset`` as a list of buffers without copying them
+        (views of the chunks, read-only zero views for absent chunks), or None
+        when the whole range was never written.  The views see later writes:
+        send them before executing a request that may change those chunks."""
+        chunks = self.chunks
+        parts = []
+        hole = True
         end = offset + length
         while offset < end:
             idx, off = divmod(offset, CHUNK)
             n = min(CHUNK - off, end - offset)
             c = chunks.get(idx)
             if c is None:
-                out += _ZERO_CHUNK if n == CHUNK else _ZERO_CHUNK[:n]
-            elif n == CHUNK:
-                out += c
+                parts.append(_ZERO_VIEW if n == CHUNK else _ZERO_VIEW[:n])
             else:
-                with memoryview(c) as mv:
-                    out += mv[off : off + n]
+                hole = False
+                parts.append(memoryview(c) if n == CHUNK else memoryview(c)[off : off + n])
             offset += n
-
-    def is_hole(self, offset: int, length: int) -> bool:
-        if length == 0:
-            return False
-        first = offset // CHUNK
-        last = (offset + length - 1) // CHUNK
-        chunks = self.chunks
-        if last - first > 256:
-            return False  # not worth scanning
-        return not any(i in chunks for i in range(first, last + 1))
+        return None if hole else parts
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         chunks = self.chunks
@@ -276,19 +284,23 @@ class FileBackend:
         if not read_only and os.fstat(self.fd).st_size < size:
             os.ftruncate(self.fd, size)
 
-    def read_into(self, out: bytearray, offset: int, length: int) -> None:
+    def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
-        out += data
-        while len(data) < length:
-            more = os.pread(self.fd, length - len(data), offset + len(data)) if data else b""
+        if len(data) == length:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < length:
+            more = os.pread(self.fd, length - got, offset + got) if data else b""
             if not more:
-                out += bytes(length - len(data))  # beyond EOF reads as zeroes
-                return
-            out += more
-            data += more
+                parts.append(bytes(length - got))  # beyond EOF reads as zeroes
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
 
-    def is_hole(self, offset: int, length: int) -> bool:
-        return False
+    def read_views(self, offset: int, length: int) -> list:
+        return [self.pread(offset, length)]
 
     def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         mv = memoryview(data)
@@ -362,6 +374,9 @@ _RO_FLAGS = (
     | P.NBD_FLAG_SEND_CACHE
 )
 
+# Commands that may change what a queued view of the backend shows.
+_MUTATING = frozenset((NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES))
+
 # Allowed command flags per command (unknown or inapplicable → EINVAL).
 _ALLOWED_FLAGS = {
     NBD_CMD_READ: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF,
@@ -390,6 +405,29 @@ class _Export:
             preferred_block=4096,
             max_block=max_request,
         )
+
+
+def _send_parts(sendmsg, parts: list) -> None:
+    """Send every buffer of ``parts``, in order, with scatter-gather
+    ``sendmsg`` calls of at most ``_SEND_IOV`` buffers each, resuming after
+    partial sends.  ``sendmsg`` is a blocking socket's method; the caller
+    holds the connection's send lock.  One call per batch of replies: cutting
+    a 1 MiB batch into 256 KiB calls cost a third of the 1 MiB READ
+    throughput (more sleeps in the send path, docs/PERFORMANCE.md)."""
+    for i in range(0, len(parts), _SEND_IOV):
+        batch = parts[i : i + _SEND_IOV]
+        size = sum(map(len, batch))
+        while size:
+            sent = sendmsg(batch)
+            size -= sent
+            if not size:
+                break
+            k = 0
+            while sent >= len(batch[k]):
+                sent -= len(batch[k])
+                k += 1
+            batch = batch[k:]
+            batch[0] = memoryview(batch[0]).cast("B")[sent:]
 
 
 class _StreamIO:
@@ -493,6 +531,7 @@ class NBDServer:
         shutdown_grace: float = 2.0,
         receive_size: int = 256 * 1024,
         io_mode: str = "thread",
+        busy_poll_us: int = 0,
     ) -> None:
         if not exports:
             raise ValueError("at least one export is needed")
@@ -514,6 +553,9 @@ class NBDServer:
         if io_mode not in ("thread", "trio"):
             raise ValueError(f"io_mode must be 'thread' or 'trio', not {io_mode!r}")
         self.io_mode = io_mode
+        if busy_poll_us < 0:
+            raise ValueError("busy_poll_us must not be negative")
+        self.busy_poll_us = busy_poll_us
         self._thread_limiter = trio.CapacityLimiter(max_clients + 1)
         self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="nbd-io")
         self.port: int | None = None
@@ -680,7 +722,9 @@ class NBDServer:
     async def _transmission_loop(self, io, parser, exp: _Export, structured: bool, clog) -> str:
         sem = trio.Semaphore(self.max_inflight_per_client)
         stats = self.stats
-        out = bytearray()
+        out: list = []
+        queued = 0  # bytes in out
+        views = False  # out holds views of backend buffers (a large READ)
         nreq = 0
         reason = "eof"
 
@@ -688,17 +732,19 @@ class NBDServer:
         receive = io.receive
 
         async def flush_out() -> None:
-            nonlocal out
+            nonlocal out, queued, views
             if out:
-                data = out
-                out = bytearray()
+                data = b"".join(out)
+                out = []
+                queued = 0
+                views = False
                 await send(data)
 
         async def worker(req: P.Request) -> None:
             try:
-                buf = bytearray()
+                buf: list = []
                 await trio.to_thread.run_sync(self._execute, buf, req, exp, structured)
-                await send(buf)
+                await send(b"".join(buf))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
@@ -709,7 +755,7 @@ class NBDServer:
                 while True:
                     disc = False
                     while True:
-                        if len(out) >= _OUT_HIGH:
+                        if queued >= _OUT_HIGH:
                             await flush_out()  # bound memory: a client may pipeline many big READs
                         req = parser.next_event()
                         if req is NEED_DATA:
@@ -719,7 +765,12 @@ class NBDServer:
                         if cmd == NBD_CMD_DISC:
                             disc = True
                             break
-                        if self._answer_inline(out, req, exp, structured):
+                        if views and cmd in _MUTATING:
+                            await flush_out()  # queued READ replies must not see this request
+                        n = self._answer_inline(out, req, exp, structured)
+                        if n >= 0:
+                            queued += n
+                            views = views or (cmd == NBD_CMD_READ and req.length >= _VIEW_MIN)
                             continue
                         # Blocking work: run in a thread, bounded per client.
                         try:
@@ -789,35 +840,34 @@ class NBDServer:
         return reason
 
     def _blocking_loop(self, sock: socket.socket, parser, exp: _Export, structured: bool) -> str:
+        """The transmission phase of one connection, in its own thread: receive
+        into a reused buffer, answer every complete request in it (inline, or
+        through the worker pool for blocking work), send the batch of replies
+        with one scatter-gather ``sendmsg``, receive again."""
         stats = self.stats
         rbuf = bytearray(self.receive_size)
         rview = memoryview(rbuf)
-        send_lock = threading.Lock()
+        send_lock = threading.Lock()  # one reply's header and payload go out together
         inflight = threading.BoundedSemaphore(self.max_inflight_per_client)
         pending: list = []
-        out = bytearray()
+        out: list = []
+        queued = 0  # bytes in out
+        views = False  # out holds views of backend buffers (a large READ)
         nreq = 0
         reason = "eof"
-        raw_sendall = sock.sendall
-
-        def sendall(data) -> None:
-            # Large blocking sends are cut into pieces: one multi-MiB send()
-            # on loopback was seen to stall for milliseconds per call.
-            if len(data) <= 262144:
-                raw_sendall(data)
-                return
-            mv = memoryview(data)
-            for i in range(0, len(mv), 262144):
-                raw_sendall(mv[i : i + 262144])
-
+        sendmsg = sock.sendmsg
+        recv_into = sock.recv_into
         timeout_set = False
+        spin = self.busy_poll_us / 1e6
+        monotonic = time.monotonic
+        sched_yield = os.sched_yield
 
         def worker(req: P.Request) -> None:
             try:
-                buf = bytearray()
+                buf: list = []
                 self._execute(buf, req, exp, structured)
                 with send_lock:
-                    sendall(buf)
+                    _send_parts(sendmsg, buf)
             except OSError:
                 pass
             finally:
@@ -827,10 +877,6 @@ class NBDServer:
             while True:
                 disc = False
                 while True:
-                    if len(out) >= _OUT_HIGH:
-                        with send_lock:
-                            sendall(out)  # bound memory: a client may pipeline many big READs
-                        out = bytearray()
                     req = parser.next_event()
                     if req is NEED_DATA:
                         break
@@ -839,19 +885,42 @@ class NBDServer:
                     if cmd == NBD_CMD_DISC:
                         disc = True
                         break
-                    if self._answer_inline(out, req, exp, structured):
+                    if views and cmd in _MUTATING:
+                        # Queued READ replies are views of the backend: send
+                        # them before this request may change what they show.
+                        with send_lock:
+                            _send_parts(sendmsg, out)
+                        out = []
+                        queued = 0
+                        views = False
+                    n = self._answer_inline(out, req, exp, structured)
+                    if n >= 0:
+                        queued += n
+                        if cmd == NBD_CMD_READ and req.length >= _VIEW_MIN:
+                            views = True
+                        if queued >= _OUT_HIGH:
+                            # Bound memory: a client may pipeline many big READs.
+                            with send_lock:
+                                _send_parts(sendmsg, out)
+                            out = []
+                            queued = 0
+                            views = False
                         continue
                     if not inflight.acquire(blocking=False):
                         if out:
                             with send_lock:
-                                sendall(out)
-                            out = bytearray()
+                                _send_parts(sendmsg, out)
+                            out = []
+                            queued = 0
+                            views = False
                         inflight.acquire()
                     pending.append(self._executor.submit(worker, req))
                 if out:
                     with send_lock:
-                        sendall(out)
-                    out = bytearray()
+                        _send_parts(sendmsg, out)
+                    out = []
+                    queued = 0
+                    views = False
                 if disc:
                     reason = "disc"
                     break
@@ -872,7 +941,25 @@ class NBDServer:
                         break
                     parser.payload_received(n)
                     continue
-                n = sock.recv_into(rbuf)
+                n = -1
+                if spin and not timeout_set and self._connections == 1 and all(f.done() for f in pending):
+                    # Busy poll: look for the next request for a little while
+                    # before sleeping in recv (whose wake-up can cost more
+                    # than the whole request on a VM whose idle CPUs halt).
+                    # Only as the server's sole connection with no worker
+                    # busy: a spinning thread would hold up other threads
+                    # waiting for the GIL.
+                    deadline = monotonic() + spin
+                    while True:
+                        try:
+                            n = recv_into(rbuf, 0, _MSG_DONTWAIT)
+                            break
+                        except BlockingIOError:
+                            if monotonic() >= deadline:
+                                break
+                            sched_yield()  # anything else runnable on this CPU goes first
+                if n < 0:
+                    n = recv_into(rbuf)
                 if not n:
                     reason = "eof_partial_request" if parser.partial else "eof"
                     break
@@ -896,46 +983,67 @@ class NBDServer:
         return reason
 
     # -- request execution (also runs in worker threads: no trio calls here)
-    def _answer_inline(self, out: bytearray, req: P.Request, exp: _Export, structured: bool) -> bool:
-        """Answer ``req`` into ``out`` if it needs no blocking work: refusal
+    #
+    # Replies are queued on ``out``, a list of buffers that goes out with one
+    # scatter-gather send; each function returns the number of bytes it queued.
+    def _answer_inline(self, out: list, req: P.Request, exp: _Export, structured: bool) -> int:
+        """Answer ``req`` onto ``out`` if it needs no blocking work: refusal
         while shutting down, the plain READ / WRITE hot path, an inline
-        backend, or a request that fails validation.  False: the caller hands
-        it to a worker.  Shared by both transmission loops (DISC is theirs)."""
+        backend, or a request that fails validation.  Returns the bytes
+        queued, or -1: the caller hands the request to a worker.  Shared by
+        both transmission loops (DISC is theirs)."""
         if self.shutting_down:
-            self._reply_error(out, req, NBD_ESHUTDOWN, structured)
-            return True
+            return self._reply_error(out, req, NBD_ESHUTDOWN, structured)
         cmd = req.cmd
         flags = req.flags
         length = req.length
         backend = exp.backend
-        inline_ok = backend.inline_ok
         # Hot path: plain READ / WRITE in range, inline backend.
         if flags == 0 and length and req.offset + length <= exp.size and length <= self.max_request:
-            if cmd == NBD_CMD_READ and not structured and inline_ok(cmd, 0, length):
-                mark = len(out)
-                out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
-                try:
-                    backend.read_into(out, req.offset, length)
-                except OSError:
-                    # Header already queued: undo it and send an error.
-                    del out[mark:]
-                    self._reply_error(out, req, NBD_EIO, structured)
-                return True
-            if cmd == NBD_CMD_WRITE and not exp.read_only and not req.oversized and inline_ok(cmd, 0, length):
+            if cmd == NBD_CMD_READ and backend.inline_ok(cmd, 0, length):
+                return self._read(out, req, backend, structured)
+            if cmd == NBD_CMD_WRITE and not exp.read_only and not req.oversized and backend.inline_ok(cmd, 0, length):
                 try:
                     backend.write(req.offset, req.payload)
-                    err = 0
-                except OSError:
-                    err = NBD_EIO
-                out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, err, req.cookie)
-                return True
-        if inline_ok(cmd, flags, length) or self._is_trivial_error(req, exp):
-            self._execute(out, req, exp, structured)
-            return True
-        return False
+                except OSError as exc:
+                    return self._reply_error(out, req, self._backend_error(cmd, exc), structured)
+                out.append(_simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie))
+                return 16
+        if backend.inline_ok(cmd, flags, length) or self._validate(req, exp, structured):
+            return self._execute(out, req, exp, structured)
+        return -1
 
-    def _is_trivial_error(self, req: P.Request, exp: _Export) -> bool:
-        return self._validate(req, exp, False) != 0
+    def _read(self, out: list, req: P.Request, backend, structured: bool) -> int:
+        """Queue the reply to a validated READ.  Reads of at least
+        ``_VIEW_MIN`` bytes queue views of the backend's buffers (no copy);
+        smaller ones a copy.  A range that was never written (memory backend)
+        is an ``OFFSET_HOLE`` chunk in a structured reply."""
+        cookie, offset, length = req.cookie, req.offset, req.length
+        try:
+            if length < _VIEW_MIN:
+                data = backend.pread(offset, length)
+                parts = None if data is None else [data]
+            else:
+                parts = backend.read_views(offset, length)
+        except OSError as exc:
+            return self._reply_error(out, req, self._backend_error(NBD_CMD_READ, exc), structured)
+        if structured:
+            if not length:
+                out.append(P.encode_structured_chunk(cookie, P.NBD_REPLY_TYPE_NONE))
+                return 20
+            if parts is None:
+                out.append(P.encode_offset_hole(cookie, offset, length))
+                return 32
+            out.append(P.encode_offset_data_header(cookie, offset, length))
+            out += parts
+            return 28 + length
+        out.append(_simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
+        if parts is None:
+            parts = [_ZERO_VIEW] * (length // CHUNK)
+            if length % CHUNK:
+                parts.append(_ZERO_VIEW[: length % CHUNK])
+        out += parts
+        return 16 + length
 
     def _validate(self, req: P.Request, exp: _Export, structured: bool) -> int:
         cmd = req.cmd
@@ -971,46 +1079,31 @@ class NBDServer:
             return NBD_EINVAL if offset + length > exp.size else 0
         return 0  # FLUSH
 
-    def _reply_error(self, out: bytearray, req: P.Request, error: int, structured: bool) -> None:
+    def _reply_error(self, out: list, req: P.Request, error: int, structured: bool) -> int:
         self.stats["errors"] += 1
         if structured and req.cmd == NBD_CMD_READ:
-            out += P.encode_structured_error(req.cookie, error, P.ERROR_NAMES.get(error, ""))
+            reply = P.encode_structured_error(req.cookie, error, P.ERROR_NAMES.get(error, ""))
         else:
-            out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, error, req.cookie)
+            reply = _simple_pack(NBD_SIMPLE_REPLY_MAGIC, error, req.cookie)
+        out.append(reply)
+        return len(reply)
 
-    def _execute(self, out: bytearray, req: P.Request, exp: _Export, structured: bool) -> None:
-        """Validate and perform one request; append its reply to ``out``."""
+    @staticmethod
+    def _backend_error(cmd: int, exc: OSError) -> int:
+        log.warning("nbd_backend_error", cmd=P.CMD_NAMES.get(cmd, cmd), error=str(exc))
+        return NBD_ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else NBD_EIO
+
+    def _execute(self, out: list, req: P.Request, exp: _Export, structured: bool) -> int:
+        """Validate and perform one request; queue its reply on ``out``."""
         err = self._validate(req, exp, structured)
         if err:
-            self._reply_error(out, req, err, structured)
-            return
+            return self._reply_error(out, req, err, structured)
         cmd = req.cmd
+        if cmd == NBD_CMD_READ:
+            return self._read(out, req, exp.backend, structured)
         backend = exp.backend
         fua = bool(req.flags & NBD_CMD_FLAG_FUA)
         try:
-            if cmd == NBD_CMD_READ:
-                if structured:
-                    if req.length and backend.is_hole(req.offset, req.length):
-                        out += P.encode_offset_hole(req.cookie, req.offset, req.length)
-                    elif req.length:
-                        mark = len(out)
-                        out += P.encode_offset_data_header(req.cookie, req.offset, req.length)
-                        try:
-                            backend.read_into(out, req.offset, req.length)
-                        except OSError:
-                            del out[mark:]
-                            raise
-                    else:
-                        out += P.encode_structured_chunk(req.cookie, P.NBD_REPLY_TYPE_NONE)
-                else:
-                    mark = len(out)
-                    out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
-                    try:
-                        backend.read_into(out, req.offset, req.length)
-                    except OSError:
-                        del out[mark:]
-                        raise
-                return
             if cmd == NBD_CMD_WRITE:
                 backend.write(req.offset, req.payload, fua)
             elif cmd == NBD_CMD_FLUSH:
@@ -1021,10 +1114,9 @@ class NBDServer:
                 backend.zero(req.offset, req.length, bool(req.flags & NBD_CMD_FLAG_NO_HOLE), fua)
             # CACHE: nothing to do.
         except OSError as exc:
-            log.warning("nbd_backend_error", cmd=P.CMD_NAMES.get(cmd, cmd), error=str(exc))
-            self._reply_error(out, req, NBD_ENOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else NBD_EIO, structured)
-            return
-        out += _simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie)
+            return self._reply_error(out, req, self._backend_error(cmd, exc), structured)
+        out.append(_simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie))
+        return 16
 
 
 async def serve_nbd(

@@ -91,6 +91,12 @@ class RawClient:
         data = self.recvn(read_length) if (read_length and error == 0) else b""
         return error, cookie, data
 
+    def structured_chunk(self) -> tuple[int, int, int, bytes]:
+        """One structured reply chunk: (flags, type, cookie, payload)."""
+        magic, flags, ctype, cookie, length = struct.unpack(">IHHQI", self.recvn(20))
+        assert magic == P.NBD_STRUCTURED_REPLY_MAGIC, hex(magic)
+        return flags, ctype, cookie, self.recvn(length)
+
     def is_closed(self, timeout: float = 5.0) -> bool:
         """True when the server closes the connection within ``timeout``."""
         self.sock.settimeout(timeout)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import socket
 import struct
+import termios
 import threading
 import time
+import tracemalloc
 
 import pytest
 import trio
@@ -263,3 +266,49 @@ def test_many_pipelined_big_reads_with_slow_reader(server_factory, raw_client, i
     time.sleep(0.2)  # let the server hit a full socket buffer
     for i in range(128):
         assert c.simple_reply(MiB) == (0, 100 + i, pattern)
+
+
+def _unread_bytes(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+@pytest.mark.parametrize("io_mode", ["thread", "trio"])
+@pytest.mark.parametrize("backend", ["memory", "memory-holes", "file"])
+def test_memory_bounded_when_client_never_reads_replies(server_factory, raw_client, tmp_path, io_mode, backend):
+    """4096 pipelined READs of 256 KiB and 1 MiB (2.5 GiB of replies) from a
+    client that never reads: the server stops reading requests once its
+    replies fill the socket, and what it allocates meanwhile (Python
+    allocations of every thread, traced) stays within a few MiB: queued
+    replies are capped at 1 MiB (views of the memory backend's chunks, not
+    copies), file READs over 256 KiB run in at most max_inflight workers."""
+    spec = ExportSpec("", 8 * MiB)
+    if backend == "file":
+        spec = ExportSpec("", 8 * MiB, backend="file", path=str(tmp_path / "disk.img"))
+    srv = server_factory([spec], io_mode=io_mode, max_inflight_per_client=4)
+    c = raw_client(srv.port, timeout=10)
+    c.go("")
+    if backend != "memory-holes":
+        for i in range(8):
+            c.request(P.NBD_CMD_WRITE, i, i * MiB, MiB, payload=os.urandom(MiB))
+            assert c.simple_reply() == (0, i, b"")
+    sizes = [MiB if i % 2 else 256 * 1024 for i in range(4096)]
+    wire = b"".join(P.encode_request(P.NBD_CMD_READ, 100 + i, (i % 7) * MiB, n) for i, n in enumerate(sizes))
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        c.sock.sendall(wire)
+        # Wait until the server is stuck: the client's receive queue stops growing.
+        last = -1
+        for _ in range(200):
+            time.sleep(0.1)
+            now = _unread_bytes(c.sock)
+            if now == last and now > 0:
+                break
+            last = now
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert _unread_bytes(c.sock) < sum(sizes) // 50  # the server is held up, not done
+    assert peak < 16 * MiB, peak
+    c.close()
+    assert_alive(srv.port, raw_client)

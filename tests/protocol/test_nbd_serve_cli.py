@@ -52,6 +52,7 @@ def test_parse_export():
         (["--size", "1M", "--max-request-mib", "0"], "max-request-mib"),
         (["--export", "x"], "invalid --export"),
         (["--size", "1M", "--port", "70000"], "--port"),
+        (["--size", "1M", "--busy-poll-us", "-1"], "--busy-poll-us"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
