@@ -93,12 +93,17 @@ def main(argv: list[str] | None = None) -> int:
                         c0, t0 = cpu_seconds(pid), time.monotonic()
                         if scenario == "idle":
                             # libnbd's Python module (python3-libnbd) lives in Debian's python3.
-                            script = f"import nbd, time; h = nbd.NBD(); h.connect_uri({uris[v]!r}); time.sleep({args.idle})"
+                            script = (
+                                f"import nbd, time; h = nbd.NBD(); h.connect_uri({uris[v]!r}); "
+                                f"time.sleep({args.idle})"
+                            )
                             subprocess.run(["/usr/bin/python3", "-c", script], check=True)
                             n, iops = 0, 0.0
                         else:
                             rw = scenario.split()[0]
-                            n, iops = fio(uris[v], rw, args.seconds, tmp, args.rate if "/s" in scenario else None)
+                            n, iops = fio(
+                                uris[v], rw, args.seconds, tmp, args.rate if "/s" in scenario else None
+                            )
                         c1, t1 = cpu_seconds(pid), time.monotonic()
                         results[v][scenario].append((n, iops, t1 - t0, c1 - c0))
                         print(
@@ -114,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                 p.wait(10)
     print(f"server CPU = user + system time of the server process over each window; median of {args.reps}")
     print()
-    print("| scenario | busy poll (µs) | IOPS (fio) | server CPU (% of one core) | server CPU per request (µs) |")
+    print(
+        "| scenario | busy poll (µs) | IOPS (fio) | server CPU (% of one core) "
+        "| server CPU per request (µs) |"
+    )
     print("|---|---:|---:|---:|---:|")
     for scenario in scenarios:
         for v in variants:

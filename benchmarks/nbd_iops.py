@@ -76,7 +76,17 @@ class Servers:
             p = free_port()
             env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
             proc = subprocess.Popen(
-                [self.python, "-m", "net.nbd.serve", "--port", str(p), "--size", str(SIZE), "--log-level", "warning"],
+                [
+                    self.python,
+                    "-m",
+                    "net.nbd.serve",
+                    "--port",
+                    str(p),
+                    "--size",
+                    str(SIZE),
+                    "--log-level",
+                    "warning",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=open(os.path.join(self.tmp, "ours.log"), "w"),
                 env=env,
@@ -95,7 +105,9 @@ class Servers:
             img = os.path.join(self.tmp, "qemu.img")
             with open(img, "wb") as f:
                 f.truncate(SIZE)
-            proc = subprocess.Popen(["qemu-nbd", "-t", "-p", str(p), "-b", "127.0.0.1", "-f", "raw", "-x", "disk", img])
+            proc = subprocess.Popen(
+                ["qemu-nbd", "-t", "-p", str(p), "-b", "127.0.0.1", "-f", "raw", "-x", "disk", img]
+            )
             self.procs.append(proc)
             wait_port(p)
             self.uris["qemu-nbd raw file"] = f"nbd://127.0.0.1:{p}/disk"
@@ -188,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     only = set(args.only.split(",")) if args.only else None
     interp = subprocess.run(
-        [args.python, "-c", "import sys,platform; print(platform.python_implementation(), sys.version.split()[0], sys.executable)"],
+        [
+            args.python,
+            "-c",
+            "import sys,platform; "
+            "print(platform.python_implementation(), sys.version.split()[0], sys.executable)",
+        ],
         capture_output=True,
         text=True,
     ).stdout.strip()
@@ -229,13 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Each repetition measured ours and nbdkit back to back: the median of
         # the per-repetition ratios is less sensitive to load from elsewhere.
-        for name, label in (("nbdkit memory", "nbdkit"), ("qemu-nbd raw file", "qemu-nbd"), ("nbd-server file", "nbd-server")):
+        for name, label in (
+            ("nbdkit memory", "nbdkit"),
+            ("qemu-nbd raw file", "qemu-nbd"),
+            ("nbd-server file", "nbd-server"),
+        ):
             if name in results:
                 other = results[name]
                 lines.append(
                     f"| *ours / {label} (median of paired ratios)* | "
                     + " | ".join(
-                        f"{statistics.median(a / b for a, b in zip(ours[c], other[c])):.2f}×" for c in ours
+                        f"{statistics.median(a / b for a, b in zip(ours[c], other[c], strict=True)):.2f}×"
+                        for c in ours
                     )
                     + " |"
                 )

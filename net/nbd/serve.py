@@ -79,9 +79,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="an export (repeatable); SIZE like 4096, 512M, 1G",
     )
     parser.add_argument("--size", default=None, help="size of the single default export named '' (e.g. 1G)")
-    parser.add_argument("--max-request-mib", type=int, default=32, help="largest READ/WRITE accepted, MiB (default 32)")
     parser.add_argument(
-        "--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT, help="requests in flight per client (default 64)"
+        "--max-request-mib", type=int, default=32, help="largest READ/WRITE accepted, MiB (default 32)"
+    )
+    parser.add_argument(
+        "--max-inflight",
+        type=int,
+        default=DEFAULT_MAX_INFLIGHT,
+        help="requests in flight per client (default 64)",
     )
     parser.add_argument(
         "--busy-poll-us",
@@ -130,7 +135,9 @@ async def _serve(server: NBDServer, host: str, port: int, announce) -> None:
             urls = " ".join(f"nbd://{h}:{bound}/{urllib.parse.quote(s.name)}" for s in server.specs)
             announce(f"swapnbd serve: listening on {urls}")
             async for signum in signals:
-                structlog.get_logger("net.nbd.serve").info("nbd_serve_signal", signal=signal.Signals(signum).name)
+                structlog.get_logger("net.nbd.serve").info(
+                    "nbd_serve_signal", signal=signal.Signals(signum).name
+                )
                 server.request_shutdown()
                 break
 

@@ -50,6 +50,7 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
 import attrs
 import structlog
 import trio
@@ -335,7 +336,11 @@ class FileBackend:
         os.fsync(self.fd)
 
     def inline_ok(self, cmd: int, flags: int, length: int) -> bool:
-        return (cmd == NBD_CMD_READ or cmd == NBD_CMD_WRITE) and not flags & NBD_CMD_FLAG_FUA and length <= self.INLINE_MAX
+        return (
+            (cmd == NBD_CMD_READ or cmd == NBD_CMD_WRITE)
+            and not flags & NBD_CMD_FLAG_FUA
+            and length <= self.INLINE_MAX
+        )
 
     def close(self) -> None:
         try:
@@ -580,7 +585,9 @@ class NBDServer:
             if spec.name not in self._exports:
                 self._exports[spec.name] = _Export(spec, _open_backend(spec), self.max_request)
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
         self.open_exports()
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
@@ -592,7 +599,10 @@ class NBDServer:
                     "nbd_server_listening",
                     host=host,
                     port=self.port,
-                    exports=[{"name": s.name, "size": s.size, "backend": s.backend, "ro": s.read_only} for s in self.specs],
+                    exports=[
+                        {"name": s.name, "size": s.size, "backend": s.backend, "ro": s.read_only}
+                        for s in self.specs
+                    ],
                 )
                 task_status.started(self.port)
                 await self._shutdown_event.wait()
@@ -642,7 +652,8 @@ class NBDServer:
             sock = getattr(stream, "socket", None)
             if sock is not None:
                 try:
-                    peer = "%s:%s" % sock.getpeername()[:2]
+                    host, port = sock.getpeername()[:2]
+                    peer = f"{host}:{port}"
                 except OSError:
                     peer = None
             await self.handle_stream(stream, cid=cid, peer=peer)
@@ -667,7 +678,10 @@ class NBDServer:
                 ev, leftover = done
                 exp = self._exports[ev.info.name]
                 clog.info(
-                    "nbd_client_connected", export=ev.info.name, structured=ev.structured_replies, flags=hex(ev.info.flags)
+                    "nbd_client_connected",
+                    export=ev.info.name,
+                    structured=ev.structured_replies,
+                    flags=hex(ev.info.flags),
                 )
                 reason = await self._transmission(stream, exp, ev.structured_replies, leftover, clog)
         except P.ProtocolError as exc:
@@ -969,7 +983,7 @@ class NBDServer:
         except P.ProtocolError as exc:
             stats["protocol_errors"] += 1
             reason = f"protocol_error: {exc}"
-        except socket.timeout:
+        except TimeoutError:
             reason = "timeout_partial_request"
         except OSError as exc:
             reason = f"connection_lost: {exc}"
@@ -1002,7 +1016,12 @@ class NBDServer:
         if flags == 0 and length and req.offset + length <= exp.size and length <= self.max_request:
             if cmd == NBD_CMD_READ and backend.inline_ok(cmd, 0, length):
                 return self._read(out, req, backend, structured)
-            if cmd == NBD_CMD_WRITE and not exp.read_only and not req.oversized and backend.inline_ok(cmd, 0, length):
+            if (
+                cmd == NBD_CMD_WRITE
+                and not exp.read_only
+                and not req.oversized
+                and backend.inline_ok(cmd, 0, length)
+            ):
                 try:
                     backend.write(req.offset, req.payload)
                 except OSError as exc:
@@ -1133,5 +1152,7 @@ async def serve_nbd(
     listening.  Extra keyword arguments go to :class:`NBDServer` (timeouts,
     ``max_clients``, ``shutdown_grace``).  For a graceful shutdown, build an
     :class:`NBDServer` and call ``request_shutdown()``."""
-    server = NBDServer(exports, max_request=max_request, max_inflight_per_client=max_inflight_per_client, **kwargs)
+    server = NBDServer(
+        exports, max_request=max_request, max_inflight_per_client=max_inflight_per_client, **kwargs
+    )
     await server.serve(host, port, task_status=task_status)

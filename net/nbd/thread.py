@@ -23,7 +23,9 @@ log = structlog.get_logger("net.nbd.thread")
 class NBDServerThread:
     """``with NBDServerThread([ExportSpec("", 64 << 20)]) as srv: srv.url()``"""
 
-    def __init__(self, exports: list[ExportSpec], host: str = "127.0.0.1", port: int = 0, **server_kwargs) -> None:
+    def __init__(
+        self, exports: list[ExportSpec], host: str = "127.0.0.1", port: int = 0, **server_kwargs
+    ) -> None:
         self.exports = list(exports)
         self.host = host
         self.requested_port = port
@@ -36,7 +38,7 @@ class NBDServerThread:
         self._started = threading.Event()
         self._error: BaseException | None = None
 
-    def start(self) -> "NBDServerThread":
+    def start(self) -> NBDServerThread:
         """Start the thread and block until the server listens (or raise why it could not)."""
         if self._thread is not None:
             raise RuntimeError("NBDServerThread already started")
@@ -100,7 +102,7 @@ class NBDServerThread:
         if thread.is_alive():
             raise RuntimeError("NBD server thread did not stop")
 
-    def __enter__(self) -> "NBDServerThread":
+    def __enter__(self) -> NBDServerThread:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

@@ -69,7 +69,9 @@ def test_stalled_handshake_times_out(nbd_server, raw_client):
 def test_length_zero_requests_keep_connection(nbd_server, raw_client):
     c = raw_client(nbd_server.port)
     c.go("")
-    for cookie, cmd in enumerate([P.NBD_CMD_READ, P.NBD_CMD_WRITE, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES], 1):
+    for cookie, cmd in enumerate(
+        [P.NBD_CMD_READ, P.NBD_CMD_WRITE, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES], 1
+    ):
         c.request(cmd, cookie, 0, 0)
         assert c.simple_reply() == (0, cookie, b"")
     c.request(P.NBD_CMD_READ, 9, 0, 4)
@@ -226,8 +228,10 @@ def _must_close(raw_client, port: int, payload: bytes, after_go: bool) -> None:
             st.tuples(st.sampled_from([1, 3, 0x80000003]), st.integers(0, 12), st.binary(max_size=40)),
             max_size=6,
         ).map(
-            lambda opts: struct.pack(">I", opts[0][0] & 3 if opts else 1)
-            + b"".join(P.encode_option(o, d) for _, o, d in opts)
+            lambda opts: (
+                struct.pack(">I", opts[0][0] & 3 if opts else 1)
+                + b"".join(P.encode_option(o, d) for _, o, d in opts)
+            )
         ),
     )
 )
@@ -236,8 +240,10 @@ def test_fuzz_handshake(fuzz_server, good_client, raw_client, payload):
 
 
 _request = st.builds(
-    lambda cmd, flags, cookie, offset, length: P.encode_request(cmd, cookie, offset, length, flags)
-    + (bytes(min(length, 5000)) if cmd == P.NBD_CMD_WRITE else b""),
+    lambda cmd, flags, cookie, offset, length: (
+        P.encode_request(cmd, cookie, offset, length, flags)
+        + (bytes(min(length, 5000)) if cmd == P.NBD_CMD_WRITE else b"")
+    ),
     st.integers(0, 10),
     st.sampled_from([0, 1, 2, 4, 0x10, 0x8000, 0xFFFF]),
     st.integers(0, 2**64 - 1),
@@ -274,7 +280,9 @@ def _unread_bytes(sock: socket.socket) -> int:
 
 @pytest.mark.parametrize("io_mode", ["thread", "trio"])
 @pytest.mark.parametrize("backend", ["memory", "memory-holes", "file"])
-def test_memory_bounded_when_client_never_reads_replies(server_factory, raw_client, tmp_path, io_mode, backend):
+def test_memory_bounded_when_client_never_reads_replies(
+    server_factory, raw_client, tmp_path, io_mode, backend
+):
     """4096 pipelined READs of 256 KiB and 1 MiB (2.5 GiB of replies) from a
     client that never reads: the server stops reading requests once its
     replies fill the socket, and what it allocates meanwhile (Python

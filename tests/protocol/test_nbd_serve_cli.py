@@ -24,7 +24,9 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-@pytest.mark.parametrize("text,value", [("4096", 4096), ("512M", 512 << 20), ("1G", 1 << 30), ("2k", 2048), ("1GiB", 1 << 30)])
+@pytest.mark.parametrize(
+    "text,value", [("4096", 4096), ("512M", 512 << 20), ("1G", 1 << 30), ("2k", 2048), ("1GiB", 1 << 30)]
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
@@ -93,7 +95,14 @@ def serve_process(tmp_path):
 async def test_serve_foreground_and_sigterm(serve_process, tmp_path):
     port = free_port()
     proc = serve_process(
-        "--port", str(port), "--size", "4M", "--export", f"f=1M:file={tmp_path / 'f.img'}", "--export", "r=64k:ro"
+        "--port",
+        str(port),
+        "--size",
+        "4M",
+        "--export",
+        f"f=1M:file={tmp_path / 'f.img'}",
+        "--export",
+        "r=64k:ro",
     )
     line = await trio.to_thread.run_sync(proc.stdout.readline)
     assert f"nbd://127.0.0.1:{port}/ " in line and f"nbd://127.0.0.1:{port}/f" in line

@@ -12,7 +12,14 @@ import trio
 
 from net.nbd import protocol as P
 from net.nbd import server as S
-from net.nbd.client import NBDClient, NBDError, NBDHandshakeError, nbd_handshake, nbd_list_exports, parse_nbd_url
+from net.nbd.client import (
+    NBDClient,
+    NBDError,
+    NBDHandshakeError,
+    nbd_handshake,
+    nbd_list_exports,
+    parse_nbd_url,
+)
 from net.nbd.server import ExportSpec, NBDServer
 
 MiB = 1024 * 1024
@@ -125,7 +132,12 @@ async def test_structured_read_hole_and_error(nbd_server):
             await stream.send_all(P.encode_request(P.NBD_CMD_READ, 1, 0, 4096, P.NBD_CMD_FLAG_DF))
             hdr = await _recv_exact(stream, 20)
             _, flags, ctype, cookie, length = struct.unpack(">IHHQI", hdr)
-            assert (flags, ctype, cookie, length) == (P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_HOLE, 1, 12)
+            assert (flags, ctype, cookie, length) == (
+                P.NBD_REPLY_FLAG_DONE,
+                P.NBD_REPLY_TYPE_OFFSET_HOLE,
+                1,
+                12,
+            )
             await _recv_exact(stream, 12)
             await stream.send_all(P.encode_request(P.NBD_CMD_READ, 2, info.size, 1))
             _, flags, ctype, cookie, length = struct.unpack(">IHHQI", await _recv_exact(stream, 20))
@@ -146,6 +158,7 @@ async def test_handshake_errors_are_clear(nbd_server):
     with pytest.raises(NBDHandshakeError, match="'missing' not found"):
         async with NBDClient.connect(nbd_server.url("missing")):
             pass
+
     # Not an NBD server at all: a listener that sends HTTP.
     async def fake(stream):
         await stream.send_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
@@ -180,7 +193,9 @@ async def test_client_does_not_send_flush_when_not_offered():
             if len(buf) >= 4 + 16 and len(buf) >= 4 + 16 + struct.unpack(">I", buf[16:20])[0]:
                 hs_done = True
         await stream.send_all(
-            P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_INFO, struct.pack(">HQH", 0, 1 << 20, P.NBD_FLAG_HAS_FLAGS))
+            P.encode_option_reply(
+                P.NBD_OPT_GO, P.NBD_REP_INFO, struct.pack(">HQH", 0, 1 << 20, P.NBD_FLAG_HAS_FLAGS)
+            )
             + P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_ACK)
         )
         while data := await stream.receive_some(4096):
@@ -214,7 +229,9 @@ def test_parse_nbd_url(url, expected):
     assert parse_nbd_url(url) == expected
 
 
-@pytest.mark.parametrize("url", ["", "http://x/", "nbd+unix:///?socket=/s", "nbd://:10/", "nbd://h:99999/", "nbd://h:x/"])
+@pytest.mark.parametrize(
+    "url", ["", "http://x/", "nbd+unix:///?socket=/s", "nbd://:10/", "nbd://h:99999/", "nbd://h:x/"]
+)
 def test_parse_nbd_url_errors(url):
     with pytest.raises(ValueError):
         parse_nbd_url(url)
@@ -233,7 +250,9 @@ async def test_replies_out_of_order_and_graceful_shutdown(tmp_path, monkeypatch)
 
     monkeypatch.setattr(S.FileBackend, "flush", slow_flush)
     server = NBDServer(
-        [ExportSpec("f", MiB, backend="file", path=str(tmp_path / "f.img"))], shutdown_grace=5.0, handshake_timeout=5
+        [ExportSpec("f", MiB, backend="file", path=str(tmp_path / "f.img"))],
+        shutdown_grace=5.0,
+        handshake_timeout=5,
     )
     async with trio.open_nursery() as n:
         port = await n.start(server.serve, "127.0.0.1", 0)
@@ -250,7 +269,9 @@ async def test_replies_out_of_order_and_graceful_shutdown(tmp_path, monkeypatch)
                 assert data
                 tc.receive_data(data)
 
-        await stream.send_all(tc.send_request(P.NBD_CMD_FLUSH, 1, 0, 0) + tc.send_request(P.NBD_CMD_READ, 2, 0, 512))
+        await stream.send_all(
+            tc.send_request(P.NBD_CMD_FLUSH, 1, 0, 0) + tc.send_request(P.NBD_CMD_READ, 2, 0, 512)
+        )
         assert await next_reply() == P.Reply(2, 0, bytes(512))  # overtook the FLUSH
         server.request_shutdown()
         await trio.sleep(0.05)

@@ -38,7 +38,9 @@ def _read_reply(c, structured: bool, cookie: int, offset: int, length: int) -> b
 
 @pytest.mark.parametrize("io_mode", ["thread", "trio"])
 @pytest.mark.parametrize("structured", [False, True])
-def test_read_reply_is_not_changed_by_a_later_pipelined_write(server_factory, raw_client, io_mode, structured):
+def test_read_reply_is_not_changed_by_a_later_pipelined_write(
+    server_factory, raw_client, io_mode, structured
+):
     """Large READ replies are sent from views of the backend's chunks; a WRITE
     pipelined right behind the READ (same receive buffer) must not change the
     bytes of the READ's reply, whether it rewrites chunks in place or replaces
@@ -91,7 +93,12 @@ def test_large_reads_over_holes(server_factory, raw_client, io_mode):
     expect[69000:69005] = b"hello"
     assert payload == struct.pack(">Q", 1000) + expect
     c.request(P.NBD_CMD_READ, 3, 2 * MiB + 5, MiB + 7)
-    assert c.structured_chunk() == (P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_OFFSET_HOLE, 3, struct.pack(">QI", 2 * MiB + 5, MiB + 7))
+    assert c.structured_chunk() == (
+        P.NBD_REPLY_FLAG_DONE,
+        P.NBD_REPLY_TYPE_OFFSET_HOLE,
+        3,
+        struct.pack(">QI", 2 * MiB + 5, MiB + 7),
+    )
 
     s = raw_client(srv.port)
     s.go("")
@@ -220,7 +227,9 @@ def test_large_write_payload_is_read_back_without_a_copy():
     assert n == 16 and out == [struct.pack(">IIQ", P.NBD_SIMPLE_REPLY_MAGIC, 0, 1)]
     for structured in (False, True):
         out = []
-        n = srv._answer_inline(out, P.Request(P.NBD_CMD_READ, 0, 2, 2 * S.CHUNK + 100, 300_000), exp, structured)
+        n = srv._answer_inline(
+            out, P.Request(P.NBD_CMD_READ, 0, 2, 2 * S.CHUNK + 100, 300_000), exp, structured
+        )
         header, *parts = out
         assert len(header) == (28 if structured else 16) and n == len(header) + 300_000
         assert all(isinstance(p, memoryview) and p.obj is payload for p in parts)
@@ -237,7 +246,11 @@ def test_large_write_payload_is_read_back_without_a_copy():
 _SIZE = 2 * MiB
 _ops = st.one_of(
     st.tuples(st.just(P.NBD_CMD_WRITE), st.integers(0, _SIZE - 1), st.integers(1, 300_000)),
-    st.tuples(st.just(P.NBD_CMD_READ), st.integers(0, _SIZE - 1), st.sampled_from([1, 4096, S._VIEW_MIN - 1, S._VIEW_MIN, 200_000, MiB])),
+    st.tuples(
+        st.just(P.NBD_CMD_READ),
+        st.integers(0, _SIZE - 1),
+        st.sampled_from([1, 4096, S._VIEW_MIN - 1, S._VIEW_MIN, 200_000, MiB]),
+    ),
     st.tuples(st.just(P.NBD_CMD_READ), st.integers(0, _SIZE - 1), st.integers(1, 400_000)),
     st.tuples(st.just(P.NBD_CMD_TRIM), st.integers(0, _SIZE - 1), st.integers(1, 400_000)),
     st.tuples(st.just(P.NBD_CMD_WRITE_ZEROES), st.integers(0, _SIZE - 1), st.integers(1, 400_000)),
@@ -356,7 +369,9 @@ def test_busy_poll_ends_when_the_client_goes_quiet(server_factory, raw_client, y
     assert yields.calls == spun  # and then slept
 
 
-def test_busy_poll_off_with_other_connections_or_busy_workers(server_factory, raw_client, yields, tmp_path, monkeypatch):
+def test_busy_poll_off_with_other_connections_or_busy_workers(
+    server_factory, raw_client, yields, tmp_path, monkeypatch
+):
     """No spinning while another client is connected (the spinning thread
     would hold up the other's threads), nor while one of the connection's own
     requests is still running in a worker; the sole connection spins again
