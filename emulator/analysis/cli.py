@@ -211,11 +211,7 @@ def outcomes_main(args: argparse.Namespace) -> int:
         if not found:
             return _error("outcomes", f"{d}: no runs.jsonl rows (not a sweep or experiment directory)")
         rows.extend(found)
-    # A sweep names its cells by config and grid values; its --set overrides
-    # apply to every cell, so they join the name once sweeps are pooled.
-    rows = [{**r, "cell": " ".join([str(r.get("cell")), *(
-        o for o in r.get("overrides", ()) if o.partition("=")[0] not in (r.get("grid") or {}))])}
-        for r in rows]
+    rows, common = _name_pooled_cells(rows)
     cells = summarize_cells(rows)
     by_name = {c.cell: c for c in cells}
     ratios = []
@@ -230,16 +226,44 @@ def outcomes_main(args: argparse.Namespace) -> int:
             return _error("outcomes", f"--ratio {spec}: a cell without elapsed times")
         ratios.append(f"median elapsed {a} / {b}: {statistics.median(ea):.1f} s / "
                       f"{statistics.median(eb):.1f} s = {statistics.median(ea) / statistics.median(eb):.2f}")
+    every_run = f"every run: {' '.join(f'--set {o}' for o in common)}" if common else None
     if args.markdown:
         sys.stdout.write(summary_markdown(cells))
-        for r in ratios:
+        for r in [every_run, *ratios] if every_run else ratios:
             sys.stdout.write(f"\n{r}\n")
     else:
         console = _console(120)
         console.print(summary_table(cells, title=f"outcomes over {len(rows)} runs"))
-        for r in ratios:
-            console.print(r)
+        for r in [every_run, *ratios] if every_run else ratios:
+            console.print(r, markup=False)
     return EXIT_OK
+
+
+def _name_pooled_cells(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Keep apart runs that share a cell name but not their ``--set`` overrides.
+
+    A sweep names a cell by its config and grid values; its other ``--set``
+    overrides apply to every run of that sweep. Pooling several directories
+    can therefore put different machines under one name: an override joins
+    the cell's name only where runs of that name disagree on it. Overrides
+    that every run shares are returned apart, to be printed once.
+    """
+    def extra(r: dict) -> dict[str, str]:
+        grid = r.get("grid") or {}
+        return {o.partition("=")[0]: o for o in r.get("overrides", ()) if o.partition("=")[0] not in grid}
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get("cell")), []).append(r)
+    named = []
+    for name, group in groups.items():
+        extras = [extra(r) for r in group]
+        keys = sorted({k for e in extras for k in e})
+        apart = [k for k in keys if len({e.get(k) for e in extras}) > 1]
+        named += [{**r, "cell": " ".join([name, *(e[k] for k in apart if k in e)])}
+                  for r, e in zip(group, extras, strict=True)]
+    shared = set.intersection(*(set(extra(r).values()) for r in rows)) if rows else set()
+    return named, sorted(shared)
 
 
 # -- stand-alone dispatcher -------------------------------------------------

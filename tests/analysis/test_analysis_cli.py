@@ -274,3 +274,21 @@ def test_outcomes_refuses_an_unknown_cell_and_an_empty_directory(tmp_path, capsy
     (tmp_path / "empty").mkdir()
     assert outcomes([str(tmp_path / "empty")]) == cli.EXIT_BAD_INPUT
     assert "no runs.jsonl rows" in capsys.readouterr().err
+
+
+def test_outcomes_prints_shared_overrides_once_and_names_only_what_differs(tmp_path, capsys):
+    shared = ["machine.memory_mib=24", "workload.passes=2"]
+    _write_rows(tmp_path / "a", [
+        # The ablation's kernel.patches differs between cells but not inside one:
+        # the cell name already says it.
+        {"cell": "vanilla+14", "seed": 1, "outcome": "completed", "elapsed_s": 20.0,
+         "overrides": [*shared, "kernel.patches=[14]"]},
+        {"cell": "vanilla+14", "seed": 2, "outcome": "completed", "elapsed_s": 22.0,
+         "overrides": [*shared, "kernel.patches=[14]"]},
+        {"cell": "vanilla+1", "seed": 1, "outcome": "lockup", "elapsed_s": 21.0, "lockup_at_s": 1.0,
+         "overrides": [*shared, "kernel.patches=[1]"]}])
+    assert outcomes([str(tmp_path / "a"), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    names = [ln.split(" | ")[0].lstrip("| ") for ln in out.splitlines() if ln.startswith("| ")][1:]
+    assert names == ["vanilla+14", "vanilla+1"]
+    assert "every run: --set machine.memory_mib=24 --set workload.passes=2" in out
