@@ -95,6 +95,12 @@ def test_real_handshakes_take_every_transition_in_the_table(taken):
     assert c.next_event() is P.NEED_DATA and c.state is P.AWAIT_EXPORT_NAME_REPLY
     c.receive_data(struct.pack(">QH", 4096, 1) + bytes(124))
     assert isinstance(c.next_event(), P.HandshakeDone)
+    # A refused client (over the server's cap) sending EXPORT_NAME: no error reply is possible.
+    s = P.ServerHandshake(EXPORTS)
+    s.refusal = "full"
+    s.receive_data(struct.pack(">I", P.NBD_FLAG_C_FIXED_NEWSTYLE) + P.encode_option(P.NBD_OPT_EXPORT_NAME))
+    assert s.next_event() == P.HandshakeRefused(P.NBD_OPT_EXPORT_NAME, "full")
+    assert s.state is P.CLOSED and s.data_to_send() == b""
     assert taken == set(P.TRANSITIONS)
 
 
@@ -124,3 +130,34 @@ def test_a_remote_violation_is_the_error_state():
     with pytest.raises(P.HandshakeFailed):
         c.next_event()
     assert c.state is P.ERROR
+
+
+def test_a_refused_client_gets_err_policy_on_every_option_and_may_abort():
+    s = P.ServerHandshake(EXPORTS)
+    s.refusal = "server has reached its limit of 1 client"
+    s.receive_data(struct.pack(">I", P.NBD_FLAG_C_FIXED_NEWSTYLE))
+    for opt, data in [
+        (P.NBD_OPT_STRUCTURED_REPLY, b""),
+        (P.NBD_OPT_LIST, b""),
+        (P.NBD_OPT_INFO, P.encode_info_request("")),
+        (P.NBD_OPT_GO, P.encode_info_request("")),
+    ]:
+        s.receive_data(P.encode_option(opt, data))
+        assert s.next_event() is P.NEED_DATA and s.state is P.OPTIONS
+        assert s.data_to_send() == P.encode_option_reply(
+            opt, P.NBD_REP_ERR_POLICY, b"server has reached its limit of 1 client"
+        )
+    s.receive_data(P.encode_option(P.NBD_OPT_ABORT))
+    assert isinstance(s.next_event(), P.HandshakeAborted)
+    assert s.data_to_send() == P.encode_option_reply(P.NBD_OPT_ABORT, P.NBD_REP_ACK)
+    # Our client reports the server's message.
+    c = P.ClientHandshake("", structured_replies=True)
+    s = P.ServerHandshake(EXPORTS)
+    s.refusal = "server has reached its limit of 1 client"
+    c.receive_data(s.greeting())
+    with pytest.raises(P.HandshakeFailed, match="ERR_POLICY server has reached its limit of 1 client"):
+        for _ in range(10):
+            c.next_event()
+            s.receive_data(c.data_to_send())
+            s.next_event()
+            c.receive_data(s.data_to_send())

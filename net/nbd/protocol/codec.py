@@ -174,6 +174,17 @@ class HandshakeAborted:
 
 
 @attrs.frozen
+class HandshakeRefused:
+    """Server side: the server had refused this client (``ServerHandshake.refusal``)
+    and the client sent NBD_OPT_EXPORT_NAME, which cannot be answered with an
+    error: the server must hard-close (spec, "Termination of the session during
+    option haggling")."""
+
+    option: int
+    message: str
+
+
+@attrs.frozen
 class ExportList:
     """Client side, ``mode="list"``: the export names (with descriptions)."""
 

@@ -30,6 +30,7 @@ from .codec import (
     HandshakeAborted,
     HandshakeDone,
     HandshakeFailed,
+    HandshakeRefused,
     NeedData,
     OptionReply,
     ProtocolError,
@@ -136,6 +137,7 @@ RECV_EXPORT_NAME_REPLY = _make_sentinel("RECV_EXPORT_NAME_REPLY")
 RECV_CLIENT_FLAGS = _make_sentinel("RECV_CLIENT_FLAGS")
 RECV_OPTION = _make_sentinel("RECV_OPTION")  # any option answered with replies, staying in OPTIONS
 RECV_EXPORT_NAME = _make_sentinel("RECV_EXPORT_NAME")
+RECV_EXPORT_NAME_REFUSED = _make_sentinel("RECV_EXPORT_NAME_REFUSED")  # EXPORT_NAME from a refused client
 RECV_GO = _make_sentinel("RECV_GO")  # NBD_OPT_GO answered with NBD_REP_ACK
 RECV_ABORT = _make_sentinel("RECV_ABORT")
 
@@ -162,6 +164,7 @@ TRANSITIONS: dict[tuple[type, type, type], type] = {
     (SERVER, OPTIONS, RECV_EXPORT_NAME): TRANSMISSION,
     (SERVER, OPTIONS, RECV_GO): TRANSMISSION,
     (SERVER, OPTIONS, RECV_ABORT): CLOSED,
+    (SERVER, OPTIONS, RECV_EXPORT_NAME_REFUSED): CLOSED,  # no error reply possible: hard close
 }
 
 INITIAL_STATE: dict[type, type] = {CLIENT: AWAIT_GREETING, SERVER: AWAIT_CLIENT_FLAGS}
@@ -187,7 +190,7 @@ def next_state(role: type, state: type, trigger: type) -> type:
 #: What ``ClientHandshake.next_event()`` returns.
 ClientHandshakeEvent = HandshakeDone | ExportList | NeedData
 #: What ``ServerHandshake.next_event()`` returns.
-ServerHandshakeEvent = HandshakeDone | HandshakeAborted | NeedData
+ServerHandshakeEvent = HandshakeDone | HandshakeAborted | HandshakeRefused | NeedData
 
 
 def _rep_name(t: int) -> str:
@@ -492,11 +495,20 @@ class ServerHandshake:
     "default export").  Call ``greeting()`` once and send it; then feed bytes
     with ``receive_data``, and after each ``next_event()`` send
     ``data_to_send()``.  Events: NEED_DATA, :class:`HandshakeDone` (info =
-    the selected export, as an :class:`ExportInfo`), :class:`HandshakeAborted`.
+    the selected export, as an :class:`ExportInfo`), :class:`HandshakeAborted`,
+    :class:`HandshakeRefused`.
     Raises :class:`ProtocolError` when the spec says the server must (or may)
     hard-close: unknown client flags, bad option magic, EXPORT_NAME of an
     unknown export, oversized option data, too many options; it is then in
     its error state (module docstring).
+
+    ``shutting_down`` and ``refusal`` are set by the I/O shell.  While
+    ``shutting_down``, options other than ABORT get ``NBD_REP_ERR_SHUTDOWN``.
+    ``refusal`` (a message) refuses this client by server policy, such as a
+    cap on clients: every option but ABORT is answered ``NBD_REP_ERR_POLICY``
+    with that message, so a client learns why on its first option; an
+    ``NBD_OPT_EXPORT_NAME`` (no error reply possible) yields
+    :class:`HandshakeRefused` and the server must hard-close.
     """
 
     def __init__(
@@ -514,6 +526,7 @@ class ServerHandshake:
         self.no_zeroes = False
         self.structured_replies = False
         self.shutting_down = False
+        self.refusal: str | None = None
         self._options_seen = 0
         self.max_options = max_options
         self.options_log: list[tuple[int, int]] = []  # (option, reply type)
@@ -608,6 +621,9 @@ class ServerHandshake:
             self._to(RECV_OPTION)
 
     def _handle_option(self, opt: int, data: bytes):
+        if opt == NBD_OPT_EXPORT_NAME and self.refusal is not None and not self.shutting_down:
+            self._to(RECV_EXPORT_NAME_REFUSED)
+            return HandshakeRefused(option=opt, message=self.refusal)
         if opt == NBD_OPT_EXPORT_NAME:
             try:
                 name = data.decode()
@@ -628,6 +644,15 @@ class ServerHandshake:
             return HandshakeAborted()
         if self.shutting_down:
             self._err(opt, NBD_REP_ERR_SHUTDOWN, "server is shutting down")
+            return None
+        if self.refusal is not None:
+            # ERR_POLICY: the option is known and valid, but the server's
+            # configuration forbids it (spec).  Not ERR_SHUTDOWN (the server is
+            # not going down; that reply obliges the client to give up), not
+            # ERR_TOO_BIG (the size of a request or reply), not ERR_UNKNOWN (the
+            # export exists).  nbd-server answers NBD_OPT_GO over an export's
+            # maxconnections the same way.
+            self._err(opt, NBD_REP_ERR_POLICY, self.refusal)
             return None
         if opt == NBD_OPT_LIST:
             if data:
