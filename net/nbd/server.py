@@ -31,6 +31,11 @@ Behaviour (see docs/NBD.md for the full table):
   let in-flight requests finish, answer new requests with ``ESHUTDOWN`` and
   new options with ``ERR_SHUTDOWN``, close remaining connections after a
   grace period;
+* limits: at most ``max_clients`` clients at once; a client beyond the cap
+  gets the greeting, then ``NBD_REP_ERR_POLICY`` (with a message) to every
+  option but ABORT, and is closed if it sends ``NBD_OPT_EXPORT_NAME`` (which
+  cannot carry an error); an optional ``idle_timeout`` closes a connection
+  that sends nothing for that long with no request in flight;
 * robustness: handshake timeout, timeout on a half-received request, cap on
   option size and count, bad request magic closes the connection; any
   unexpected exception in one connection closes that connection only.
@@ -45,6 +50,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import select
 import socket
 import struct
 import threading
@@ -89,6 +95,10 @@ _VIEW_MIN = 65536  # READs this large are sent from views of the backend's buffe
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
 _SEND_IOV = 1024  # buffers per sendmsg call (IOV_MAX on Linux)
 _simple_pack = struct.Struct(">IIQ").pack
+# Clients beyond max_clients that are being refused in the handshake at once; beyond
+# this many more, a new connection is closed at once (the spec allows a hard close
+# when a server believes it is under denial of service).
+MAX_REFUSING = 64
 
 
 # --------------------------------------------------------------------------
@@ -485,7 +495,8 @@ class _RawSocketIO:
             self._spins += 1
             if self._spins >= 16:
                 self._spins = 0
-                await trio.lowlevel.checkpoint()
+                # Yield for fairness, but never be cancelled here: the bytes are read.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return self.rview[:n]
 
     async def send(self, data) -> None:
@@ -520,6 +531,10 @@ class _ConnClosed(Exception):
     pass
 
 
+class _IdleTimeout(Exception):
+    pass
+
+
 class NBDServer:
     """The server.  ``await server.serve(host, port, task_status=...)`` runs
     until :meth:`request_shutdown` (graceful) or cancellation (abrupt)."""
@@ -533,6 +548,7 @@ class NBDServer:
         max_clients: int = 1024,
         handshake_timeout: float = 10.0,
         request_timeout: float = 30.0,
+        idle_timeout: float = 0.0,
         shutdown_grace: float = 2.0,
         receive_size: int = 256 * 1024,
         io_mode: str = "thread",
@@ -547,12 +563,19 @@ class NBDServer:
             raise ValueError("max_request must be between 512 bytes and 4 GiB - 1")
         if max_inflight_per_client < 1:
             raise ValueError("max_inflight_per_client must be at least 1")
+        if not isinstance(max_clients, int) or max_clients < 1:
+            raise ValueError(f"max_clients must be an integer of at least 1, not {max_clients!r}")
+        if not handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be positive, not {handshake_timeout!r}")
+        if not idle_timeout >= 0:
+            raise ValueError(f"idle_timeout must not be negative (0 = none), not {idle_timeout!r}")
         self.specs = list(exports)
         self.max_request = max_request
         self.max_inflight_per_client = max_inflight_per_client
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
         self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
         self.shutdown_grace = shutdown_grace
         self.receive_size = receive_size
         if io_mode not in ("thread", "trio"):
@@ -568,10 +591,24 @@ class NBDServer:
         self._exports: dict[str, _Export] = {}
         self._shutdown_event = trio.Event()
         self._connections = 0
+        self._admitted = 0  # connections holding one of the max_clients slots
+        self._refusing = 0  # connections beyond the cap, being refused in the handshake
         self._idle = trio.Event()
         self._idle.set()
         self._next_conn_id = 0
-        self.stats = {"connections": 0, "requests": 0, "errors": 0, "protocol_errors": 0}
+        self.stats = {
+            "connections": 0,
+            "requests": 0,
+            "errors": 0,
+            "protocol_errors": 0,
+            "refused": 0,
+            "idle_timeouts": 0,
+        }
+
+    @property
+    def clients(self) -> int:
+        """Connections holding one of the ``max_clients`` slots (refused ones do not)."""
+        return self._admitted
 
     # -- lifecycle
     def request_shutdown(self) -> None:
@@ -603,6 +640,9 @@ class NBDServer:
                         {"name": s.name, "size": s.size, "backend": s.backend, "ro": s.read_only}
                         for s in self.specs
                     ],
+                    max_clients=self.max_clients,
+                    idle_timeout_s=self.idle_timeout,
+                    handshake_timeout_s=self.handshake_timeout,
                 )
                 task_status.started(self.port)
                 await self._shutdown_event.wait()
@@ -666,16 +706,42 @@ class NBDServer:
         """Serve one client on ``stream`` (any trio Stream), then close it."""
         clog = log.bind(conn=cid, peer=peer)
         reason = "eof"
+        admitted = self._admitted < self.max_clients
+        refusing = False
+        if admitted:
+            self._admitted += 1
         try:
             async with stream:
-                if self._connections > self.max_clients:
-                    reason = "too_many_clients"
-                    return
-                done = await self._handshake(stream, clog)
+                if not admitted:
+                    self.stats["refused"] += 1
+                    if self._refusing >= MAX_REFUSING:
+                        clog.warning(
+                            "nbd_client_refused",
+                            max_clients=self.max_clients,
+                            how="closed at once: too many refusals in progress",
+                        )
+                        reason = "refused_max_clients"
+                        return
+                    refusing = True
+                    self._refusing += 1
+                    clog.warning(
+                        "nbd_client_refused",
+                        max_clients=self.max_clients,
+                        how="NBD_REP_ERR_POLICY to every option; closed on NBD_OPT_EXPORT_NAME",
+                    )
+                done = await self._handshake(stream, clog, refuse=not admitted)
                 if done is None:
-                    reason = "handshake_ended"
+                    reason = "refused_max_clients" if refusing else "handshake_ended"
                     return
                 ev, leftover = done
+                if isinstance(ev, P.HandshakeRefused):
+                    clog.warning(
+                        "nbd_client_refused_export_name",
+                        max_clients=self.max_clients,
+                        how="hard close (NBD_OPT_EXPORT_NAME cannot carry an error)",
+                    )
+                    reason = "refused_max_clients_export_name"
+                    return
                 exp = self._exports[ev.info.name]
                 clog.info(
                     "nbd_client_connected",
@@ -684,21 +750,39 @@ class NBDServer:
                     flags=hex(ev.info.flags),
                 )
                 reason = await self._transmission(stream, exp, ev.structured_replies, leftover, clog)
+                if reason == "idle_timeout":
+                    self.stats["idle_timeouts"] += 1
+                    clog.info("nbd_client_idle_timeout", idle_timeout_s=self.idle_timeout)
         except P.ProtocolError as exc:
             self.stats["protocol_errors"] += 1
             reason = f"protocol_error: {exc}"
         except trio.TooSlowError:
-            reason = "timeout"
+            reason = "handshake_timeout"  # the transmission loops catch their own timeouts
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ConnClosed):
             reason = "connection_lost"
         except Exception as exc:  # never let one client take the server down
             clog.exception("nbd_connection_crashed")
             reason = f"internal_error: {exc!r}"
         finally:
+            if admitted:
+                self._admitted -= 1
+            if refusing:
+                self._refusing -= 1
             clog.info("nbd_client_closed", reason=reason)
 
-    async def _handshake(self, stream, clog):
+    def refusal_message(self) -> str:
+        """What a client beyond ``max_clients`` is told (NBD_REP_ERR_POLICY's message)."""
+        n = self.max_clients
+        return f"server is at its limit of {n} client{'s' if n != 1 else ''} at once; try again later"
+
+    async def _handshake(self, stream, clog, refuse: bool = False):
+        """Run the server handshake.  Returns None when it ended without a
+        transmission (ABORT, EOF), else (HandshakeDone or HandshakeRefused,
+        bytes received beyond it).  A client beyond the cap (``refuse``) goes
+        through the same handshake with every option refused."""
         hs = P.ServerHandshake({name: e.server_export for name, e in self._exports.items()})
+        if refuse:
+            hs.refusal = self.refusal_message()
         with trio.fail_after(self.handshake_timeout):
             await stream.send_all(hs.greeting())
             while True:
@@ -736,6 +820,7 @@ class NBDServer:
     async def _transmission_loop(self, io, parser, exp: _Export, structured: bool, clog) -> str:
         sem = trio.Semaphore(self.max_inflight_per_client)
         stats = self.stats
+        idle = self.idle_timeout
         out: list = []
         queued = 0  # bytes in out
         views = False  # out holds views of backend buffers (a large READ)
@@ -800,6 +885,14 @@ class NBDServer:
                     if parser.partial:
                         with trio.fail_after(self.request_timeout):
                             data = await receive()
+                    elif idle:
+                        while True:
+                            with trio.move_on_after(idle) as idle_scope:
+                                data = await receive()  # cancel-safe: nothing is read when cancelled
+                            if not idle_scope.cancelled_caught:
+                                break
+                            if sem.value == self.max_inflight_per_client:
+                                raise _IdleTimeout  # nothing received, nothing in flight
                     else:
                         data = await receive()
                     if not data:
@@ -811,6 +904,8 @@ class NBDServer:
                 reason = f"protocol_error: {exc}"
             except trio.TooSlowError:
                 reason = "timeout_partial_request"
+            except _IdleTimeout:
+                reason = "idle_timeout"
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 reason = "connection_lost"
             finally:
@@ -875,6 +970,12 @@ class NBDServer:
         spin = self.busy_poll_us / 1e6
         monotonic = time.monotonic
         sched_yield = os.sched_yield
+        idle_ms = max(1, round(self.idle_timeout * 1000)) if self.idle_timeout else 0
+        if idle_ms:
+            # The idle timeout waits in poll() rather than through a socket
+            # timeout, which would also apply to the workers' sends.
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
 
         def worker(req: P.Request) -> None:
             try:
@@ -973,6 +1074,10 @@ class NBDServer:
                                 break
                             sched_yield()  # anything else runnable on this CPU goes first
                 if n < 0:
+                    if idle_ms and not timeout_set:
+                        while not poller.poll(idle_ms):
+                            if all(f.done() for f in pending):
+                                raise _IdleTimeout  # nothing received, nothing in flight
                     n = recv_into(rbuf)
                 if not n:
                     reason = "eof_partial_request" if parser.partial else "eof"
@@ -985,6 +1090,8 @@ class NBDServer:
             reason = f"protocol_error: {exc}"
         except TimeoutError:
             reason = "timeout_partial_request"
+        except _IdleTimeout:
+            reason = "idle_timeout"
         except OSError as exc:
             reason = f"connection_lost: {exc}"
         finally:
@@ -1150,7 +1257,7 @@ async def serve_nbd(
 ) -> None:
     """Run an NBD server until cancelled; ``task_status.started(port)`` once
     listening.  Extra keyword arguments go to :class:`NBDServer` (timeouts,
-    ``max_clients``, ``shutdown_grace``).  For a graceful shutdown, build an
+    ``max_clients``, ``idle_timeout``, ``shutdown_grace``).  For a graceful shutdown, build an
     :class:`NBDServer` and call ``request_shutdown()``."""
     server = NBDServer(
         exports, max_request=max_request, max_inflight_per_client=max_inflight_per_client, **kwargs
