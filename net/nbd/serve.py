@@ -9,10 +9,18 @@ SIGINT / SIGTERM (graceful shutdown: in-flight requests finish, new ones get
     swapnbd serve [--host H] [--port P]
                   [--export NAME=SIZE[:file=PATH][:ro][:desc=TEXT]]...
                   [--size SIZE] [--max-request-mib N]
+                  [--max-clients N] [--idle-timeout S] [--handshake-timeout S]
 
 SIZE: an integer number of bytes with an optional K/M/G/T suffix (powers of
 1024), e.g. ``4096``, ``512M``, ``1G``.  ``--size`` alone serves one memory
 export named ``""`` (the default export).
+
+Limits (:data:`LIMITS_HELP`, shown by ``--help``): ``--max-clients`` clients
+at once (each has a thread of its own); a client beyond them is refused in the
+handshake with ``NBD_REP_ERR_POLICY``, as nbd-server refuses a client over an
+export's ``maxconnections``.  ``--idle-timeout`` closes a connection that sends
+nothing for that long with no request in flight (nbd-server's ``timeout``);
+``--handshake-timeout`` bounds the handshake.
 """
 
 from __future__ import annotations
@@ -28,6 +36,23 @@ import structlog
 import trio
 
 from .server import DEFAULT_MAX_INFLIGHT, ExportSpec, NBDServer
+
+DEFAULT_MAX_CLIENTS = 1024
+MAX_CLIENTS_LIMIT = 65536
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+LIMITS_HELP = (
+    "limits: at most --max-clients clients are served at once (each has its own thread). "
+    "A client beyond the cap gets the greeting, then every option it sends except ABORT is "
+    "answered NBD_REP_ERR_POLICY with the message 'server is at its limit of N clients at once; "
+    "try again later' (libnbd 1.14 reports 'server replied with error to opt_go request: "
+    "Operation not supported', and shows the message with LIBNBD_DEBUG=1); a client that sends "
+    "NBD_OPT_EXPORT_NAME, which cannot carry an error, is disconnected. Each refusal is logged "
+    "(nbd_client_refused, with the peer). A connection that sends nothing for --idle-timeout "
+    "seconds while none of its requests is in flight is closed (nbd_client_idle_timeout; "
+    "0 = never). A handshake that has not finished after --handshake-timeout seconds is closed, "
+    "and so is a request header or WRITE payload stalled half-way for 30 s."
+)
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 _MULT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -95,7 +120,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="wait for the next request by spinning up to this many microseconds before sleeping, "
         "while there is one client (default 0 = never spin; costs CPU, see docs/PERFORMANCE.md)",
     )
+    parser.add_argument(
+        "--max-clients",
+        type=int,
+        default=DEFAULT_MAX_CLIENTS,
+        metavar="N",
+        help=f"clients served at once (default {DEFAULT_MAX_CLIENTS}); "
+        "one more is refused in the handshake with NBD_REP_ERR_POLICY",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="close a connection that sends nothing for this long with no request in flight "
+        "(default 0 = never)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"close a connection whose handshake has not finished after this long "
+        f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    if parser.epilog is None:
+        parser.epilog = LIMITS_HELP
 
 
 def _configure_logging(level: str) -> None:
@@ -158,11 +209,26 @@ def serve_main(args) -> int:
                     raise ValueError(f"export {e.name!r}: read-only file {e.path!r} does not exist")
         if not 0 <= args.busy_poll_us <= 1_000_000:
             raise ValueError(f"--busy-poll-us must be between 0 and 1000000, not {args.busy_poll_us}")
+        if not 1 <= args.max_clients <= MAX_CLIENTS_LIMIT:
+            raise ValueError(
+                f"--max-clients must be between 1 and {MAX_CLIENTS_LIMIT}, not {args.max_clients}"
+            )
+        if not 0 <= args.idle_timeout < 1e9:  # also refuses nan
+            raise ValueError(
+                f"--idle-timeout must be 0 (never) or a number of seconds, not {args.idle_timeout}"
+            )
+        if not 0 < args.handshake_timeout < 1e9:
+            raise ValueError(
+                f"--handshake-timeout must be a positive number of seconds, not {args.handshake_timeout}"
+            )
         server = NBDServer(
             exports,
             max_request=args.max_request_mib * 1024 * 1024,
             max_inflight_per_client=args.max_inflight,
             busy_poll_us=args.busy_poll_us,
+            max_clients=args.max_clients,
+            idle_timeout=args.idle_timeout,
+            handshake_timeout=args.handshake_timeout,
         )
     except ValueError as exc:
         print(f"swapnbd serve: error: {exc}", file=sys.stderr)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,7 +14,8 @@ import sys
 import pytest
 import trio
 
-from net.nbd.client import NBDClient
+from net.nbd import protocol as P
+from net.nbd.client import NBDClient, NBDHandshakeError
 from net.nbd.serve import add_serve_arguments, parse_export, parse_size, serve_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,6 +58,10 @@ def test_parse_export():
         (["--export", "x"], "invalid --export"),
         (["--size", "1M", "--port", "70000"], "--port"),
         (["--size", "1M", "--busy-poll-us", "-1"], "--busy-poll-us"),
+        (["--size", "1M", "--max-clients", "0"], "--max-clients"),
+        (["--size", "1M", "--idle-timeout", "-1"], "--idle-timeout"),
+        (["--size", "1M", "--idle-timeout", "nan"], "--idle-timeout"),
+        (["--size", "1M", "--handshake-timeout", "0"], "--handshake-timeout"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
@@ -125,3 +132,49 @@ async def test_serve_port_in_use(serve_process):
         proc = serve_process("--port", str(s.getsockname()[1]), "--size", "1M")
         rc = await trio.to_thread.run_sync(proc.wait, 10)
     assert rc == 2 and "cannot serve" in proc.stderr.read()
+
+
+def events(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+async def test_serve_max_clients_refuses_and_idle_timeout_closes(serve_process, raw_client):
+    proc = serve_process("--port", "0", "--size", "1M", "--max-clients", "1", "--idle-timeout", "0.5")
+    line = await trio.to_thread.run_sync(proc.stdout.readline)
+    port = int(re.search(r"nbd://127\.0\.0\.1:(\d+)/", line).group(1))
+    url = f"nbd://127.0.0.1:{port}/"
+    first = raw_client(port)
+    first.go("")
+    first.request(P.NBD_CMD_WRITE, 1, 0, 4, payload=b"held")
+    assert first.simple_reply() == (0, 1, b"")
+    with pytest.raises(NBDHandshakeError, match="ERR_POLICY server is at its limit of 1 client at once"):
+        async with NBDClient.connect(url):
+            pass
+    first.request(P.NBD_CMD_READ, 2, 0, 4)
+    assert first.simple_reply(4) == (0, 2, b"held")
+    # Then the first client is idle: the server closes its connection, which frees the slot.
+    assert await trio.to_thread.run_sync(first.is_closed, 10)
+    async with NBDClient.connect(url) as again:  # the slot is free again
+        assert await again.pread(0, 4) == b"held"
+    proc.send_signal(signal.SIGTERM)
+    rc = await trio.to_thread.run_sync(proc.wait, 10)
+    evs = events(proc.stderr.read())
+    assert rc == 0
+    listening = next(e for e in evs if e["event"] == "nbd_server_listening")
+    assert listening["max_clients"] == 1 and listening["idle_timeout_s"] == 0.5
+    refused = [e for e in evs if e["event"] == "nbd_client_refused"]
+    assert len(refused) == 1 and refused[0]["level"] == "warning"
+    assert refused[0]["max_clients"] == 1 and refused[0]["peer"].startswith("127.0.0.1:")
+    assert any(e["event"] == "nbd_client_idle_timeout" for e in evs)
+    assert any(e["event"] == "nbd_client_closed" and e["reason"] == "idle_timeout" for e in evs)
+    stopped = next(e for e in evs if e["event"] == "nbd_server_stopped")
+    assert stopped["refused"] == 1 and stopped["idle_timeouts"] >= 1
+
+
+def test_serve_help_documents_the_limits():
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "net.nbd.serve", "--help"], capture_output=True, text=True, env=env, timeout=30
+    ).stdout
+    for text in ("--max-clients", "--idle-timeout", "--handshake-timeout", "NBD_REP_ERR_POLICY", "limits:"):
+        assert text in out, text
