@@ -212,7 +212,11 @@ def test_xmit_timeout_when_the_server_stops_reading(procs, tmp_path):
     kills it, shuts the socket down and fails what was outstanding."""
     server = start(procs, Nbdkit(("memory", "64M")))
     # Kernel time 4x faster: the 4 s timeout is 1 s; the hung-task time 30 s.
-    run = start(procs, Run(tmp_path, "machine.memory_mib=16", "swap.size_mib=64",
+    # 8 MiB: tcp_wmem[2] (the send buffer's ceiling) is 64 KiB, so the writes
+    # in flight when the server stops are sure to overfill it and block a send.
+    # At 16 MiB (128 KiB) about 1 run in 5 had nothing left to send: 3.5 only
+    # times sends, so those hung with the sender idle (a lockup, no timeout).
+    run = start(procs, Run(tmp_path, "machine.memory_mib=8", "swap.size_mib=64",
                            "run.sample_interval_ms=100", "time.hz_scale=0.25",
                            f"swap.server={server.url}", "swap.timeout_s=4"))
     run.wait_for(run.swapped_out(100))
