@@ -4,7 +4,7 @@ Models nbd-client 3.2 (nbd-client.c, July 2012) once the export is
 negotiated (the first handshake is done before the machine starts:
 emulator/machine.py): NBD_SET_SIZE, NBD_SET_TIMEOUT (``swap.timeout_s``),
 NBD_SET_SOCK, then NBD_DO_IT, inside which the driver's receiver runs in this
-process's context until the connection fails (net/nbd/blockdev.py). When the
+process's context until the connection fails (drivers/block/nbd.py). When the
 ioctl returns an error:
 
 - without ``-persist`` nbd-client exits; the device keeps no socket, so every
@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
-from net.nbd.client import NBDHandshakeError, nbd_handshake
 from net.tcp import TcpSock, connect_raw
+from userspace.nbd.client import NBDHandshakeError, nbd_handshake
 
 if TYPE_CHECKING:
+    from drivers.block.nbd import NBDDevice
     from emulator.kernel import Kernel
     from emulator.task import Task
-    from net.nbd.blockdev import NBDDevice
 
 log = structlog.get_logger("swapnbd.nbd")
 

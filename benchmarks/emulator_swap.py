@@ -30,8 +30,8 @@ from nbd_roundtrip import roundtrip_rate  # noqa: E402
 
 from emulator.config import load  # noqa: E402
 from emulator.machine import Machine  # noqa: E402
-from net.nbd.server import ExportSpec  # noqa: E402
-from net.nbd.thread import NBDServerThread  # noqa: E402
+from userspace.nbd.server import ExportSpec  # noqa: E402
+from userspace.nbd.thread import NBDServerThread  # noqa: E402
 
 
 def mean_inflight(log_path: str) -> float:

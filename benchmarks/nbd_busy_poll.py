@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in variants:
                 port = free_port()
                 procs[v] = subprocess.Popen(
-                    [sys.executable, "-m", "net.nbd.serve", "--port", str(port), "--size", str(SIZE),
+                    [sys.executable, "-m", "userspace.nbd.serve", "--port", str(port), "--size", str(SIZE),
                      "--busy-poll-us", str(v), "--log-level", "warning"],
                     stdout=subprocess.DEVNULL, env=env,
                 )  # fmt: skip

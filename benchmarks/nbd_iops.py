@@ -1,6 +1,6 @@
 """NBD server IOPS / throughput comparison, all servers driven by fio's nbd engine.
 
-Starts, in one run: our server (``python -m net.nbd.serve``, a separate
+Starts, in one run: our server (``python -m userspace.nbd.serve``, a separate
 process, memory backend), nbdkit's memory plugin, qemu-nbd on a raw file and
 nbd-server on a raw file, all on 127.0.0.1.  Each export (256 MiB) is first
 filled with random data using nbdcopy.  Then every cell (4 KiB randwrite /
@@ -79,7 +79,7 @@ class Servers:
                 [
                     self.python,
                     "-m",
-                    "net.nbd.serve",
+                    "userspace.nbd.serve",
                     "--port",
                     str(p),
                     "--size",

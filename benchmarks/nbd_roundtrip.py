@@ -23,7 +23,7 @@ import sys
 import structlog
 import trio
 
-from net.nbd.client import NBDClient
+from userspace.nbd.client import NBDClient
 
 BLOCK = 4096
 
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     srv = None
     url = args.url
     if url is None:
-        from net.nbd.server import ExportSpec
-        from net.nbd.thread import NBDServerThread
+        from userspace.nbd.server import ExportSpec
+        from userspace.nbd.thread import NBDServerThread
 
         srv = NBDServerThread([ExportSpec("", 256 * 1024 * 1024)]).start()
         url = srv.url()

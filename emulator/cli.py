@@ -154,7 +154,7 @@ def configs_main(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from emulator.analysis import cli as acli
     from emulator.experiment import add_experiment_arguments
-    from net.nbd.serve import add_serve_arguments
+    from userspace.nbd.serve import add_serve_arguments
 
     parser = argparse.ArgumentParser(
         prog="swapnbd",
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "configs":
         return configs_main(args)
     if args.command == "serve":
-        from net.nbd.serve import serve_main
+        from userspace.nbd.serve import serve_main
 
         return serve_main(args)
     if args.command in ("analyze", "compare", "plot", "outcomes"):

@@ -248,7 +248,7 @@ def _server(key: str, v: Any) -> str:
         return v
     if not v.startswith("nbd://"):
         raise ConfigError(key, f"{v!r} is neither \"embedded\" nor an nbd://HOST:PORT/EXPORT URL")
-    from net.nbd.client import parse_nbd_url
+    from userspace.nbd.client import parse_nbd_url
 
     try:
         parse_nbd_url(v)

@@ -287,7 +287,7 @@ def _pages(n: int) -> str:
 
 
 def _exposures(ss: dict) -> str:
-    """The earlier stalls' exposures and near misses (net/nbd/blockdev.py)."""
+    """The earlier stalls' exposures and near misses (drivers/block/nbd.py)."""
     if not ss["exposed"]:
         return "a reply was always on its way."
     return (f"{ss['exposed']} of them were exposed (no reply left to wait for) and recovered, "

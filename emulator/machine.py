@@ -47,6 +47,7 @@ from actors.slab_reaper import slab_reaper
 from actors.softirq import start_net_rx
 from actors.watchdog import watchdog
 from actors.workloads import WORKLOADS
+from drivers.block.nbd import NBDDevice
 from emulator import logs
 from emulator.config import Config
 from emulator.diagnosis import diagnose, nbd_wait_cycle
@@ -55,12 +56,11 @@ from emulator.kernel import Kernel
 from emulator.mm.page import PAGE_SIZE
 from emulator.sched import running
 from net.dev import NetDevice
-from net.nbd.blockdev import NBDDevice
-from net.nbd.client import NBDHandshakeError, nbd_handshake, parse_nbd_url
-from net.nbd.server import ExportSpec
-from net.nbd.thread import NBDServerThread
 from net.skbuff import SkbAllocator
 from net.tcp import TcpSock, connect_raw
+from userspace.nbd.client import NBDHandshakeError, nbd_handshake, parse_nbd_url
+from userspace.nbd.server import ExportSpec
+from userspace.nbd.thread import NBDServerThread
 
 log = structlog.get_logger("swapnbd")
 

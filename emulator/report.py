@@ -152,7 +152,7 @@ def sender_stalls_text(s: dict) -> str:
     """'N (M exposed, K near misses), max X / Y ms': N sends stalled in reclaim,
     M of them with nothing in flight for a while, K of those with nothing
     reclaimed by the sender itself; the longest stall and the longest exposure
-    (see net/nbd/blockdev.py)."""
+    (see drivers/block/nbd.py)."""
     if not s["stalls"]:
         return "0"
     return (f"{s['stalls']} ({s['exposed']} exposed, {s['near_misses']} near misses), "

@@ -4,7 +4,7 @@ Installed with the package (``[project.entry-points.pytest11] swapnbd``), so any
 project that has ``swapnbd`` installed gets two fixtures:
 
 ``nbd_server``
-    A userspace NBD server (net/nbd/server.py, memory backend) in its own OS
+    A userspace NBD server (userspace/nbd/server.py, memory backend) in its own OS
     thread with its own trio loop, listening on 127.0.0.1 on a free port, with
     one export named ``swap`` of 1 GiB (sparse). Yields an :class:`NBDServerHandle`
     (``.url`` is ``nbd://127.0.0.1:PORT/swap``, also ``.host``, ``.port``,
@@ -57,8 +57,8 @@ import trio
 from emulator import logs
 from emulator.config import Config, load
 from emulator.machine import Machine, RunResult
-from net.nbd.server import ExportSpec
-from net.nbd.thread import NBDServerThread
+from userspace.nbd.server import ExportSpec
+from userspace.nbd.thread import NBDServerThread
 
 __all__ = ["MachineHandle", "NBDServerHandle", "machine", "nbd_server"]
 

@@ -4,6 +4,12 @@ Counterpart: the NBD protocol specification, NetworkBlockDevice/nbd
 ``doc/proto.md`` ("fixed newstyle" negotiation and the transmission phase),
 and what nbdkit, qemu-nbd, nbd-server and libnbd do on the wire.
 
+Where it sits: both sides of the wire use it, the emulated kernel's driver
+(``drivers/block/nbd.py``) and the userspace hosts (``userspace/nbd/``), as
+the kernel and nbd-client share include/linux/nbd.h.  It is a top-level
+package so that neither side imports the other; it is not called ``nbd``
+because that is libnbd's Python module (python3-libnbd).
+
 Nothing here does I/O or knows about trio: every machine is fed bytes with
 ``receive_data(data)`` and is asked for events with ``next_event()``, which
 returns a small frozen event object or the sentinel :data:`NEED_DATA`.  Bytes

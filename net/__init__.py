@@ -1,5 +1,5 @@
 """The network, after the kernel's net/: ``skbuff``, ``sock`` (struct sock),
-``tcp``, ``dev`` (the NIC and the receive path), and ``nbd`` (the NBD block
-driver and the NBD hosts)."""
+``tcp`` and ``dev`` (the NIC and the receive path).  The NBD driver that uses
+them is :mod:`drivers.block.nbd`."""
 
-__all__ = ["dev", "nbd", "skbuff", "sock", "tcp"]
+__all__ = ["dev", "skbuff", "sock", "tcp"]

@@ -41,7 +41,7 @@ TARGETS = [
     _V + "prepare_kswapd_sleep*", _V + "balance_pgdat*",
     _S + "sk_filter*", _S + "sk_gfp_atomic*", _S + "sk_set_memalloc*", _S + "sk_clear_memalloc*",
     _S + "_alloc_sndmsg_page*",
-    "net.nbd.protocol.*",
+    "nbdproto.*",
 ]
 #: mutmut's exit codes (mutmut/stats.py) folded into the summary's columns.
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests",

@@ -1,8 +1,9 @@
 """One direction of dependency, read off the imports (issue 23's layout rules).
 
-The model (emulator/ and net/) never imports the actors, which drive it; the
-memory model does not know about configs, the machine or the CLI; the block
-layer does not reach into reclaim. Every import statement counts, those under
+The model (emulator/, net/ and drivers/) never imports the actors, which drive
+it, nor the userspace hosts on the other side of the wire; the memory model
+does not know about configs, the machine or the CLI; the block layer does not
+reach into reclaim; the sans-I/O protocol imports nothing of ours. Every import statement counts, those under
 ``if TYPE_CHECKING:`` included.
 """
 
@@ -17,8 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The machine and its front ends assemble the actors; they may import them.
 ASSEMBLERS = {"emulator/machine.py", "emulator/cli.py", "emulator/testing.py",
               "emulator/experiment.py", "emulator/sweep.py", "emulator/report.py"}
-#: The remote host and the NBD tools: not the emulated kernel.
-REMOTE = {"net/nbd/server.py", "net/nbd/thread.py", "net/nbd/client.py", "net/nbd/serve.py"}
+#: Front ends that may use the userspace tools: the assemblers, and the config
+#: loader (which parses an ``nbd://`` URL with the client's parser).
+FRONT_ENDS = ASSEMBLERS | {"emulator/config.py"}
+#: The packages that are the emulated kernel.
+KERNEL = ("emulator", "net", "drivers")
+#: First-party top-level packages.
+OURS = ("emulator", "actors", "net", "drivers", "nbdproto", "userspace")
 
 
 def imports(path: Path) -> set[str]:
@@ -41,7 +47,7 @@ def rel(p: Path) -> str:
     return p.relative_to(ROOT).as_posix()
 
 
-@pytest.mark.parametrize("path", [p for p in files("emulator", "net") if rel(p) not in ASSEMBLERS],
+@pytest.mark.parametrize("path", [p for p in files(*KERNEL) if rel(p) not in ASSEMBLERS],
                          ids=rel)
 def test_the_model_does_not_import_the_actors(path):
     bad = sorted(m for m in imports(path) if m == "actors" or m.startswith("actors."))
@@ -65,10 +71,28 @@ def test_the_actors_are_the_only_trio_entry_points():
     """Outside the actors and the assemblers, model code starts no trio task of its
     own: no ``start_soon`` and no nursery."""
     offenders = []
-    for p in files("emulator", "net"):
-        if rel(p) in ASSEMBLERS or rel(p) in REMOTE or rel(p).startswith("emulator/analysis/"):
-            continue  # the analysis tools, and the NBD server and client hosts, are not the model
+    for p in files(*KERNEL):
+        if rel(p) in ASSEMBLERS or rel(p).startswith("emulator/analysis/"):
+            continue  # the analysis tools are not the model
         text = p.read_text()
         if "start_soon" in text or "open_nursery" in text:
             offenders.append(rel(p))
     assert not offenders
+
+
+@pytest.mark.parametrize("path", [p for p in files(*KERNEL) if rel(p) not in FRONT_ENDS], ids=rel)
+def test_the_kernel_does_not_import_the_userspace_hosts(path):
+    """The NBD server and client are another host: the kernel reaches them only
+    over the wire (drivers/block/nbd.py speaks nbdproto on an emulated socket)."""
+    bad = sorted(m for m in imports(path) if m == "userspace" or m.startswith("userspace."))
+    assert not bad, f"{rel(path)} imports {bad}"
+
+
+@pytest.mark.parametrize("path", files("nbdproto"), ids=rel)
+def test_the_protocol_is_sans_io(path):
+    """nbdproto is shared by both sides of the wire and does no I/O: no trio, no
+    sockets, nothing of ours outside itself."""
+    bad = sorted(m for m in imports(path)
+                 if m.split(".")[0] in {"trio", "socket", "selectors"}
+                 or (m.split(".")[0] in OURS and not m.startswith("nbdproto")))
+    assert not bad, f"{rel(path)} imports {bad}"

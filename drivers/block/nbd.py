@@ -42,10 +42,10 @@ socket, and then no reply can be processed before it lets go.
 Every byte goes through the emulated TCP socket (net/tcp.py): requests are
 sent as skbs charged to emulated memory and held until TCP processes the
 peer's ACK for them; replies arrive in skbs the NIC's receive path allocated.
-The reply decoder is the sans-I/O ``TransmissionClient`` of net/nbd/protocol.py.
+The reply decoder is the sans-I/O ``TransmissionClient`` of nbdproto/.
 
 Emulator accounting of the sender's stalls (sends during which it entered
-direct reclaim) is net/nbd/sender_stalls.py's; the driver tells it when a send
+direct reclaim) is drivers/block/nbd_sender_stalls.py's; the driver tells it when a send
 begins and ends and when a reply leaves nothing in flight.
 
 Errors: a reply with an error and a request the driver fails itself both end
@@ -72,14 +72,14 @@ import attrs
 import structlog
 import trio
 
+import nbdproto as P
+from drivers.block.nbd_sender_stalls import SenderStallMonitor, SenderStallSummary
 from emulator.block import BLK_RW_ASYNC, BLK_RW_SYNC, READ, BlockDevice, Request
 from emulator.flags import GFP, GFP_NOIO, PF
 from emulator.patches import NBD_SOCK_MEMALLOC
 from emulator.printk import debug_enabled
 from emulator.task import Task
 from emulator.wait import WaitQueue
-from net.nbd import protocol as P
-from net.nbd.sender_stalls import SenderStallMonitor, SenderStallSummary
 from net.tcp import TcpSock
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ not see them (``pcp_drained``), and how many atomic callers took at or below
 the min watermark (``pgalloc_below_min``), a band the vanilla sender may not
 enter.
 
-The driver (net/nbd/blockdev.py) calls ``send_begins`` and ``send_ends``
+The driver (drivers/block/nbd.py) calls ``send_begins`` and ``send_ends``
 around each nbd_send_req, and ``exposed`` when a reply leaves nothing in
 flight during a send. The counts live in vmstat (``nbd_sender_reclaim``,
 ``nbd_sender_reclaim_exposed``, ``nbd_sender_near_miss``).

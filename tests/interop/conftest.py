@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from net.nbd.server import ExportSpec
-from net.nbd.thread import NBDServerThread
+from userspace.nbd.server import ExportSpec
+from userspace.nbd.thread import NBDServerThread
 
 MiB = 1024 * 1024
 

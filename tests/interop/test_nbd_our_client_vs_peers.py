@@ -1,4 +1,4 @@
-"""Our client (net.nbd.client) against real NBD servers: nbdkit, qemu-nbd, nbd-server."""
+"""Our client (userspace.nbd.client) against real NBD servers: nbdkit, qemu-nbd, nbd-server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import pytest
 import trio
 
-from net.nbd import protocol as P
-from net.nbd.client import NBDClient, NBDHandshakeError
+import nbdproto as P
+from userspace.nbd.client import NBDClient, NBDHandshakeError
 
 MiB = 1024 * 1024
 

@@ -28,8 +28,8 @@ from emulator.config import BackgroundConfig
 from emulator.flags import GFP_NOIO, PF
 from emulator.machine import attach_nbd_swap
 from emulator.sched import running
-from net.nbd.server import ExportSpec
-from net.nbd.thread import NBDServerThread
+from userspace.nbd.server import ExportSpec
+from userspace.nbd.thread import NBDServerThread
 
 SWAP = 96 << 20
 

@@ -17,10 +17,10 @@ import trio
 from netmem_helpers import hold_free_at, release
 from tcp_helpers import run_as, tcp_on_nic, wait_until
 
+import nbdproto as P
 from actors.kthreadd import KthreaddNursery
+from drivers.block.nbd import NBDDevice
 from emulator.block import Bio, Request
-from net.nbd import protocol as P
-from net.nbd.blockdev import NBDDevice
 
 XMIT_TIMEOUT_S = 0.2
 

@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from net.nbd import protocol as P
-from net.nbd.server import ExportSpec
-from net.nbd.thread import NBDServerThread
+import nbdproto as P
+from userspace.nbd.server import ExportSpec
+from userspace.nbd.thread import NBDServerThread
 
 MiB = 1024 * 1024
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from net.nbd import protocol as P
+import nbdproto as P
 
 
 def pump(client: P.ClientHandshake, server: P.ServerHandshake):

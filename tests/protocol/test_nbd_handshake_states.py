@@ -1,4 +1,4 @@
-"""The handshake transition table (net/nbd/protocol/handshake.py): every entry is
+"""The handshake transition table (nbdproto/handshake.py): every entry is
 taken by a real handshake, and every (state, trigger) pair outside it is refused."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from net.nbd import protocol as P
-from net.nbd.protocol import handshake as H
+import nbdproto as P
+from nbdproto import handshake as H
 
 EXPORTS = {"": P.ServerExport("", 1 << 20, P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH)}
 

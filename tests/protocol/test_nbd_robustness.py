@@ -17,9 +17,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from net.nbd import protocol as P
-from net.nbd.client import NBDClient
-from net.nbd.server import ExportSpec
+import nbdproto as P
+from userspace.nbd.client import NBDClient
+from userspace.nbd.server import ExportSpec
 
 MiB = 1024 * 1024
 

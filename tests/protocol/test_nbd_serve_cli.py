@@ -1,4 +1,4 @@
-"""`swapnbd serve` (net.nbd.serve): argument handling and a real foreground run."""
+"""`swapnbd serve` (userspace.nbd.serve): argument handling and a real foreground run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import sys
 import pytest
 import trio
 
-from net.nbd import protocol as P
-from net.nbd.client import NBDClient, NBDHandshakeError
-from net.nbd.serve import add_serve_arguments, parse_export, parse_size, serve_main
+import nbdproto as P
+from userspace.nbd.client import NBDClient, NBDHandshakeError
+from userspace.nbd.serve import add_serve_arguments, parse_export, parse_size, serve_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,7 +83,7 @@ def serve_process(tmp_path):
     def start(*args):
         env = dict(os.environ, PYTHONPATH=REPO)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "net.nbd.serve", *args],
+            [sys.executable, "-m", "userspace.nbd.serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -174,7 +174,11 @@ async def test_serve_max_clients_refuses_and_idle_timeout_closes(serve_process, 
 def test_serve_help_documents_the_limits():
     env = dict(os.environ, PYTHONPATH=REPO)
     out = subprocess.run(
-        [sys.executable, "-m", "net.nbd.serve", "--help"], capture_output=True, text=True, env=env, timeout=30
+        [sys.executable, "-m", "userspace.nbd.serve", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
     ).stdout
     for text in ("--max-clients", "--idle-timeout", "--handshake-timeout", "NBD_REP_ERR_POLICY", "limits:"):
         assert text in out, text

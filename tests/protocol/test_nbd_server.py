@@ -10,9 +10,9 @@ import threading
 import pytest
 import trio
 
-from net.nbd import protocol as P
-from net.nbd import server as S
-from net.nbd.client import (
+import nbdproto as P
+from userspace.nbd import server as S
+from userspace.nbd.client import (
     NBDClient,
     NBDError,
     NBDHandshakeError,
@@ -20,7 +20,7 @@ from net.nbd.client import (
     nbd_list_exports,
     parse_nbd_url,
 )
-from net.nbd.server import ExportSpec, NBDServer
+from userspace.nbd.server import ExportSpec, NBDServer
 
 MiB = 1024 * 1024
 
@@ -309,7 +309,7 @@ def test_export_spec_validation():
 
 
 def test_server_thread_start_failure_raises():
-    from net.nbd.thread import NBDServerThread
+    from userspace.nbd.thread import NBDServerThread
 
     with NBDServerThread([ExportSpec("", MiB)]) as srv:
         with pytest.raises(RuntimeError, match="failed to start"):

@@ -12,9 +12,9 @@ import time
 import pytest
 import trio
 
-from net.nbd import protocol as P
-from net.nbd.client import NBDClient, NBDHandshakeError
-from net.nbd.server import MAX_REFUSING, ExportSpec, FileBackend
+import nbdproto as P
+from userspace.nbd.client import NBDClient, NBDHandshakeError
+from userspace.nbd.server import MAX_REFUSING, ExportSpec, FileBackend
 
 MiB = 1024 * 1024
 REFUSAL = "server is at its limit of 1 client at once; try again later"
@@ -150,7 +150,7 @@ def test_nbdinfo_is_refused_while_the_first_client_holds_the_server(server_facto
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
 def test_max_clients_must_be_a_positive_integer(bad):
-    from net.nbd.server import NBDServer
+    from userspace.nbd.server import NBDServer
 
     with pytest.raises(ValueError, match="max_clients"):
         NBDServer([ExportSpec("", MiB)], max_clients=bad)
@@ -219,7 +219,7 @@ def test_idle_timeout_zero_never_closes(server_factory, raw_client):
 
 
 def test_idle_timeout_is_not_negative():
-    from net.nbd.server import NBDServer
+    from userspace.nbd.server import NBDServer
 
     with pytest.raises(ValueError, match="idle_timeout"):
         NBDServer([ExportSpec("", MiB)], idle_timeout=-1)

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from net.nbd import protocol as P
-from net.nbd import server as S
-from net.nbd.server import ExportSpec
+import nbdproto as P
+from userspace.nbd import server as S
+from userspace.nbd.server import ExportSpec
 
 MiB = 1024 * 1024
 

@@ -4,8 +4,8 @@ a WRITE/READ round trip over an in-memory stream pair."""
 import trio
 import trio.testing
 
-from net.nbd.client import NBDClient, nbd_handshake
-from net.nbd.server import ExportSpec, NBDServer
+from userspace.nbd.client import NBDClient, nbd_handshake
+from userspace.nbd.server import ExportSpec, NBDServer
 
 
 async def test_transmission_over_memory_stream():

@@ -7,7 +7,7 @@ integrity errors (the swap-in checksum), and so does one that returns another
 page's intact bytes (the workload's data check).
 
 The misbehaving servers are tiny trio NBD servers written here on top of the
-sans-I/O handshake of net/nbd/protocol.py, so that nothing of the project's own
+sans-I/O handshake of nbdproto/, so that nothing of the project's own
 server is involved in what they do wrong.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import trio
 
+import nbdproto as P
 from actors.watchdog import HUNG_TASK_TIMEOUT_S
 from emulator.config import RunConfig
-from net.nbd import protocol as P
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quick.toml")

@@ -1,4 +1,4 @@
-"""The NBD driver's sender-stall accounting (net/nbd/blockdev.py, SenderStalls).
+"""The NBD driver's sender-stall accounting (drivers/block/nbd.py, SenderStalls).
 
 A send during which the sender entered direct reclaim is a stall; the part of
 it with no request awaiting a reply is its exposure (no reply can come to make
@@ -12,14 +12,14 @@ from __future__ import annotations
 import trio
 from structlog.testing import capture_logs
 
+import nbdproto as P
+from drivers.block.nbd import NBDDevice
 from emulator.block import Bio, Request
 from emulator.config import from_dict
 from emulator.flags import ALLOC_NO_WATERMARKS, GFP
 from emulator.kernel import Kernel
 from emulator.mm.page import Owner
 from emulator.task import Task, current
-from net.nbd import protocol as P
-from net.nbd.blockdev import NBDDevice
 
 
 class ScriptedSock:

@@ -1,9 +1,11 @@
-"""NBD: the kernel's block driver and the hosts on the other side of the wire.
+"""The userspace NBD hosts: server, its thread, ``swapnbd serve``, a client.
 
-Kernel: ``blockdev`` (drivers/block/nbd.c). Not the kernel: ``protocol`` (the
-sans-I/O NBD protocol, shared by both sides), ``server`` / ``thread`` /
-``serve`` (the userspace NBD server, a separate host) and ``client`` (an NBD
-client for tools and tests).
+``server`` (exports, backends, connections; like nbdkit's memory plugin or
+nbd-server on a raw file), ``thread`` (``NBDServerThread``: the server in its
+own OS thread and trio loop, "another host"), ``serve`` (``swapnbd serve``)
+and ``client`` (handshake, URL parsing and ``NBDClient``, like libnbd).
+The wire format is :mod:`nbdproto`; the kernel's driver is
+:mod:`drivers.block.nbd`.
 """
 
-__all__ = ["blockdev", "client", "protocol", "serve", "server", "thread"]
+__all__ = ["client", "serve", "server", "thread"]

@@ -1,10 +1,10 @@
-"""Userspace NBD client (trio I/O shell over :mod:`net.nbd.protocol`).
+"""Userspace NBD client (trio I/O shell over :mod:`nbdproto`).
 
 Counterpart: libnbd's ``nbd_connect_uri`` + ``nbd_pread/pwrite/flush/trim/
 zero`` (the API nbdsh exposes), and the handshake half of the kernel's
 ``nbd-client``.  Used by tests, benchmarks and the emulated kernel's NBD
 driver (which calls :func:`nbd_handshake` and then drives
-:class:`~net.nbd.protocol.TransmissionClient` itself).
+:class:`~nbdproto.TransmissionClient` itself).
 
 * :func:`nbd_handshake`: fixed newstyle, ``NBD_OPT_GO`` (asking for
   ``NBD_INFO_NAME``/``DESCRIPTION``/``BLOCK_SIZE``), optional
@@ -30,10 +30,10 @@ from collections.abc import AsyncIterator
 import structlog
 import trio
 
-from . import protocol as P
-from .protocol import NEED_DATA, ExportInfo
+import nbdproto as P
+from nbdproto import NEED_DATA, ExportInfo
 
-log = structlog.get_logger("net.nbd.client")
+log = structlog.get_logger("userspace.nbd.client")
 
 
 class NBDHandshakeError(Exception):

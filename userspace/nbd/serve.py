@@ -186,7 +186,7 @@ async def _serve(server: NBDServer, host: str, port: int, announce) -> None:
             urls = " ".join(f"nbd://{h}:{bound}/{urllib.parse.quote(s.name)}" for s in server.specs)
             announce(f"swapnbd serve: listening on {urls}")
             async for signum in signals:
-                structlog.get_logger("net.nbd.serve").info(
+                structlog.get_logger("userspace.nbd.serve").info(
                     "nbd_serve_signal", signal=signal.Signals(signum).name
                 )
                 server.request_shutdown()

@@ -2,7 +2,7 @@
 
 Counterpart: nbdkit (``memory`` plugin) and nbd-server / qemu-nbd (a raw file),
 speaking the protocol of NetworkBlockDevice/nbd ``doc/proto.md``.  The wire
-format and negotiation live in :mod:`net.nbd.protocol`; this module is the
+format and negotiation live in :mod:`nbdproto`; this module is the
 I/O shell and the block semantics.
 
 Behaviour (see docs/NBD.md for the full table):
@@ -61,8 +61,8 @@ import attrs
 import structlog
 import trio
 
-from . import protocol as P
-from .protocol import (
+import nbdproto as P
+from nbdproto import (
     NBD_CMD_CACHE,
     NBD_CMD_DISC,
     NBD_CMD_FLAG_DF,
@@ -82,7 +82,7 @@ from .protocol import (
     NEED_DATA,
 )
 
-log = structlog.get_logger("net.nbd.server")
+log = structlog.get_logger("userspace.nbd.server")
 
 MiB = 1024 * 1024
 DEFAULT_MAX_REQUEST = 32 * MiB

@@ -17,7 +17,7 @@ import trio
 
 from .server import ExportSpec, NBDServer
 
-log = structlog.get_logger("net.nbd.thread")
+log = structlog.get_logger("userspace.nbd.thread")
 
 
 class NBDServerThread:
