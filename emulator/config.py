@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 
 from emulator.patches import PATCHES, PRESETS, PatchSet
+from nbdproto import parse_nbd_url
 
 
 class ConfigError(Exception):
@@ -248,8 +249,6 @@ def _server(key: str, v: Any) -> str:
         return v
     if not v.startswith("nbd://"):
         raise ConfigError(key, f"{v!r} is neither \"embedded\" nor an nbd://HOST:PORT/EXPORT URL")
-    from userspace.nbd.client import parse_nbd_url
-
     try:
         parse_nbd_url(v)
     except ValueError as e:

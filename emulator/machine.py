@@ -55,10 +55,11 @@ from emulator.flags import PF
 from emulator.kernel import Kernel
 from emulator.mm.page import PAGE_SIZE
 from emulator.sched import running
+from nbdproto import parse_nbd_url
 from net.dev import NetDevice
 from net.skbuff import SkbAllocator
 from net.tcp import TcpSock, connect_raw
-from userspace.nbd.client import NBDHandshakeError, nbd_handshake, parse_nbd_url
+from userspace.nbd.client import NBDHandshakeError, nbd_handshake
 from userspace.nbd.server import ExportSpec
 from userspace.nbd.thread import NBDServerThread
 

@@ -33,6 +33,7 @@ Contents:
   (``EXPORT_NAME``, ``ABORT``, ``LIST``, ``INFO``, ``GO`` with
   ``NBD_INFO_EXPORT/NAME/DESCRIPTION/BLOCK_SIZE``, ``STRUCTURED_REPLY``;
   unknown options get ``NBD_REP_ERR_UNSUP``; ``NO_ZEROES``);
+* :func:`parse_nbd_url`: ``nbd://host[:port]/export`` (``doc/uri.md``);
 * :class:`TransmissionClient`: the client side of the transmission phase
   (cookies, simple and structured replies), written for the hot path;
 * :class:`RequestParser`: the server side's request framing, which drains
@@ -239,8 +240,10 @@ from .transmission import (
     ServerTransmissionEvent,
     TransmissionClient,
 )
+from .uri import parse_nbd_url
 
 __all__ = [
+    "parse_nbd_url",
     "ClientTransmissionEvent",
     "ServerTransmissionEvent",
     "ClientHandshakeEvent",

@@ -18,9 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The machine and its front ends assemble the actors; they may import them.
 ASSEMBLERS = {"emulator/machine.py", "emulator/cli.py", "emulator/testing.py",
               "emulator/experiment.py", "emulator/sweep.py", "emulator/report.py"}
-#: Front ends that may use the userspace tools: the assemblers, and the config
-#: loader (which parses an ``nbd://`` URL with the client's parser).
-FRONT_ENDS = ASSEMBLERS | {"emulator/config.py"}
 #: The packages that are the emulated kernel.
 KERNEL = ("emulator", "net", "drivers")
 #: First-party top-level packages.
@@ -80,7 +77,7 @@ def test_the_actors_are_the_only_trio_entry_points():
     assert not offenders
 
 
-@pytest.mark.parametrize("path", [p for p in files(*KERNEL) if rel(p) not in FRONT_ENDS], ids=rel)
+@pytest.mark.parametrize("path", [p for p in files(*KERNEL) if rel(p) not in ASSEMBLERS], ids=rel)
 def test_the_kernel_does_not_import_the_userspace_hosts(path):
     """The NBD server and client are another host: the kernel reaches them only
     over the wire (drivers/block/nbd.py speaks nbdproto on an emulated socket)."""

@@ -11,7 +11,7 @@ driver (which calls :func:`nbd_handshake` and then drives
   ``NBD_OPT_STRUCTURED_REPLY``, fallback to ``NBD_OPT_EXPORT_NAME`` when GO
   gets ``ERR_UNSUP``; raises :class:`NBDHandshakeError` with a readable
   message on any failure.
-* :func:`parse_nbd_url`: ``nbd://host[:port]/name``.
+* :func:`parse_nbd_url`: ``nbd://host[:port]/name`` (re-exported from :mod:`nbdproto`).
 * :class:`NBDClient`: a pipelined client (cookies; one reader task; any
   number of concurrent callers) that honours the export's block-size
   constraints (splits at ``max_block``, refuses misaligned requests) and
@@ -24,14 +24,13 @@ Simplified: no TLS, no Unix sockets (``nbd+unix://``), no meta contexts.
 from __future__ import annotations
 
 import contextlib
-import urllib.parse
 from collections.abc import AsyncIterator
 
 import structlog
 import trio
 
 import nbdproto as P
-from nbdproto import NEED_DATA, ExportInfo
+from nbdproto import NEED_DATA, ExportInfo, parse_nbd_url
 
 log = structlog.get_logger("userspace.nbd.client")
 
@@ -47,37 +46,6 @@ class NBDError(OSError):
         name = P.ERROR_NAMES.get(error, f"error {error}")
         super().__init__(error, f"{what}: {name}")
         self.nbd_error = error
-
-
-def parse_nbd_url(url: str) -> tuple[str, int, str]:
-    """``nbd://host[:port]/name`` → (host, port, export_name).  Default port
-    10809; ``nbd://host`` and ``nbd://host/`` name the default export ``""``."""
-    if not isinstance(url, str) or not url:
-        raise ValueError("empty NBD URL (expected nbd://host[:port]/export)")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "nbd":
-        if parts.scheme in ("nbds", "nbd+unix", "nbds+unix", "nbd+vsock"):
-            raise ValueError(
-                f"unsupported NBD URL scheme {parts.scheme!r} in {url!r} (only plain nbd:// over TCP)"
-            )
-        raise ValueError(f"not an NBD URL: {url!r} (expected nbd://host[:port]/export)")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"NBD URL {url!r} has no host (expected nbd://host[:port]/export)")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"NBD URL {url!r} has an invalid port") from None
-    if port is None:
-        port = P.NBD_DEFAULT_PORT
-    if port == 0:
-        raise ValueError(f"NBD URL {url!r} has port 0")
-    if parts.query or parts.fragment:
-        raise ValueError(f"NBD URL {url!r}: query strings and fragments are not supported")
-    name = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    if len(name.encode()) > P.NBD_MAX_STRING:
-        raise ValueError("export name in NBD URL is longer than 4096 bytes")
-    return host, port, name
 
 
 async def _run_handshake(stream: trio.abc.Stream, hs: P.ClientHandshake):
