@@ -95,9 +95,11 @@ run_end                outcome, elapsed_s, integrity_errors, vm, cpus, time,
                        "swap_unusable", error) and nothing between them.
 =====================  =========================================================
 
-The embedded NBD server logs its own events (``nbd_server_*``, ``nbd_client_*``,
-``nbd_accept_error``, ``nbd_backend_error``) through the same structlog
-configuration; docs/NBD.md describes them.
+The NBD server is another host: its events (``nbd_server_*``, ``nbd_client_*``,
+``nbd_accept_error``, ``nbd_backend_error``; docs/NBD.md) are not in the
+machine's log. The embedded server, ``swapnbd serve`` in a child process
+(userspace/nbd/process.py), logs its warnings and errors to a temporary file
+that is quoted if it fails to start.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Models booting a machine and running the seed's benchmark on it: the kernel
 (emulator/kernel.py), the swap device (an NBD connection to the embedded
-server thread, or to any NBD server given by URL, negotiated as nbd-client
+server, ``swapnbd serve`` in a child process, or to any NBD server given by URL, negotiated as nbd-client
 would and handed to the NBD driver), kswapd, the NBD driver's threads, the
 NET_RX handlers, background network traffic, the workload's processes, the
 lockup detector and the vmstat sampler — every one a task in the nursery
@@ -60,8 +60,8 @@ from net.dev import NetDevice
 from net.skbuff import SkbAllocator
 from net.tcp import TcpSock, connect_raw
 from userspace.nbd.client import NBDHandshakeError, nbd_handshake
+from userspace.nbd.process import NBDServerProcess
 from userspace.nbd.server import ExportSpec
-from userspace.nbd.thread import NBDServerThread
 
 log = structlog.get_logger("swapnbd")
 
@@ -108,7 +108,7 @@ class Machine:
         self.nbd: NBDDevice | None = None
         self.bg_sockets: list[TcpSock] = []
         self.processes: list[UserProcess] = []
-        self.server: NBDServerThread | None = None
+        self.server: NBDServerProcess | None = None  #: the embedded server's process
         self.result: RunResult | None = None
         self.done = trio.Event()
         self._outcome: str | None = None
@@ -159,7 +159,7 @@ class Machine:
                 for sender in self._senders:
                     await trio.to_thread.run_sync(sender.stop)
                 if self.server is not None:
-                    await trio.to_thread.run_sync(self.server.stop)
+                    await self.server.aclose()
             logs.sink.files.remove(self._file)
             self._file.close()
             self.done.set()
@@ -173,9 +173,9 @@ class Machine:
         if cfg.swap.server == "embedded":
             spec = ExportSpec(name="swap", size=swap_bytes, backend=cfg.swap.backend,
                               path=cfg.swap.path)
-            self.server = NBDServerThread([spec])
+            self.server = NBDServerProcess([spec])
             try:
-                await trio.to_thread.run_sync(self.server.start)
+                await self.server.start()
             except (RuntimeError, OSError, ValueError) as e:
                 self.server = None
                 raise SwapDeviceError(f"swap device (embedded server): {_why(e)}") from None

@@ -35,7 +35,6 @@ host's load in every row; docs/SWEEPS.md).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gzip
 import hashlib
 import itertools
@@ -60,6 +59,8 @@ from typing import Any
 
 import attrs
 from rich.console import Console
+
+from userspace.children import die_with_parent
 
 RUNS_FILE = "runs.jsonl"
 SUMMARY_FILE = "summary.md"
@@ -267,22 +268,12 @@ def _stop_check(name: str | None):
     return stop
 
 
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
-    """In the child: be killed when the worker thread that started us exits."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _spawn(argv: list[str], stderr) -> subprocess.Popen:
     """The run in its own session and process group, dying with its worker;
     it inherits the environment (PYTHONPATH and all)."""
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=stderr, start_new_session=True,
-                            preexec_fn=_die_with_parent)  # noqa: PLW1509
+                            preexec_fn=die_with_parent)  # noqa: PLW1509
 
 
 def _wait(proc: subprocess.Popen, stop, deadline: float) -> str:
