@@ -195,6 +195,14 @@ class MemoryBackend:
         chunks = self.chunks
         length = len(data)
         idx, off = divmod(offset, CHUNK)
+        if length < CHUNK and off + length <= CHUNK:
+            c = chunks.get(idx)
+            if c is not None:
+                # Part of a chunk that exists: one slice assignment, which
+                # holds the GIL throughout, so no lock (the lock orders the
+                # creation and replacement of chunks).
+                c[off : off + length] = data
+                return
         with self.lock:
             if off + length <= CHUNK:
                 c = chunks.get(idx)
