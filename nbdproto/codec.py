@@ -63,6 +63,7 @@ _req_unpack_from = _REQ.unpack_from
 _simple_pack = _SIMPLE.pack
 _simple_unpack_from = _SIMPLE.unpack_from
 _chunk_pack = _CHUNK.pack
+_data_header_pack = struct.Struct(">IHHQIQ").pack  # an OFFSET_DATA chunk's header and offset
 _chunk_unpack_from = _CHUNK.unpack_from
 _U32_unpack_from = _U32.unpack_from
 _U64_unpack_from = _U64.unpack_from
@@ -227,9 +228,9 @@ def encode_structured_chunk(
 def encode_offset_data_header(cookie: int, offset: int, data_length: int, *, done: bool = True) -> bytes:
     """Header of an OFFSET_DATA chunk; the caller appends ``data_length`` bytes."""
     flags = NBD_REPLY_FLAG_DONE if done else 0
-    return _chunk_pack(
-        NBD_STRUCTURED_REPLY_MAGIC, flags, NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + data_length
-    ) + _U64.pack(offset)
+    return _data_header_pack(
+        NBD_STRUCTURED_REPLY_MAGIC, flags, NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + data_length, offset
+    )
 
 
 def encode_offset_hole(cookie: int, offset: int, length: int, *, done: bool = True) -> bytes:

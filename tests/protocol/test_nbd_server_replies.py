@@ -156,6 +156,10 @@ def test_send_parts_sends_every_byte_in_order(pieces, limits):
     sender = _ShortSender(limits, cycle=False)
     S._send_parts(sender, list(parts))
     assert sender.data == expect
+    # The same when the caller passes the total (the one-call fast path).
+    sender = _ShortSender(limits, cycle=False)
+    S._send_parts(sender, list(parts), len(expect))
+    assert sender.data == expect
 
 
 def test_busy_poll_serves_one_then_two_clients(server_factory, raw_client):
