@@ -146,9 +146,7 @@ class ExportSpec:
 class MemoryBackend:
     """Sparse memory: 64 KiB chunks (bytearrays) in a dict; absent chunks read
     as zeroes.  Thread-safe for the server's use (connection threads): a
-    lock orders the creation and replacement of chunks, while a write inside
-    a chunk that exists is one slice assignment, atomic under the GIL, and
-    takes no lock; small reads copy under the GIL, large reads
+    lock serialises writers; small reads copy under the GIL, large reads
     hand out views that the kernel copies from while the GIL is released, so
     a READ that overlaps a concurrent WRITE from another connection may see
     a mix of old and new bytes (as with a disk, overlapping requests in
@@ -197,14 +195,6 @@ class MemoryBackend:
         chunks = self.chunks
         length = len(data)
         idx, off = divmod(offset, CHUNK)
-        if length < CHUNK and off + length <= CHUNK:
-            c = chunks.get(idx)
-            if c is not None:
-                # Part of a chunk that exists: one slice assignment, which
-                # holds the GIL throughout, so no lock (the lock orders the
-                # creation and replacement of chunks).
-                c[off : off + length] = data
-                return
         with self.lock:
             if off + length <= CHUNK:
                 c = chunks.get(idx)
