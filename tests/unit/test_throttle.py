@@ -246,6 +246,34 @@ async def test_a_killed_task_skips_reclaim_only_with_patch_15(autojump_clock, pa
     assert (k.vmstat["allocstall"] == 1) is reclaims
 
 
+async def test_try_to_free_pages_throttles_with_the_callers_gfp(autojump_clock):
+    """try_to_free_pages calls throttle_direct_reclaim first, with the caller's gfp:
+    a GFP_NOIO reclaimer below the threshold waits out its HZ timeout, then
+    reclaims. Kills try_to_free_pages 1 (the gfp not passed on)."""
+    k = make_kernel()
+    h = Holder(k)
+    h.set_free(threshold(k))
+    t = k.new_task("nofs", cpu=0)
+    start = trio.current_time()
+    with trio.fail_after(10):
+        await k.vmscan.try_to_free_pages(GFP_NOIO, 0, t)
+    assert trio.current_time() - start >= k.hz(1.0)
+    assert k.vmstat["pgscan_direct_throttle"] == 1 and k.vmstat["allocstall"] == 1
+
+
+@pytest.mark.parametrize("all_unreclaimable, expected", [(False, 1), (True, 0)])
+async def test_nothing_reclaimed_is_progress_unless_all_unreclaimable(autojump_clock,
+                                                                      all_unreclaimable, expected):
+    """do_try_to_free_pages with nothing on the LRU: 1 ("progress", so the allocator
+    retries rather than considering OOM) while the zone is not all_unreclaimable,
+    0 once it is. Kills try_to_free_pages 96 (`return 0` -> `return 1`)."""
+    k = make_kernel()
+    Holder(k).set_free(threshold(k) + 1)  # not throttled
+    k.pgdat.zone.all_unreclaimable = all_unreclaimable
+    t = k.new_task("usemem", cpu=0)
+    assert await k.vmscan.try_to_free_pages(GFP_KERNEL, 0, t) == expected
+
+
 # -- kswapd's wake-up inside balance_pgdat ----------------------------------------------------
 class PageCacheFiller:
     """Memory taken as fast as kswapd frees it: every page above ``target`` free
