@@ -4,6 +4,7 @@ never recurses into reclaim), the task's flags are restored afterwards; no
 progress means no attempt; the attempt after reclaim obeys the watermarks even
 for a caller entitled to ignore them (__alloc_pages_high_priority is the only
 place that does); a failed attempt drains the per-cpu lists and tries again.
+And should_alloc_retry, which decides whether the slow path goes round again.
 
 try_to_free_pages is replaced by a stand-in that "reclaims" by freeing pages
 the test holds, so each rule is seen alone. Each test's docstring names the
@@ -12,10 +13,12 @@ page_alloc mutants (``python scripts/mutation.py``) it was written to kill.
 
 from __future__ import annotations
 
+import pytest
 from slab_helpers import make_kernel
 
 from emulator.flags import ALLOC_CPUSET, ALLOC_NO_WATERMARKS, ALLOC_WMARK_MIN, GFP, GFP_KERNEL, PF
 from emulator.mm.page import Owner
+from emulator.mm.page_alloc import PageAllocator
 from emulator.task import current
 
 FLAGS = ALLOC_WMARK_MIN | ALLOC_CPUSET
@@ -104,3 +107,19 @@ async def test_pages_reclaimed_onto_another_cpus_list_are_found_after_draining()
         GFP_KERNEL, 0, task, FLAGS, Owner.ANON)
     assert progress == 5 and page is not None and page.owner == Owner.ANON
     assert k.vmstat["pcp_drained"] == 5  # all of CPU 0's list went back first
+
+
+@pytest.mark.parametrize("gfp, order, progress, retry", [
+    (GFP_KERNEL | GFP.NORETRY, 0, 1, False),               # __GFP_NORETRY first: never
+    (GFP_KERNEL | GFP.NORETRY | GFP.NOFAIL, 0, 1, False),
+    (GFP_KERNEL | GFP.NOFAIL, 9, 0, True),                 # __GFP_NOFAIL: always
+    (GFP_KERNEL, 3, 0, True),                              # order <= COSTLY_ORDER: always
+    (GFP_KERNEL, 4, 1, False),                             # costly, no __GFP_REPEAT
+    (GFP_KERNEL | GFP.REPEAT, 4, 1, True),                 # costly, __GFP_REPEAT, progress
+    (GFP_KERNEL | GFP.REPEAT, 4, 0, False),                # ... without progress
+])
+def test_should_alloc_retry(gfp, order, progress, retry):
+    """should_alloc_retry (3.6): the order of its tests and the costly-order
+    boundary. Kills should_alloc_retry's mutants that drop or reorder a test,
+    move the boundary (`<=` -> `<`) or make __GFP_REPEAT ignore the progress."""
+    assert PageAllocator.should_alloc_retry(gfp, order, progress) is retry
