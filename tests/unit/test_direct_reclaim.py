@@ -38,7 +38,7 @@ def reclaim_by_freeing(k, pages, cpu: int, seen: list, progress: int | None = No
     """A try_to_free_pages that frees ``pages`` from ``cpu`` (onto its per-cpu list,
     as a reclaimer running there would) and records the reclaimer's flags."""
     async def fake(gfp, order, task):
-        seen.append(task.flags)
+        seen.append((gfp, order, task.flags))
         token = current.set(k.new_task("reclaimer", cpu=cpu))
         try:
             for page in pages:
@@ -49,20 +49,30 @@ def reclaim_by_freeing(k, pages, cpu: int, seen: list, progress: int | None = No
     return fake
 
 
-async def test_reclaim_runs_with_pf_memalloc_and_the_flags_come_back():
-    """PF_MEMALLOC is added for __perform_reclaim, the task's other flags kept, and
-    taken off again afterwards. Kills _alloc_pages_direct_reclaim's mutants that
-    drop the PF_MEMALLOC or the restore (`|=` -> `=`, `| saved` -> `& saved`,
-    the flag not set)."""
+async def test_reclaim_runs_with_pf_memalloc_and_the_first_attempt_uses_the_cpus_list():
+    """try_to_free_pages gets the caller's gfp and order, with PF_MEMALLOC added to
+    the task's other flags, which come back afterwards; the first attempt
+    allocates on the task's CPU (the page it freed there last comes back first,
+    no drain needed) for the caller's owner. Kills _alloc_pages_direct_reclaim's
+    mutants that drop the PF_MEMALLOC or the restore, pass None for the gfp, skip
+    the first attempt, or call it without the owner or the CPU."""
     k = make_kernel("slub", cpus=2, memory_mib=64)
+    pa = k.page_alloc
+    parked = pa.get_page_from_freelist(GFP_KERNEL, 0, FLAGS, Owner.KERNEL)
+    token = current.set(k.new_task("freer", cpu=0))
+    try:
+        pa.free_page(parked)  # hot, onto CPU 0's list
+    finally:
+        current.reset(token)
+    assert k.pgdat.zone.pageset[0].count == 1
     seen = []
     k.vmscan.try_to_free_pages = reclaim_by_freeing(k, [], 0, seen, progress=1)
     task = k.new_task("usemem", PF.SWAPWRITE, cpu=0)
-    page, progress = await k.page_alloc._alloc_pages_direct_reclaim(
-        GFP_KERNEL, 0, task, FLAGS, Owner.ANON)
-    assert seen == [PF.SWAPWRITE | PF.MEMALLOC]
+    page, progress = await pa._alloc_pages_direct_reclaim(GFP_KERNEL, 0, task, FLAGS, Owner.ANON)
+    assert seen == [(GFP_KERNEL, 0, PF.SWAPWRITE | PF.MEMALLOC)]
     assert task.flags == PF.SWAPWRITE
-    assert progress == 1 and page is not None
+    assert progress == 1 and page is parked and page.owner == Owner.ANON
+    assert k.pgdat.zone.pageset[0].count == 0 and k.vmstat["pcp_drained"] == 0
 
 
 async def test_no_progress_means_no_attempt():
@@ -75,7 +85,7 @@ async def test_no_progress_means_no_attempt():
     task = k.new_task("usemem", cpu=0)
     assert await k.page_alloc._alloc_pages_direct_reclaim(
         GFP_KERNEL, 0, task, FLAGS, Owner.ANON) == (None, 0)
-    assert k.pgdat.zone.nr_free_pages == free and seen == [PF.MEMALLOC]
+    assert k.pgdat.zone.nr_free_pages == free and len(seen) == 1
 
 
 async def test_the_attempt_after_reclaim_obeys_the_watermarks():
@@ -107,6 +117,7 @@ async def test_pages_reclaimed_onto_another_cpus_list_are_found_after_draining()
         GFP_KERNEL, 0, task, FLAGS, Owner.ANON)
     assert progress == 5 and page is not None and page.owner == Owner.ANON
     assert k.vmstat["pcp_drained"] == 5  # all of CPU 0's list went back first
+    assert k.pgdat.zone.pageset[1].count > 0  # the second attempt went through CPU 1's list
 
 
 @pytest.mark.parametrize("gfp, order, progress, retry", [
