@@ -134,3 +134,15 @@ def test_should_alloc_retry(gfp, order, progress, retry):
     boundary. Kills should_alloc_retry's mutants that drop or reorder a test,
     move the boundary (`<=` -> `<`) or make __GFP_REPEAT ignore the progress."""
     assert PageAllocator.should_alloc_retry(gfp, order, progress) is retry
+
+
+async def test_alloc_page_is_one_order_0_page():
+    """alloc_page is alloc_pages of order 0: one page, and the zone's free count
+    (buddy plus per-cpu lists) goes down by exactly one. Kills alloc_page 9
+    (order 1)."""
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    zone = k.pgdat.zone
+    before = zone.nr_free_pages + zone.nr_pcp_pages
+    page = await k.page_alloc.alloc_page(GFP_KERNEL, k.new_task("usemem", cpu=0), Owner.ANON)
+    assert page.order == 0 and page.owner == Owner.ANON
+    assert zone.nr_free_pages + zone.nr_pcp_pages == before - 1
