@@ -5,14 +5,16 @@
     python scripts/mutation.py --recheck-survivors  # run the survivors again (tests added)
     python scripts/mutation.py --summary            # the summary table of the last results
     python scripts/mutation.py --survivors          # every surviving mutant, with its diff
+    timeout -s INT 900 python scripts/mutation.py   # a part of at most 15 minutes
     (other options, e.g. --max-children 1, go to `mutmut run`)
 
 Configuration: ``[tool.mutmut]`` in pyproject.toml says which files are mutated
 and which tests run against them (tests/unit, the RX outcome matrix, the NBD
-codec tests: no whole machines, no real sockets). ``TARGETS`` below picks the
+codec tests, the TCP socket tests: no whole machines, loopback sockets only). ``TARGETS`` below picks the
 mutants: the whole of page_alloc.py, slab.py, slub.py and the NBD codec, and the
 rule functions of mmzone.py (watermarks), vmscan.py (patch 15's throttling and
-kswapd's wake-ups) and sock.py (sk_filter, the allocation rules). Results are
+kswapd's wake-ups) and sock.py (sk_filter, SOCK_MEMALLOC and sk_gfp_atomic,
+patch 12's __sk_backlog_rcv, the backlog's bound). Results are
 kept in mutants/ (delete it to start again); a run picks up the mutants that
 have none, so a long run can be done in parts. Not part of the default test run
 or CI: all of it takes hours on 2 cores. The triage is in docs/TESTING.md.
@@ -40,7 +42,7 @@ TARGETS = [
     _V + "pfmemalloc_watermark_ok*", _V + "throttle_direct_reclaim*", _V + "try_to_free_pages*",
     _V + "prepare_kswapd_sleep*", _V + "balance_pgdat*",
     _S + "sk_filter*", _S + "sk_gfp_atomic*", _S + "sk_set_memalloc*", _S + "sk_clear_memalloc*",
-    _S + "_alloc_sndmsg_page*",
+    _S + "sk_backlog_rcv*", _S + "sk_add_backlog*", _S + "sk_rcvqueues_full*",
     "nbdproto.*",
 ]
 #: mutmut's exit codes (mutmut/stats.py) folded into the summary's columns.
@@ -96,25 +98,49 @@ def _take(argv: list[str], flag: str) -> list[str]:
     return values
 
 
+def run_mutmut(args: list[str]) -> None:
+    """``mutmut run ARGS``, stoppable: on SIGINT (Ctrl-C, or ``timeout -s INT``, which
+    signals the whole process group) mutmut stops its workers and keeps every result
+    it has recorded, so this waits for it rather than killing it. A results file
+    left half-written by the interrupt is put back as it was before this run."""
+    metas = {m: m.read_bytes() for m in (ROOT / "mutants").rglob("*.py.meta")}
+    proc = subprocess.Popen(["mutmut", "run", *args], cwd=ROOT)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+    finally:
+        for meta in (ROOT / "mutants").rglob("*.py.meta"):
+            try:
+                json.loads(meta.read_text())
+            except ValueError:
+                if meta in metas:
+                    meta.write_bytes(metas[meta])
+                    print(f"{meta}: half-written, restored as before this run", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     argv = list(argv)
     only = _take(argv, "--only")
+
+    def picked(name: str) -> bool:
+        return not only or any(fnmatch.fnmatch(name, o) for o in only)
+
     if "--survivors" in argv:
-        survivors(selected_results())
+        survivors({n: c for n, c in selected_results().items() if picked(n)})
         return 0
     if "--summary" not in argv:
         recheck = "--recheck-survivors" in argv
         mutmut_args = [a for a in argv if a != "--recheck-survivors"]
         results = selected_results()
-        if not results:  # first run: mutmut generates the mutants and runs them all
-            names = [t for t in TARGETS if not only or t in only]
+        if not results:  # first run: mutmut generates the mutants and runs those named
+            names = [t for t in TARGETS if picked(t)] or only
         else:
             # Named mutants are always run again; name only those that need it.
             want = (lambda c: c == 0) if recheck else (lambda c: c is None)
-            names = [n for n, c in results.items() if want(c)
-                     and (not only or any(fnmatch.fnmatch(n, o) for o in only))]
+            names = [n for n, c in results.items() if want(c) and picked(n)]
         if names:
-            subprocess.run(["mutmut", "run", *mutmut_args, *names], cwd=ROOT, check=False)
+            run_mutmut([*mutmut_args, *names])
     print(summary(selected_results()))
     return 0
 

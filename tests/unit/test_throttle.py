@@ -165,6 +165,35 @@ async def test_non_fs_caller_woken_early_by_kswapd(autojump_clock):
     assert done[0] - start == pytest.approx(k.hz(0.5))
 
 
+async def test_every_throttle_is_counted_and_timed(autojump_clock):
+    """Patch 16's pgscan_direct_throttle and the totals a run reports (machine.py's
+    throttle events and total_s; the throttle_active gauge the sampler reads)
+    count every throttle: two !__GFP_FS throttles in a row, each ending at its
+    HZ timeout. Kills throttle_direct_reclaim 5 (the counter set to 1 instead of
+    incremented), 13 (the events likewise), 16-18 and 71-73 (the gauge not kept
+    at the begin or the end), 65 (waited = now + since), 69 and 70 (the total
+    set or decremented)."""
+    k = make_kernel()
+    h = Holder(k)
+    h.set_free(threshold(k))
+    t = k.new_task("nofs", cpu=0)
+    gauge = []
+
+    async def twice():
+        for _ in range(2):
+            await k.vmscan.throttle_direct_reclaim(GFP_NOIO, t)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(twice)
+        for _ in range(2):
+            await trio.sleep(k.hz(0.5))  # half-way through each throttle
+            gauge.append(k.vmstat["throttle_active"])
+            await trio.sleep(k.hz(0.5))
+    assert gauge == [1, 1] and k.vmstat["throttle_active"] == 0
+    assert k.vmstat["pgscan_direct_throttle"] == 2 and k.vmscan.throttle_events == 2
+    assert k.vmscan.throttle_total_s == pytest.approx(2 * k.hz(1.0))
+
+
 @pytest.mark.parametrize("gfp", [GFP_KERNEL, GFP_NOIO])
 async def test_a_wake_up_while_memory_is_still_low_does_not_end_the_throttle(autojump_clock, gfp):
     """wait_event re-checks its condition: prepare_kswapd_sleep wakes pfmemalloc_wait
@@ -215,6 +244,34 @@ async def test_a_killed_task_skips_reclaim_only_with_patch_15(autojump_clock, pa
     t.fatal_signal = True
     assert await k.vmscan.try_to_free_pages(GFP_KERNEL, 0, t) >= 1
     assert (k.vmstat["allocstall"] == 1) is reclaims
+
+
+async def test_try_to_free_pages_throttles_with_the_callers_gfp(autojump_clock):
+    """try_to_free_pages calls throttle_direct_reclaim first, with the caller's gfp:
+    a GFP_NOIO reclaimer below the threshold waits out its HZ timeout, then
+    reclaims. Kills try_to_free_pages 1 (the gfp not passed on)."""
+    k = make_kernel()
+    h = Holder(k)
+    h.set_free(threshold(k))
+    t = k.new_task("nofs", cpu=0)
+    start = trio.current_time()
+    with trio.fail_after(10):
+        await k.vmscan.try_to_free_pages(GFP_NOIO, 0, t)
+    assert trio.current_time() - start >= k.hz(1.0)
+    assert k.vmstat["pgscan_direct_throttle"] == 1 and k.vmstat["allocstall"] == 1
+
+
+@pytest.mark.parametrize("all_unreclaimable, expected", [(False, 1), (True, 0)])
+async def test_nothing_reclaimed_is_progress_unless_all_unreclaimable(autojump_clock,
+                                                                      all_unreclaimable, expected):
+    """do_try_to_free_pages with nothing on the LRU: 1 ("progress", so the allocator
+    retries rather than considering OOM) while the zone is not all_unreclaimable,
+    0 once it is. Kills try_to_free_pages 96 (`return 0` -> `return 1`)."""
+    k = make_kernel()
+    Holder(k).set_free(threshold(k) + 1)  # not throttled
+    k.pgdat.zone.all_unreclaimable = all_unreclaimable
+    t = k.new_task("usemem", cpu=0)
+    assert await k.vmscan.try_to_free_pages(GFP_KERNEL, 0, t) == expected
 
 
 # -- kswapd's wake-up inside balance_pgdat ----------------------------------------------------

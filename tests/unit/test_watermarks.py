@@ -8,6 +8,7 @@ emulator/mm/mmzone.py, and checked against the table in the kernel's comment.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from page_holder import Holder
@@ -156,6 +157,29 @@ def test_per_order_loop():
     assert zone_watermark_ok(40, [20, 7, 1] + [0] * 8, 2, 16, 0, ALLOC_HIGH)  # 17-14=3 > 2
     # Order 0 ignores the free-area counts entirely.
     assert zone_watermark_ok(17, [17] + [0] * 10, 0, 16, 0, 0)
+
+
+def test_per_order_loop_boundary():
+    """Inside the per-order loop, free equal to the halved min fails, as the first
+    check does (``<=``). Kills zone_watermark_ok 28 (``<=`` -> ``<`` in the loop)."""
+    # order 1, mark 8: 20 - 1 = 19 > 8; k=0: 19 - 15 = 4 <= 8 >> 1 -> fails
+    assert not zone_watermark_ok(20, [15] + [0] * 10, 1, 8, 0, 0)
+    assert zone_watermark_ok(20, [14] + [0] * 10, 1, 8, 0, 0)  # 5 > 4
+
+
+#: The table above calculate_zone_inactive_ratio (mm/page_alloc.c): zone size -> ratio.
+INACTIVE_RATIO_TABLE = {10 << 20: 1, 100 << 20: 1, 1 << 30: 3, 10 << 30: 10, 100 << 30: 31,
+                        1 << 40: 101}
+
+
+@pytest.mark.parametrize("size, ratio", sorted(INACTIVE_RATIO_TABLE.items()))
+def test_inactive_ratio_follows_the_kernel_table(size, ratio):
+    """inactive_ratio = int_sqrt(10 * GiB), 1 below a GiB (the kernel comment's table).
+    Kills setup_per_zone_wmarks 17-23 and 26 (the GiB count or the formula
+    changed); the unit tests' machines are all below 1 GiB, where it is 1."""
+    zone = SimpleNamespace(present_pages=size >> 12)
+    setup_per_zone_wmarks([zone], 1024)
+    assert zone.inactive_ratio == ratio
 
 
 def test_zone_method_uses_live_free_area():
