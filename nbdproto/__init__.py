@@ -33,7 +33,7 @@ Contents:
   (``EXPORT_NAME``, ``ABORT``, ``LIST``, ``INFO``, ``GO`` with
   ``NBD_INFO_EXPORT/NAME/DESCRIPTION/BLOCK_SIZE``, ``STRUCTURED_REPLY``;
   unknown options get ``NBD_REP_ERR_UNSUP``; ``NO_ZEROES``);
-* :func:`parse_nbd_url`: ``nbd://host[:port]/export`` (``doc/uri.md``);
+* :func:`parse_nbd_url` and :func:`nbd_url`: ``nbd://host[:port]/export`` (``doc/uri.md``);
 * :class:`TransmissionClient`: the client side of the transmission phase
   (cookies, simple and structured replies), written for the hot path;
 * :class:`RequestParser`: the server side's request framing, which drains
@@ -240,9 +240,10 @@ from .transmission import (
     ServerTransmissionEvent,
     TransmissionClient,
 )
-from .uri import parse_nbd_url
+from .uri import nbd_url, parse_nbd_url
 
 __all__ = [
+    "nbd_url",
     "parse_nbd_url",
     "ClientTransmissionEvent",
     "ServerTransmissionEvent",

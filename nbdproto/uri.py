@@ -1,8 +1,9 @@
 """NBD URIs: ``nbd://host[:port]/export``.
 
 Counterpart: the NBD URI specification (NetworkBlockDevice/nbd ``doc/uri.md``),
-as libnbd's ``nbd_connect_uri`` and qemu read it.  Pure parsing, no I/O: the
-config loader checks ``swap.server`` with it before anything connects.
+as libnbd's ``nbd_connect_uri`` and qemu read it.  Pure parsing and
+formatting, no I/O: the config loader checks ``swap.server`` with it before
+anything connects; the servers say where they listen with ``nbd_url``.
 
 Simplified: only plain ``nbd://`` over TCP; TLS (``nbds``), Unix and vsock
 schemes, and query parameters (``tls-*``, ``socket=``) are refused with a
@@ -45,3 +46,10 @@ def parse_nbd_url(url: str) -> tuple[str, int, str]:
     if len(name.encode()) > NBD_MAX_STRING:
         raise ValueError("export name in NBD URL is longer than 4096 bytes")
     return host, port, name
+
+
+def nbd_url(host: str, port: int, export_name: str = "") -> str:
+    """(host, port, export_name) → ``nbd://host:port/name``, the inverse of
+    :func:`parse_nbd_url` (an IPv6 host in brackets, the name percent-encoded)."""
+    h = f"[{host}]" if ":" in host else host
+    return f"nbd://{h}:{port}/{urllib.parse.quote(export_name)}"

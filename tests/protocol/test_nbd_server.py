@@ -330,3 +330,11 @@ async def test_client_handshake_timeout_and_refused():
     with pytest.raises(NBDHandshakeError, match="cannot connect"):
         async with NBDClient.connect(f"nbd://127.0.0.1:{port}/"):
             pass
+
+
+@pytest.mark.parametrize("host,port,name", [("127.0.0.1", 10809, "swap"), ("::1", 4000, ""),
+                                             ("localhost", 1, "a b/c")])
+def test_nbd_url_is_the_inverse_of_parse_nbd_url(host, port, name):
+    from nbdproto import nbd_url, parse_nbd_url
+
+    assert parse_nbd_url(nbd_url(host, port, name)) == (host, port, name)

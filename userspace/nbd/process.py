@@ -28,6 +28,7 @@ import tempfile
 
 import trio
 
+from nbdproto import nbd_url
 from userspace.children import die_with_parent
 
 from .server import ExportSpec
@@ -79,8 +80,7 @@ class NBDServerProcess:
     def url(self, export_name: str = "") -> str:
         if self.port is None:
             raise RuntimeError("server not started")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{export_name}"
+        return nbd_url(self.host, self.port, export_name)
 
     async def start(self) -> None:
         """Start the child and wait until it listens; RuntimeError says why it did not."""

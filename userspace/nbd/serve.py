@@ -30,10 +30,11 @@ import logging
 import re
 import signal
 import sys
-import urllib.parse
 
 import structlog
 import trio
+
+from nbdproto import nbd_url
 
 from .server import DEFAULT_MAX_INFLIGHT, ExportSpec, NBDServer
 
@@ -182,8 +183,7 @@ async def _serve(server: NBDServer, host: str, port: int, announce) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
-            h = f"[{host}]" if ":" in host else host
-            urls = " ".join(f"nbd://{h}:{bound}/{urllib.parse.quote(s.name)}" for s in server.specs)
+            urls = " ".join(nbd_url(host, bound, s.name) for s in server.specs)
             announce(f"swapnbd serve: listening on {urls}")
             async for signum in signals:
                 structlog.get_logger("userspace.nbd.serve").info(

@@ -404,7 +404,7 @@ _ALLOWED_FLAGS = {
 
 
 class _Export:
-    __slots__ = ("spec", "backend", "server_export", "size", "read_only", "inline_max", "pread", "write")
+    __slots__ = ("spec", "backend", "server_export", "size", "read_only", "inline_max", "write")
 
     def __init__(self, spec: ExportSpec, backend, max_request: int) -> None:
         self.spec = spec
@@ -414,7 +414,6 @@ class _Export:
         # The hot path: a READ or WRITE without flags, in range and at most this
         # long, is answered by the connection's own thread (backend.inline_ok).
         self.inline_max = min(max_request, getattr(backend, "INLINE_MAX", max_request))
-        self.pread = backend.pread
         self.write = backend.write
         self.server_export = P.ServerExport(
             name=spec.name,
@@ -1142,19 +1141,6 @@ class NBDServer:
         # (exp.inline_max), without a call to inline_ok or _validate.
         if flags == 0 and 0 < length <= exp.inline_max and req.offset + length <= exp.size:
             if cmd == NBD_CMD_READ:
-                if length < _VIEW_MIN:
-                    try:
-                        data = exp.pread(req.offset, length)
-                    except OSError as exc:
-                        return self._reply_error(out, req, self._backend_error(cmd, exc), structured)
-                    if data is not None:
-                        if structured:
-                            out.append(P.encode_offset_data_header(req.cookie, req.offset, length))
-                            out.append(data)
-                            return 28 + length
-                        out.append(_simple_pack(NBD_SIMPLE_REPLY_MAGIC, 0, req.cookie))
-                        out.append(data)
-                        return 16 + length
                 return self._read(out, req, exp.backend, structured)
             if cmd == NBD_CMD_WRITE and not exp.read_only and not req.oversized:
                 try:

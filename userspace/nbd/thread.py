@@ -10,10 +10,11 @@ machine, so its CPU time competes with the emulator's.
 from __future__ import annotations
 
 import threading
-import urllib.parse
 
 import structlog
 import trio
+
+from nbdproto import nbd_url
 
 from .server import ExportSpec, NBDServer
 
@@ -76,8 +77,7 @@ class NBDServerThread:
     def url(self, export_name: str = "") -> str:
         if self.port is None:
             raise RuntimeError("server not started")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{urllib.parse.quote(export_name)}"
+        return nbd_url(self.host, self.port, export_name)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Graceful stop: shutdown (in-flight finish, ESHUTDOWN, grace period),
