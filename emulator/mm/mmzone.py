@@ -9,7 +9,11 @@ split), move_freepages_block and setup_zone_migrate_reserve (pageblocks).
 The node carries kswapd's wait queue and patch 15's ``pfmemalloc_wait``.
 
 The zone carries the four evictable LRU lists and their reclaim statistics
-(struct lruvec / zone_reclaim_stat).
+(struct lruvec / zone_reclaim_stat). The lists are intrusive, as struct
+page's ``lru`` list_head makes them in the kernel: each frame's links are its
+row in two int32 columns indexed by pfn (8 bytes per frame), and the four list
+heads are four more rows past the frames (include/linux/list.h's list_add,
+list_add_tail, list_del, list_move_tail; lru_to_page takes the tail).
 
 Per-cpu page lists (struct per_cpu_pages, zone_batchsize, setup_pageset,
 buffered_rmqueue's order-0 branch with rmqueue_bulk, free_hot_cold_page,
@@ -66,7 +70,9 @@ go to the buddy lists.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from array import array
+from collections import deque
+from collections.abc import Iterator
 
 from emulator.flags import ALLOC_HARDER, ALLOC_HIGH, GFP
 from emulator.mm.page import PAGE_SHIFT, PG, Owner, Page
@@ -158,6 +164,109 @@ class FreeArea:
         self.nr_free = 0
 
 
+#: LIST_POISON: the links of a frame on no LRU list (list_del poisons them).
+LIST_POISON = -1
+
+
+class LruList:
+    """One list_head of struct lruvec, threaded through the frames' ``lru`` links.
+
+    The links are the zone's two pfn-indexed columns (``next``, ``prev``), shared
+    by the four lists: a frame is on at most one. The head end is the newest
+    (list_add); the tail is the next page reclaim takes (lru_to_page is
+    head->prev). Iteration runs from the tail, in the order reclaim isolates.
+    ``nr`` is the list's length (the zone's NR_*_ANON/FILE counter)."""
+
+    __slots__ = ("name", "nr", "_head", "_next", "_prev", "_mem_map", "_start")
+
+    def __init__(self, name: str, head: int, links: tuple[array, array],
+                 mem_map: list[Page], start_pfn: int) -> None:
+        self.name = name
+        self.nr = 0
+        self._head = head
+        self._next, self._prev = links
+        self._mem_map = mem_map
+        self._start = start_pfn
+
+    def __len__(self) -> int:
+        return self.nr
+
+    def __iter__(self) -> Iterator[Page]:
+        prev, head, start, mem_map = self._prev, self._head, self._start, self._mem_map
+        i = prev[head]
+        while i != head:
+            yield mem_map[i + start]
+            i = prev[i]
+
+    def __repr__(self) -> str:
+        return f"<LruList {self.name} nr={self.nr}>"
+
+    def _link(self, i: int, prev_i: int, next_i: int) -> None:
+        """__list_add(): row ``i`` between ``prev_i`` and ``next_i``."""
+        nxt, prv = self._next, self._prev
+        if nxt[i] != LIST_POISON:
+            raise ValueError(f"list_add: pfn {i + self._start} is already on an LRU list")
+        nxt[i] = next_i
+        prv[i] = prev_i
+        prv[next_i] = i
+        nxt[prev_i] = i
+        self.nr += 1
+
+    def add(self, page: Page) -> None:
+        """list_add(&page->lru, head): at the head, the newest end."""
+        head = self._head
+        self._link(page.pfn - self._start, head, self._next[head])
+
+    def add_tail(self, page: Page) -> None:
+        """list_add_tail(&page->lru, head): at the tail, next to be scanned."""
+        head = self._head
+        self._link(page.pfn - self._start, self._prev[head], head)
+
+    def _unlink(self, i: int) -> None:
+        """list_del(): out of the list, links poisoned."""
+        nxt, prv = self._next, self._prev
+        n, p = nxt[i], prv[i]
+        if n == LIST_POISON:
+            raise ValueError(f"list_del: pfn {i + self._start} is on no LRU list")
+        nxt[p] = n
+        prv[n] = p
+        nxt[i] = prv[i] = LIST_POISON
+        self.nr -= 1
+
+    def remove(self, page: Page) -> None:
+        """list_del(&page->lru). The page must be on this list (as in the kernel,
+        which list it is on is the caller's knowledge: page_lru)."""
+        self._unlink(page.pfn - self._start)
+
+    def move_tail(self, page: Page) -> None:
+        """list_move_tail(&page->lru, head): to this list's tail."""
+        i = page.pfn - self._start
+        self._unlink(i)
+        head = self._head
+        self._link(i, self._prev[head], head)
+
+    def pop_tail(self) -> Page:
+        """lru_to_page(head) and list_del(): take the page at the tail."""
+        i = self._prev[self._head]
+        if i == self._head:
+            raise IndexError(f"pop_tail from the empty {self.name} list")
+        self._unlink(i)
+        return self._mem_map[i + self._start]
+
+
+def lruvec_init(nr_frames: int, mem_map: list[Page], start_pfn: int) -> list[LruList]:
+    """lruvec_init(): the four empty lists over fresh link columns (every frame's
+    links poisoned; each head's links point at itself, INIT_LIST_HEAD)."""
+    nxt = array("i", [LIST_POISON]) * (nr_frames + len(LRU_NAMES))
+    prv = array("i", nxt)
+    lists = []
+    for lru, name in enumerate(LRU_NAMES):
+        head = nr_frames + lru
+        nxt[head] = prv[head] = head
+        lists.append(LruList(name, head, (nxt, prv), mem_map, start_pfn))
+    return lists
+
+
 class Zone:
     """struct zone: free area, watermarks, LRU lists, reclaim state."""
 
@@ -175,10 +284,9 @@ class Zone:
         self.page_group_by_mobility_disabled = present_pages < MOBILITY_MIN_PAGES
         self.watermark = [0, 0, 0]  # WMARK_MIN, WMARK_LOW, WMARK_HIGH
         self.lowmem_reserve = [0]
-        # LRU lists indexed LRU_INACTIVE_ANON, LRU_ACTIVE_ANON, LRU_INACTIVE_FILE,
-        # LRU_ACTIVE_FILE: OrderedDict pfn -> page. Insertion end = list head
-        # (newest), first item = list tail (the next page reclaim isolates).
-        self.lru: list[OrderedDict[int, Page]] = [OrderedDict() for _ in range(4)]
+        # The lruvec's lists, indexed LRU_INACTIVE_ANON, LRU_ACTIVE_ANON,
+        # LRU_INACTIVE_FILE, LRU_ACTIVE_FILE.
+        self.lru: list[LruList] = lruvec_init(present_pages, mem_map, start_pfn)
         self.nr_isolated = [0, 0]  # anon, file
         self.pageset: list[PerCpuPages] = []  # per CPU; set up by setup_pagesets
         self.nr_pcp_pages = 0  # pages on all the CPUs' lists (outside nr_free_pages)
@@ -217,11 +325,11 @@ class Zone:
 
     # Names for the lists, as the kernel's for_each_evictable_lru sees them.
     @property
-    def lru_inactive_anon(self) -> OrderedDict[int, Page]:
+    def lru_inactive_anon(self) -> LruList:
         return self.lru[LRU_INACTIVE_ANON]
 
     @property
-    def lru_active_anon(self) -> OrderedDict[int, Page]:
+    def lru_active_anon(self) -> LruList:
         return self.lru[LRU_ACTIVE_ANON]
 
     @property

@@ -45,7 +45,7 @@ class LruCache:
             page.flags |= PG.active
         else:
             page.flags &= ~PG.active
-        page.zone.lru[lru][page.pfn] = page
+        page.zone.lru[lru].add(page)
         self.vmstat[_NR_LRU[lru]] += 1
 
     def lru_cache_add_active(self, page: Page) -> None:
@@ -65,7 +65,7 @@ class LruCache:
         if not page.flags & PG.lru:
             return
         lru = self.page_lru(page)
-        del page.zone.lru[lru][page.pfn]
+        page.zone.lru[lru].remove(page)
         self.vmstat[_NR_LRU[lru]] -= 1
         page.flags &= ~(PG.lru | PG.active)
 
@@ -73,5 +73,5 @@ class LruCache:
         """rotate_reclaimable_page(): a page whose writeback finished goes to the
         inactive list's tail, to be freed by the next scan."""
         if page.flags & PG.lru and not page.flags & PG.active:
-            page.zone.lru[self.page_lru(page)].move_to_end(page.pfn, last=False)
+            page.zone.lru[self.page_lru(page)].move_tail(page)
             self.vmstat["pgrotated"] += 1

@@ -157,12 +157,12 @@ class VMScan(LruCache):
             n = min(nr_to_scan, len(active))
             rotated = 0
             for _ in range(n):
-                pfn, page = active.popitem(last=False)
+                page = active.pop_tail()
                 if page.young:
                     page.young = False  # page_referenced()
                     rotated += 1
                 page.flags &= ~PG.active
-                inactive[pfn] = page
+                inactive.add(page)
             zone.pages_scanned += n
             zone.recent_scanned[file] += n
             zone.recent_rotated[file] += rotated
@@ -198,7 +198,7 @@ class VMScan(LruCache):
             n = min(nr_to_scan, len(inactive))
             page_list = []
             for _ in range(n):
-                _, page = inactive.popitem(last=False)
+                page = inactive.pop_tail()
                 page.flags &= ~PG.lru
                 page_list.append(page)
             nr_taken = len(page_list)

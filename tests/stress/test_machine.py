@@ -24,6 +24,8 @@ import trio
 import nbdproto as P
 from actors.watchdog import HUNG_TASK_TIMEOUT_S
 from emulator.config import RunConfig
+from emulator.mm.mmzone import LRU_NAMES
+from emulator.mm.page import PG
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quick.toml")
@@ -133,10 +135,24 @@ class TinyNBDServer:
         return P.encode_simple_reply(req.cookie)
 
 
+def assert_lru_lists_consistent(k) -> None:
+    """Every frame with PG_lru is on the list page_lru names, exactly once; every
+    list's walk agrees with its length and with its NR_* counter."""
+    zone = k.pgdat.zone
+    on_lists = 0
+    for lru, lst in enumerate(zone.lru):
+        pages = list(lst)
+        assert len(pages) == len(lst) == k.vmstat[f"nr_{LRU_NAMES[lru]}"]
+        assert all(p.flags & PG.lru and k.vmscan.page_lru(p) == lru for p in pages)
+        on_lists += len(pages)
+    assert on_lists == sum(1 for p in k.pgdat.mem_map if p.flags & PG.lru)
+
+
 async def test_small_machine_completes_with_swap_in_and_out(machine):
     m = await machine(QUICK, *SMALL)
     nr_pages = m.k.nr_pages
     await m.wait_until(lambda m: m.vmstat["pswpout"] > 0, timeout=60)
+    assert_lru_lists_consistent(m.k)  # mid-run, reclaim and swap-in busy
     r = await m.wait_done(timeout=150)
     assert r.outcome == "completed", r.error or r.diagnosis
     assert r.exit_status == 0

@@ -30,7 +30,7 @@ def small_kernel() -> Kernel:
 async def isolate_page_cache(k: Kernel, task: Task, n: int = 4) -> list:
     """n clean page-cache pages, taken off the LRU as shrink_inactive_list would."""
     await k.populate_page_cache(task, n)
-    batch = [page for _, page in list(k.pgdat.zone.lru[LRU_INACTIVE_FILE].items())[:n]]
+    batch = list(k.pgdat.zone.lru[LRU_INACTIVE_FILE])[:n]
     for page in batch:
         k.vmscan.del_page_from_lru(page)
     return batch
