@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from emulator.mm.memory import handle_mm_fault
-from emulator.mm.page import PG, Page
+from emulator.mm.page import PG, Page, pack_contents, unpack_contents
 
 if TYPE_CHECKING:
     from actors.process import UserProcess
@@ -61,10 +61,12 @@ async def anon_mmap_write(k: Kernel, proc: UserProcess) -> bool:
                 task.set_mode("user")
                 if page is not None:
                     break
-            if p and page.contents != (pid, vpn, p - 1):
+            if p and page.contents != pack_contents(pid, vpn, p - 1):
+                found = page.contents
                 k.integrity_error(what="Data wrong at offset", pid=pid, vaddr=vpn,
-                                  expected=[pid, vpn, p - 1], found=page.contents)
-            page.contents = (pid, vpn, p)
+                                  expected=[pid, vpn, p - 1],
+                                  found=None if found is None else list(unpack_contents(found)))
+            page.contents = pack_contents(pid, vpn, p)
             if page.flags & PG.swapcache:
                 page.flags |= PG.dirty  # the PTE's dirty bit, moved to the page at unmap
             k.progress += 1

@@ -10,9 +10,11 @@ skb, a mempool, a test. The conservation tests walk all frames and check that
 each owner's count matches its own bookkeeping.
 
 ``contents`` stands for the page's bytes: for an anonymous page, the
-(pid, virtual page, write generation) triple the workload last wrote. The real
-4096 bytes are produced from it by swap_writepage (mm/page_io.py) and checked on
-swap-in, so what crosses the network is real data.
+(pid, virtual page, write generation) triple the workload last wrote, packed
+into one int by ``pack_contents`` (60 bits: two of CPython's 30-bit digits, 32
+bytes, where a tuple and its vpn took 96). The real 4096 bytes are produced
+from it by swap_writepage (mm/page_io.py) and checked on swap-in, so what
+crosses the network is real data.
 
 Simplified: no page refcount or mapcount arithmetic (an anonymous page has at
 most one mapping; ``mapped`` is that PTE's presence), no compound-page
@@ -27,6 +29,27 @@ from emulator.flags import Bits
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+
+
+#: Field widths of a packed ``contents``: pid (pid numbers stay far below a
+#: million here), virtual page (4 TiB per process, the most a config allows) and
+#: generation (workload.passes is at most 1000).
+CONTENTS_VPN_SHIFT, CONTENTS_PID_SHIFT = 10, 40
+CONTENTS_GEN_LIMIT, CONTENTS_VPN_LIMIT, CONTENTS_PID_LIMIT = 1 << 10, 1 << 30, 1 << 20
+
+
+def pack_contents(pid: int, vpn: int, gen: int) -> int:
+    """The ``contents`` word of (pid, vpn, gen); ValueError outside the widths."""
+    if not (0 <= pid < CONTENTS_PID_LIMIT and 0 <= vpn < CONTENTS_VPN_LIMIT
+            and 0 <= gen < CONTENTS_GEN_LIMIT):
+        raise ValueError(f"page contents out of range: pid {pid}, vpn {vpn}, gen {gen}")
+    return pid << CONTENTS_PID_SHIFT | vpn << CONTENTS_VPN_SHIFT | gen
+
+
+def unpack_contents(word: int) -> tuple[int, int, int]:
+    """(pid, vpn, gen) of a ``contents`` word."""
+    return (word >> CONTENTS_PID_SHIFT, (word >> CONTENTS_VPN_SHIFT) & (CONTENTS_VPN_LIMIT - 1),
+            word & (CONTENTS_GEN_LIMIT - 1))
 
 
 class PG(Bits):
@@ -62,7 +85,7 @@ class Owner(enum.Enum):
 class Page:
     __slots__ = (
         "pfn", "zone", "flags", "order", "owner", "pfmemalloc", "young",
-        "mm", "vaddr", "swap", "contents", "slab", "private", "migratetype", "__weakref__",
+        "mm", "vaddr", "swap", "contents", "slab", "private", "migratetype",
     )
 
     def __init__(self, pfn: int, zone) -> None:
@@ -76,7 +99,7 @@ class Page:
         self.mm = None  #: owning MMStruct while mapped (rmap)
         self.vaddr = -1  #: virtual page number in ``mm``
         self.swap = 0  #: swap entry (page_private) while PageSwapCache
-        self.contents: tuple[int, int, int] | None = None
+        self.contents: int | None = None  #: pack_contents(pid, vpn, gen)
         self.slab = None  #: the slab this frame belongs to (SLAB/SLUB)
         self.private = None
         #: the migrate type of the list the frame is on while free: a buddy

@@ -27,7 +27,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 from emulator.flags import GFP_KERNEL, GFP_NOIO
-from emulator.mm.page import PAGE_SIZE, PG, Page
+from emulator.mm.page import PAGE_SIZE, PG, Page, pack_contents, unpack_contents
 from emulator.task import Task
 
 if TYPE_CHECKING:
@@ -37,24 +37,28 @@ _HDR = struct.Struct(">4sIQQQ")  # magic, crc32 of the rest, pid, vpn, gen
 _MAGIC = b"SWPG"
 
 
-def encode_page(contents: tuple[int, int, int]) -> bytes:
-    """The bytes of an anonymous page: a header naming (pid, vpn, gen), a filler
+def encode_page(contents: int) -> bytes:
+    """The bytes of an anonymous page: a header naming its (pid, vpn, gen), a filler
     derived from them, and a CRC32 over everything after the CRC field."""
-    pid, vpn, gen = contents
+    pid, vpn, gen = unpack_contents(contents)
     seed = zlib.crc32(struct.pack(">QQQ", pid, vpn, gen)).to_bytes(4, "big")
     body = struct.pack(">QQQ", pid, vpn, gen) + (seed * ((PAGE_SIZE - _HDR.size) // 4 + 1))
     body = body[: PAGE_SIZE - 8]
     return _MAGIC + zlib.crc32(body).to_bytes(4, "big") + body
 
 
-def decode_page(data: bytes) -> tuple[int, int, int] | None:
-    """(pid, vpn, gen) from a page's bytes, or None if the bytes are not an intact page."""
+def decode_page(data: bytes) -> int | None:
+    """The packed (pid, vpn, gen) of a page's bytes, or None if the bytes are not an
+    intact page (a header whose fields no page of this machine can have included)."""
     if len(data) != PAGE_SIZE or data[:4] != _MAGIC:
         return None
     _, crc, pid, vpn, gen = _HDR.unpack_from(data)
     if zlib.crc32(memoryview(data)[8:]) != crc:
         return None
-    return pid, vpn, gen
+    try:
+        return pack_contents(pid, vpn, gen)
+    except ValueError:
+        return None
 
 
 class PageIO:
