@@ -1074,3 +1074,267 @@ def test_client_handshake_arbitrary_bytes_after_greeting(data, sizes):
     if exc is not None:
         assert isinstance(exc, P.HandshakeFailed)
         assert_error_state(c, exc, b"")
+
+
+# -- rules mutation testing found unguarded (docs/TESTING.md, "Triage of the
+#    survivors"): each docstring names the nbdproto mutants the test kills.
+
+DF_EXPORTS = {"df": P.ServerExport("df", 1 << 20, P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_DF,
+                                   preferred_block=8192, description="with DF")}
+
+
+def server_after_flags(exports=EXPORTS, cflags=P.NBD_FLAG_C_FIXED_NEWSTYLE, **kw) -> P.ServerHandshake:
+    """A server that has read the client's flags and waits for options."""
+    s = P.ServerHandshake(exports, **kw)
+    s.receive_data(struct.pack(">I", cflags))
+    assert s.next_event() is P.NEED_DATA
+    return s
+
+
+def option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(option, reply type, payload) of each option reply in ``data``."""
+    out, pos = [], 0
+    while pos < len(data):
+        magic, opt, rtype, n = struct.unpack_from(">QIII", data, pos)
+        assert magic == P.NBD_REP_MAGIC
+        out.append((opt, rtype, data[pos + 20 : pos + 20 + n]))
+        pos += 20 + n
+    return out
+
+
+@pytest.mark.parametrize("exports, name, structured", [
+    (EXPORTS, "big", True), (EXPORTS, "", False), (DF_EXPORTS, "df", True), (DF_EXPORTS, "df", False),
+])
+def test_server_event_describes_the_export_the_client_was_given(exports, name, structured):
+    """The server's HandshakeDone carries the export as the client received it:
+    block sizes, description, flags (SEND_DF only with structured replies) and
+    whether structured replies were negotiated. Kills ServerHandshake
+    _export_info 2, 9-21, __init__ 15, 16 and _handle_option 37."""
+    cev, sev = pump(P.ClientHandshake(name, structured_replies=structured), P.ServerHandshake(exports))
+    assert isinstance(sev, P.HandshakeDone)
+    assert sev.info == cev.info
+    assert sev.structured_replies is cev.structured_replies is structured
+    if exports is DF_EXPORTS:
+        assert bool(sev.info.flags & P.NBD_FLAG_SEND_DF) is structured
+
+
+def test_greeting_offers_no_zeroes_only_when_allowed():
+    """ServerHandshake.__init__ 11, 12: the handshake flags of the greeting."""
+    flags = lambda s: struct.unpack(">QQH", s.greeting())[2]  # noqa: E731
+    assert flags(P.ServerHandshake(EXPORTS)) == P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES
+    assert flags(P.ServerHandshake(EXPORTS, allow_no_zeroes=False)) == P.NBD_FLAG_FIXED_NEWSTYLE
+
+
+def test_server_takes_max_options_and_no_more():
+    """The default cap is 256 options: the 256th is answered, the 257th
+    hard-closes. Kills ServerHandshake.next_event 44-47 and __init__ 2."""
+    s = server_after_flags()
+    s.receive_data(P.encode_option(0x55) * 256)
+    assert s.next_event() is P.NEED_DATA
+    assert len(s.options_log) == 256
+    s.receive_data(P.encode_option(0x55))
+    with pytest.raises(P.ProtocolError, match="too many options"):
+        s.next_event()
+
+
+def infos_per_option(replies) -> list[list[int]]:
+    """The NBD_INFO types each option's NBD_REP_INFO replies carried, up to its ACK."""
+    out, cur = [], []
+    for _, rtype, data in replies:
+        if rtype == P.NBD_REP_INFO:
+            cur.append(struct.unpack(">H", data[:2])[0])
+        elif rtype == P.NBD_REP_ACK:
+            assert data == b""  # an ACK carries nothing
+            out.append(cur)
+            cur = []
+    return out
+
+
+def test_server_reads_the_info_requests_after_the_name():
+    """NBD_OPT_INFO's request list follows the name; NBD_INFO_NAME and
+    NBD_INFO_DESCRIPTION are answered only when requested; an ACK has no data.
+    Kills ServerHandshake._handle_info_go 76, 77, 103, 112 and _reply 1."""
+    exports = {"": P.ServerExport("", 4096, P.NBD_FLAG_HAS_FLAGS, description="default"),
+               "ab": P.ServerExport("ab", 4096, P.NBD_FLAG_HAS_FLAGS, description="two")}
+    s = server_after_flags(exports)
+    s.receive_data(P.encode_option(P.NBD_OPT_INFO, P.encode_info_request("ab", [P.NBD_INFO_NAME]))
+                   + P.encode_option(P.NBD_OPT_INFO, P.encode_info_request("ab", [P.NBD_INFO_DESCRIPTION]))
+                   + P.encode_option(P.NBD_OPT_INFO, P.encode_info_request("")))
+    assert s.next_event() is P.NEED_DATA
+    replies = option_replies(s.data_to_send())
+    E, N, D, B = P.NBD_INFO_EXPORT, P.NBD_INFO_NAME, P.NBD_INFO_DESCRIPTION, P.NBD_INFO_BLOCK_SIZE
+    assert infos_per_option(replies) == [[E, N, B], [E, D, B], [E, B]]
+    payloads = [data[2:] for _, rtype, data in replies
+                if rtype == P.NBD_REP_INFO and data[:2] in (struct.pack(">H", N), struct.pack(">H", D))]
+    assert payloads == [b"ab", b"two"]
+
+
+def test_server_error_replies_say_why():
+    """An error reply carries its message; a refused client's options get
+    NBD_REP_ERR_POLICY with the refusal. Kills ServerHandshake._err 6 and
+    _handle_option 56, 59."""
+    s = server_after_flags()
+    s.receive_data(P.encode_option(P.NBD_OPT_INFO, P.encode_info_request("nope")))
+    s.next_event()
+    assert option_replies(s.data_to_send()) == [(P.NBD_OPT_INFO, P.NBD_REP_ERR_UNKNOWN,
+                                                 b"unknown export 'nope'")]
+    s = server_after_flags()
+    s.refusal = "server full"
+    s.receive_data(P.encode_option(P.NBD_OPT_GO, P.encode_info_request("")))
+    s.next_event()
+    assert option_replies(s.data_to_send()) == [(P.NBD_OPT_GO, P.NBD_REP_ERR_POLICY, b"server full")]
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_export_name_event_says_whether_structured_replies_were_negotiated(structured):
+    """Kills ServerHandshake._handle_option 37."""
+    s = server_after_flags()
+    s.receive_data((P.encode_option(P.NBD_OPT_STRUCTURED_REPLY) if structured else b"")
+                   + P.encode_option(P.NBD_OPT_EXPORT_NAME, b""))
+    ev = s.next_event()
+    assert isinstance(ev, P.HandshakeDone) and ev.structured_replies is structured
+
+
+def test_option_data_of_the_maximum_length_is_answered():
+    """64 KiB of option data is allowed; one byte more hard-closes. Kills
+    ServerHandshake.next_event 34."""
+    s = server_after_flags()
+    s.receive_data(P.encode_option(0x55, bytes(P.NBD_MAX_OPTION_DATA)))
+    assert s.next_event() is P.NEED_DATA
+    assert s.options_log == [(0x55, P.NBD_REP_ERR_UNSUP)]
+    s = server_after_flags()
+    s.receive_data(P.encode_option(0x55, bytes(P.NBD_MAX_OPTION_DATA + 1)))
+    with pytest.raises(P.ProtocolError, match="too long"):
+        s.next_event()
+
+
+def test_client_judges_a_non_nbd_server_by_its_first_eight_bytes():
+    """Eight bytes that are not NBDMAGIC are enough to give up, non-ASCII ones
+    included. Kills ClientHandshake.next_event 6, 7 and 23."""
+    c = P.ClientHandshake()
+    c.receive_data(b"HTTP/1.1")
+    with pytest.raises(P.HandshakeFailed, match="not an NBD server"):
+        c.next_event()
+    c = P.ClientHandshake()
+    c.receive_data(b"\xff\xfe\x00binary")
+    with pytest.raises(P.HandshakeFailed, match="not an NBD server"):
+        c.next_event()
+
+
+def test_client_decodes_names_and_descriptions_that_are_not_utf8():
+    """A server's name and description are shown with replacement characters,
+    not refused. Kills ClientHandshake._parse_info 27, 28, 35, 36."""
+    c = go_client("x")
+    reply = lambda payload: P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_INFO, payload)  # noqa: E731
+    c.receive_data(reply(struct.pack(">H", P.NBD_INFO_NAME) + b"n\xff")
+                   + reply(struct.pack(">H", P.NBD_INFO_DESCRIPTION) + b"d\xfe")
+                   + info_export() + P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_ACK))
+    info = c.next_event().info
+    assert (info.name, info.description) == ("n\ufffd", "d\ufffd")
+
+
+def test_export_name_reply_after_option_replies_in_the_same_bytes():
+    """The fallback's EXPORT_NAME reply is read where it starts, after the GO
+    refusal that came in the same read. Kills ClientHandshake.next_event 87, 88."""
+    c = go_client("x")
+    c.receive_data(P.encode_option_reply(P.NBD_OPT_GO, P.NBD_REP_ERR_UNSUP)
+                   + struct.pack(">QH", 12345, 3) + bytes(124))
+    ev = c.next_event()
+    assert isinstance(ev, P.HandshakeDone) and (ev.info.size, ev.info.flags) == (12345, 3)
+
+
+def test_one_byte_read_reply_is_consumed_whole():
+    """A simple reply to a 1-byte READ carries that byte; the next reply starts
+    after it. Kills TransmissionClient._simple 12."""
+    c = P.TransmissionClient()
+    c.send_request(P.NBD_CMD_READ, 1, 0, 1)
+    c.send_request(P.NBD_CMD_FLUSH, 2, 0, 0)
+    c.receive_data(P.encode_simple_reply(1, 0, b"z") + P.encode_simple_reply(2))
+    assert c.next_event() == P.Reply(1, 0, b"z")
+    assert c.next_event() == P.Reply(2, 0, None)
+
+
+def test_simple_reply_right_after_a_structured_chunk_is_an_event():
+    """A 16-byte simple reply that ends the bytes received, after a chunk that
+    was not the last of its reply, comes out at once. Kills
+    TransmissionClient.next_event 62, 63."""
+    c = P.TransmissionClient(structured_replies=True)
+    c.send_request(P.NBD_CMD_READ, 1, 0, 4)
+    c.send_request(P.NBD_CMD_FLUSH, 2, 0, 0)
+    c.receive_data(P.encode_structured_chunk(1, P.NBD_REPLY_TYPE_OFFSET_DATA,
+                                             struct.pack(">Q", 0) + b"abcd", done=False)
+                   + P.encode_simple_reply(2))
+    assert c.next_event() == P.Reply(2, 0, None)
+
+
+def test_empty_name_selects_the_first_export_when_none_is_named_empty():
+    """lookup(""): the export named "" if any, else the first one. Kills
+    ServerHandshake.lookup 5, 7-10."""
+    exports = {"a": P.ServerExport("a", 4096, P.NBD_FLAG_HAS_FLAGS),
+               "b": P.ServerExport("b", 8192, P.NBD_FLAG_HAS_FLAGS)}
+    s = P.ServerHandshake(exports)
+    assert s.lookup("").name == "a" and s.lookup("b").name == "b" and s.lookup("c") is None
+    assert P.ServerHandshake(EXPORTS).lookup("").name == ""
+    assert P.ServerHandshake({}).lookup("") is None
+
+
+def test_refused_export_name_says_which_option_and_why():
+    """A refused client's NBD_OPT_EXPORT_NAME yields HandshakeRefused with the
+    option and the server's message. Kills ServerHandshake._handle_option 7-10."""
+    s = server_after_flags()
+    s.refusal = "too many clients"
+    s.receive_data(P.encode_option(P.NBD_OPT_EXPORT_NAME, b""))
+    assert s.next_event() == P.HandshakeRefused(option=P.NBD_OPT_EXPORT_NAME, message="too many clients")
+
+
+def test_handshake_buffer_compacts_lazily_and_keeps_what_is_unread():
+    """The handshake's input buffer drops what was read only once more than
+    1 MiB of it has piled up (lazily: not on every feed), and keeps the unread
+    rest. Kills codec _Buffer.feed 6-10 (5, compacting at exactly 1 MiB as
+    well, is equivalent)."""
+    b = P._Buffer()
+    b.feed(bytes(range(256)) * 8)
+    b.take(100)
+    b.feed(b"more")
+    assert b.pos == 100  # small reads are not compacted
+    b = P._Buffer()
+    b.feed(bytes(range(256)) * 4097)  # 1 MiB + 256 bytes
+    b.take((1 << 20) + 1)
+    rest = bytes(b.buf[b.pos :])
+    b.feed(b"tail")
+    assert b.pos == 0 and bytes(b.buf) == rest + b"tail"
+
+
+def test_a_complete_message_is_an_event_without_more_bytes():
+    """A reply or request that has arrived exactly, nothing after it, is an
+    event at once. Kills TransmissionClient.next_event 62, 63 (a bare 16-byte
+    reply) and RequestParser.next_event 67, 69 (a WRITE with its payload)."""
+    c = P.TransmissionClient()
+    c.send_request(P.NBD_CMD_FLUSH, 1, 0, 0)
+    c.receive_data(P.encode_simple_reply(1))
+    assert c.next_event() == P.Reply(1, 0, None)
+    r = P.RequestParser()
+    r.receive_data(P.encode_request(P.NBD_CMD_WRITE, 2, 0, 8) + b"12345678")
+    ev = r.next_event()
+    assert isinstance(ev, P.Request) and bytes(ev.payload) == b"12345678"
+
+
+def test_a_structured_chunk_over_64_mib_is_refused_before_it_arrives():
+    """A chunk that announces more than 64 MiB (1 << 26) is a protocol error as
+    soon as its header is read; one of exactly 64 MiB is waited for. Kills
+    TransmissionClient.next_event 36, 38, 39."""
+    def client_with_header(plen):
+        c = P.TransmissionClient(structured_replies=True)
+        c.send_request(P.NBD_CMD_READ, 1, 0, 1 << 26)
+        c.receive_data(struct.pack(">IHHQI", P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                                   P.NBD_REPLY_TYPE_OFFSET_DATA, 1, plen))
+        return c
+    assert client_with_header(1 << 26).next_event() is P.NEED_DATA
+    with pytest.raises(P.ProtocolError, match="too long"):
+        client_with_header((1 << 26) + 1).next_event()
+
+
+def test_requests_carry_no_flags_unless_given():
+    """Kills TransmissionClient.send_request 1 (a default of flags=1, FUA)."""
+    c = P.TransmissionClient()
+    assert struct.unpack(">IHH", c.send_request(P.NBD_CMD_READ, 1, 0, 512)[:8])[1] == 0
