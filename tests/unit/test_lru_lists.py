@@ -47,7 +47,10 @@ def test_lists_follow_a_model_of_list_head(ops, start_pfn):
                     getattr(lst, op)(page)
                 continue
             getattr(lst, op)(page)
-            m.insert(0, pfn) if op == "add" else m.append(pfn)
+            if op == "add":
+                m.insert(0, pfn)
+            else:
+                m.append(pfn)
             where[pfn] = lru
         elif op == "pop_tail":
             if not m:
