@@ -31,6 +31,15 @@ def threshold(k: Kernel) -> int:
     return k.pgdat.reserve_pages() // 2
 
 
+def at_threshold(comm: str) -> tuple[Kernel, Holder, object]:
+    """A kernel whose free pages sit at the throttle threshold (the Holder keeps
+    the rest), and a task ``comm`` on CPU 0."""
+    k = make_kernel()
+    h = Holder(k)
+    h.set_free(threshold(k))
+    return k, h, k.new_task(comm, cpu=0)
+
+
 # -- pfmemalloc_watermark_ok ------------------------------------------------------------------
 def test_reserve_is_the_sum_of_min_watermarks():
     k = make_kernel()
@@ -136,10 +145,7 @@ async def test_cases_that_are_never_throttled(autojump_clock, why):
 async def test_non_fs_caller_returns_after_one_second(autojump_clock, gfp):
     """!__GFP_FS: wait_event_interruptible_timeout(..., HZ): back after k.hz(1.0)
     even though the watermark is still low."""
-    k = make_kernel()
-    h = Holder(k)
-    h.set_free(threshold(k))
-    t = k.new_task("nofs", cpu=0)
+    k, _holder, t = at_threshold("nofs")
     start = trio.current_time()
     with trio.fail_after(10):
         await k.vmscan.throttle_direct_reclaim(gfp, t)
@@ -250,10 +256,7 @@ async def test_try_to_free_pages_throttles_with_the_callers_gfp(autojump_clock):
     """try_to_free_pages calls throttle_direct_reclaim first, with the caller's gfp:
     a GFP_NOIO reclaimer below the threshold waits out its HZ timeout, then
     reclaims. Kills try_to_free_pages 1 (the gfp not passed on)."""
-    k = make_kernel()
-    h = Holder(k)
-    h.set_free(threshold(k))
-    t = k.new_task("nofs", cpu=0)
+    k, _holder, t = at_threshold("nofs")
     start = trio.current_time()
     with trio.fail_after(10):
         await k.vmscan.try_to_free_pages(GFP_NOIO, 0, t)
