@@ -61,12 +61,14 @@ async def anon_mmap_write(k: Kernel, proc: UserProcess) -> bool:
                 task.set_mode("user")
                 if page is not None:
                     break
-            if p and page.contents != pack_contents(pid, vpn, p - 1):
+            word = pack_contents(pid, vpn, p)
+            # The generation is the word's low field: word - 1 is last pass's word.
+            if p and page.contents != word - 1:
                 found = page.contents
                 k.integrity_error(what="Data wrong at offset", pid=pid, vaddr=vpn,
                                   expected=[pid, vpn, p - 1],
                                   found=None if found is None else list(unpack_contents(found)))
-            page.contents = pack_contents(pid, vpn, p)
+            page.contents = word
             if page.flags & PG.swapcache:
                 page.flags |= PG.dirty  # the PTE's dirty bit, moved to the page at unmap
             k.progress += 1

@@ -37,6 +37,8 @@ def test_contents_round_trip_through_the_word_and_the_wire(pid, vpn, gen):
     data = encode_page(word)
     assert len(data) == PAGE_SIZE
     assert decode_page(data) == word
+    if gen:  # the workload compares with word - 1: the same page, one generation back
+        assert word - 1 == pack_contents(pid, vpn, gen - 1)
 
 
 @given(PIDS, VPNS, GENS, PIDS, VPNS, GENS)
