@@ -1,5 +1,6 @@
-"""Helpers for the fault-injection tests: ``swapnbd run`` as a real process, and
-nbdkit servers started, killed and restarted by PID.
+"""Helpers for the fault-injection tests: ``swapnbd run`` as a real process,
+nbdkit servers started, killed and restarted by PID, and a relay in front of a
+server that can stop reading.
 
 Every process started here is ended by its test (``Proc.stop``: SIGTERM, then
 SIGKILL, by PID), and every wait is bounded; the bounds only stop a test that
@@ -8,13 +9,16 @@ would otherwise hang, they are not performance thresholds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -195,3 +199,82 @@ class Run(Proc):
         super().stop()
         self.out.close()
         self.err.close()
+
+
+class StallingRelay:
+    """A TCP relay on loopback in front of a server, which stops reading from its
+    client on ``stop_reading()``: a server that takes no more data, whose receive
+    window is small and fixed.
+
+    Why not SIGSTOP the server: a stopped server's socket still takes data until
+    its receive window closes, and that window is whatever the host's receive
+    autotuning grew it to (tcp_rmem[2] is 32 MiB on Debian 12), which can hold
+    everything the emulated machine has in flight. The relay's listening socket
+    has a small SO_RCVBUF, so the window is a few KiB on any host.
+
+    Replies keep flowing back. ``stop()`` closes every socket and joins the threads.
+    """
+
+    RCVBUF = 4096
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.reading = threading.Event()
+        self.reading.set()
+        self.closed = threading.Event()
+        self.socks: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    @property
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    def stop_reading(self) -> None:
+        self.reading.clear()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.socks += [client, upstream]
+            for src, dst, gate in ((client, upstream, self.reading), (upstream, client, None)):
+                t = threading.Thread(target=self._pump, args=(src, dst, gate), daemon=True)
+                self.threads.append(t)
+                t.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, gate) -> None:
+        while not self.closed.is_set():
+            if gate is not None and not gate.wait(0.2):
+                continue  # not reading: the data stays in src's receive queue
+            if not select.select([src], [], [], 0.2)[0]:
+                continue
+            try:
+                data = src.recv(4096)
+                if not data:
+                    break
+                dst.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        self.closed.set()
+        self.reading.set()
+        for s in self.socks:  # wakes a pump blocked in sendall
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        for t in self.threads:
+            t.join(10)
+        for s in (self.listener, *self.socks):
+            s.close()
