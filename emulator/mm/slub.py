@@ -48,6 +48,9 @@ Simplified: no cmpxchg_double (the machine lock serialises every section, so
 ``tid`` is bookkeeping only); no full list (debug only in the kernel); slabs
 are never sorted by kmem_cache_shrink beyond discarding the empty ones; no
 slub_debug, so kmem_cache_flags() adds nothing before merging.
+unfreeze_partials is 3.6's (it takes the node's list_lock before judging a
+slab): 3.5's discarded an empty per-CPU partial slab regardless of
+min_partial when no slab before it in the same call had been kept.
 """
 
 from __future__ import annotations

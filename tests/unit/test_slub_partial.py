@@ -1,13 +1,23 @@
-"""SLUB keeps min_partial partial slabs (emulator/mm/slub.py).
+"""SLUB's partial-list policy (emulator/mm/slub.py, mm/slub.c of 3.6).
 
-A slab on the node's partial list that a free empties (__slab_free), or a
-CPU's slab that is empty when the CPU lets it go (deactivate_slab), is given
-back to the page allocator only while the node has more than ``min_partial``
-partial slabs; otherwise it stays, empty, for the next allocation. Mutation
-testing found nothing guarding this (docs/TESTING.md): the tests kill
-SlabAllocatorSLUB.__slab_free 22-24 and deactivate_slab 9-12 (an empty slab
-discarded while objects remain in it, kept when it should go, or discarded at
-min_partial instead of above it).
+- min_partial: a slab on the node's partial list that a free empties
+  (__slab_free), a CPU's slab that is empty when the CPU lets it go
+  (deactivate_slab), or a per-CPU partial slab emptied while frozen
+  (unfreeze_partials) is given back to the page allocator only while the
+  node has more than ``min_partial`` partial slabs; otherwise it stays,
+  empty, for the next allocation.
+- Where a deactivated slab goes: the head of the node's list, or the tail
+  when other CPUs freed into it while it was this CPU's (DEACTIVATE_TO_TAIL).
+- put_cpu_partial's drain: a full slab's first free freezes it onto the
+  freeing CPU's partial list; when that list already holds more than
+  ``cpu_partial`` free objects, it is moved to the node first.
+
+Mutation testing found nothing guarding these (docs/TESTING.md): the bugs
+these tests catch are an empty slab discarded while objects remain in it,
+kept when it should go, or discarded at min_partial instead of above it
+(__slab_free, deactivate_slab, unfreeze_partials); a deactivated slab put
+at the wrong end; the per-CPU list drained at cpu_partial objects instead of
+above, never, or without emptying it.
 """
 
 from __future__ import annotations
@@ -78,4 +88,72 @@ async def test_an_empty_cpu_slab_is_freed_only_above_min_partial(extra, discarde
     flush_cpus(sl, s, 2)  # deactivate_slab
     assert (cpu_slab not in s.node.slabs) is discarded
     assert len(s.node.partial) == nr_partial + (not discarded)
+    sl._check_cache(s)
+
+
+@pytest.mark.parametrize("extra, discarded", [(0, False), (1, True)])
+async def test_an_emptied_cpu_partial_slab_is_freed_only_above_min_partial(extra, discarded):
+    k = make_kernel("slub", slub_nomerge=True, cpus=3)
+    sl = k.slab
+    s = sl.kmem_cache_create("partial-test", 1024)
+    cpu2 = k.new_task("cpu2", cpu=2)
+    objs = [await sl.kmem_cache_alloc(s, GFP_KERNEL, cpu2) for _ in range(s.oo[1])]
+    victim = objs[0].slab
+    flush_cpus(sl, s, 2)  # full, on no list
+    by_slab, cpu1 = await node_partial_slabs(k, s, s.min_partial + extra)
+    for obj in objs:  # the first free freezes it onto CPU 1's partial list
+        sl.kmem_cache_free(s, obj, cpu1)
+    assert s.cpu_slab[1].partial == [victim] and victim.frozen and victim.inuse == 0
+    nr_partial = len(s.node.partial)
+    flush_cpus(sl, s, 1)  # unfreeze_partials
+    assert (victim not in s.node.slabs) is discarded
+    assert len(s.node.partial) == nr_partial + (not discarded)
+    sl._check_cache(s)
+
+
+@pytest.mark.parametrize("remote_free, at_tail", [(False, False), (True, True)])
+async def test_a_deactivated_slab_goes_to_the_tail_only_after_remote_frees(remote_free, at_tail):
+    k = make_kernel("slub", slub_nomerge=True, cpus=3)
+    sl = k.slab
+    s = sl.kmem_cache_create("partial-test", 1024)
+    cpu2 = k.new_task("cpu2", cpu=2)
+    objs = [await sl.kmem_cache_alloc(s, GFP_KERNEL, cpu2) for _ in range(2)]
+    slab = objs[0].slab
+    await node_partial_slabs(k, s, 2)
+    # Freed by CPU 2, the object goes to its per-CPU freelist; by CPU 0, to the
+    # slab's own freelist (a remote free: the slab is frozen as CPU 2's).
+    sl.kmem_cache_free(s, objs[1], k.new_task("cpu0", cpu=0) if remote_free else cpu2)
+    assert bool(slab.freelist) is remote_free
+    flush_cpus(sl, s, 2)  # deactivate_slab
+    order = list(s.node.partial)
+    assert len(order) == 3 and slab in order
+    assert order.index(slab) == (2 if at_tail else 0)
+    sl._check_cache(s)
+
+
+async def test_the_cpu_partial_list_drains_when_it_holds_more_than_cpu_partial_objects():
+    """One free into each of cpu_partial + 2 full slabs, on one CPU: each slab is
+    frozen onto that CPU's partial list with one free object. The list grows to
+    cpu_partial + 1 slabs (pushing onto cpu_partial objects does not drain); the
+    next push finds more than cpu_partial and moves all of them to the node."""
+    k = make_kernel("slub", slub_nomerge=True)
+    sl = k.slab
+    s = sl.kmem_cache_create("partial-test", 1024)
+    assert s.cpu_partial == 6
+    cpu0, cpu1 = k.new_task("alloc", cpu=0), k.new_task("free", cpu=1)
+    nr = s.cpu_partial + 2
+    objs = [await sl.kmem_cache_alloc(s, GFP_KERNEL, cpu0) for _ in range(nr * s.oo[1])]
+    flush_cpus(sl, s, 0)
+    slabs = list(dict.fromkeys(o.slab for o in objs))
+    assert len(slabs) == nr and not s.node.partial
+    c = s.cpu_slab[1]
+    first = {slab: next(o for o in objs if o.slab is slab) for slab in slabs}
+    for i, slab in enumerate(slabs[:-1], start=1):
+        sl.kmem_cache_free(s, first[slab], cpu1)
+        assert c.partial == slabs[:i] and (slab.pages, slab.pobjects) == (i, i)
+        assert not s.node.partial
+    sl.kmem_cache_free(s, first[slabs[-1]], cpu1)
+    assert c.partial == slabs[-1:] and (slabs[-1].pages, slabs[-1].pobjects) == (1, 1)
+    assert list(s.node.partial) == slabs[:-1][::-1]  # popped from the head, added at the tail
+    assert not any(slab.frozen for slab in slabs[:-1])
     sl._check_cache(s)
