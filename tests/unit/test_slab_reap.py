@@ -1,0 +1,155 @@
+"""SLAB's reaper: how much, how soon (emulator/mm/slab.py, mm/slab.c of 3.5).
+
+cache_reap runs every REAPTIMEOUT_CPUC (2 s) on every CPU. Each time it
+drains that CPU's array cache; every REAPTIMEOUT_LIST3 (4 s) per cache it
+also drains the shared array and destroys free slabs, unless an allocation
+took from the free slabs since the last time (free_touched). An untouched
+array gives back (limit + 4) / 5 objects, the oldest first, or half of what
+it holds (rounded up) if it holds fewer; a touched one only loses its mark.
+The free-slab reap destroys (free_limit + 5·num - 1) / (5·num) slabs.
+
+Mutation testing found the amounts and the pace unguarded (docs/TESTING.md:
+the conservation tests only check that reaping frees the right objects and
+eventually everything). The bugs these tests catch: another fraction of the
+limit, a different rounding of the fallback, a touched array drained or its
+mark kept, the newest objects freed instead of the oldest, the node lists
+reaped on every call or never, next_reap not moved on, free_touched ignored
+or not cleared, another number of free slabs destroyed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from slab_helpers import ALL, make_kernel
+
+from emulator.flags import GFP_KERNEL
+from emulator.mm.slab import REAPTIMEOUT_LIST3
+
+
+async def slab_cache(nr_objs: int, *, free: bool, size: int = 2048, cpus: int = 2):
+    """A SLAB kernel and kmalloc-``size`` (2048: 2 per slab, limit 24, batch 12,
+    free_limit (1 + cpus) * 12 + 2), with ``nr_objs`` objects allocated on CPU 0
+    and, with ``free``, freed again there (the array, the shared array, then
+    slabs)."""
+    k = make_kernel("slab", ALL, cpus=cpus, memory_mib=32)
+    s = k.slab
+    cache = s.kmalloc_caches[size]
+    if size == 2048:
+        assert (cache.num, cache.limit) == (2, 24)
+        assert cache.nodelist.free_limit == (1 + cpus) * 12 + 2
+    task = k.new_task("a", cpu=0)
+    objs = [await s.kmem_cache_alloc(cache, GFP_KERNEL, task) for _ in range(nr_objs)]
+    if free:
+        for obj in objs:
+            s.kmem_cache_free(cache, obj, task)
+    s.check()
+    return k, s, cache, objs
+
+
+@pytest.mark.parametrize("size, limit, fifth", [(2048, 24, 5), (64, 120, 24)])
+async def test_an_untouched_array_gives_back_a_fifth_of_its_limit_oldest_first(size, limit, fifth):
+    """(limit + 4) / 5 rounds up: 5 of 24, and 24 (not 25) of 120."""
+    k, s, cache, objs = await slab_cache(200, free=False, size=size)
+    for obj in objs[:150]:
+        s.kmem_cache_free(cache, obj, k.new_task("b", cpu=0))
+    ac = cache.array[0]
+    assert ac.limit == limit and ac.touched and ac.avail > fifth
+    before = list(ac.entry)
+    s.drain_array(cache, ac, False)  # touched: only the mark goes
+    assert not ac.touched and ac.entry == before
+    while ac.entry:
+        before, free0 = list(ac.entry), cache.nodelist.free_objects
+        tofree = fifth if len(before) >= fifth else (len(before) + 1) // 2
+        s.drain_array(cache, ac, False)
+        assert ac.entry == before[tofree:]
+        assert all(not o.allocated and o.slab.inuse < cache.num for o in before[:tofree])
+        # Back in their slabs (those past free_limit free objects are destroyed).
+        assert cache.nodelist.free_objects <= free0 + tofree
+        s.check()
+
+
+async def test_a_forced_drain_empties_the_array_touched_or_not():
+    k, s, cache, objs = await slab_cache(30, free=False)
+    for obj in objs[:18]:
+        s.kmem_cache_free(cache, obj, k.new_task("b", cpu=0))
+    ac = cache.array[0]
+    assert ac.touched and ac.entry
+    s.drain_array(cache, ac, True)
+    assert not ac.entry
+    s.check()
+
+
+async def test_the_cpu_array_is_drained_on_every_call():
+    k, s, cache, objs = await slab_cache(30, free=False)
+    for obj in objs[:18]:
+        s.kmem_cache_free(cache, obj, k.new_task("b", cpu=0))
+    ac = cache.array[0]
+    nr = ac.avail
+    s.cache_reap(0, 100.0)  # starts the node's clock; the array only loses its mark
+    assert not ac.touched and ac.avail == nr
+    next_reap = cache.nodelist.next_reap
+    s.cache_reap(0, 101.0)
+    s.cache_reap(0, 102.0)
+    assert ac.avail == nr - 10 and cache.nodelist.next_reap == next_reap
+    s.check()
+
+
+@pytest.mark.parametrize("cpus, per_reap", [(2, 4), (3, 5)])
+async def test_the_free_slabs_are_reaped_every_4_seconds_unless_touched(cpus, per_reap):
+    """(free_limit + 5·num - 1) / (5·num) rounds up: 4 slabs for free_limit 38, and
+    5 (not 6) for 50."""
+    k, s, cache, _ = await slab_cache(200, free=True, cpus=cpus)
+    l3 = cache.nodelist
+    s.drain_array(cache, l3.shared, True)  # so that only the free slabs change
+    nr_free = len(l3.slabs_free)
+    assert nr_free >= 10 and l3.free_touched  # the allocations took free slabs
+    every = k.hz(REAPTIMEOUT_LIST3)
+    # CPU 1's array is empty: each call does only what is due on the node.
+    destroyed = []
+    for t in range(100, 114, 2):
+        before = len(l3.slabs_free)
+        s.cache_reap(1, float(t))
+        destroyed.append(before - len(l3.slabs_free))
+    # 100 starts the clock; 104 only clears free_touched; 108 and 112 destroy.
+    assert destroyed == [0, 0, 0, 0, per_reap, 0, per_reap]
+    assert l3.next_reap == 112.0 + every and not l3.free_touched
+    s.check()
+
+
+async def test_the_shared_array_is_drained_when_the_node_is_due():
+    k, s, cache, _ = await slab_cache(200, free=True)
+    shared = cache.nodelist.shared
+    before = list(shared.entry)
+    assert before and not shared.touched
+    s.cache_reap(1, 100.0)
+    s.cache_reap(1, 102.0)
+    assert shared.entry == before
+    s.cache_reap(1, 100.0 + k.hz(REAPTIMEOUT_LIST3))
+    tofree = (shared.limit + 4) // 5
+    if tofree > len(before):
+        tofree = (len(before) + 1) // 2
+    assert shared.entry == before[tofree:]
+    s.check()
+
+
+async def test_an_allocation_from_the_free_slabs_spares_them_one_reap():
+    k, s, cache, _ = await slab_cache(200, free=True)
+    l3 = cache.nodelist
+    every = k.hz(REAPTIMEOUT_LIST3)
+    s.drain_array(cache, l3.shared, True)
+    s.cache_reap(1, 0.0)
+    s.cache_reap(1, every)  # clears free_touched
+    assert not l3.free_touched
+    nr_free = len(l3.slabs_free)
+    # CPU 1's array and the shared array are empty: an allocation on CPU 1
+    # refills from the slabs (batchcount 12: more than the partial slabs hold).
+    obj = await s.kmem_cache_alloc(cache, GFP_KERNEL, k.new_task("c", cpu=1))
+    assert l3.free_touched and len(l3.slabs_free) < nr_free
+    s.drain_array(cache, cache.array[1], True)  # the rest of the refill, back
+    spared = len(l3.slabs_free)
+    s.cache_reap(1, 2 * every)
+    assert not l3.free_touched and len(l3.slabs_free) == spared
+    s.cache_reap(1, 3 * every)
+    assert len(l3.slabs_free) == spared - 4
+    s.kfree(obj, k.new_task("d", cpu=1))
+    s.check()
