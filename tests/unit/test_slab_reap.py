@@ -1,4 +1,5 @@
-"""SLAB's reaper: how much, how soon (emulator/mm/slab.py, mm/slab.c of 3.5).
+"""SLAB gives memory back: how much, how soon, from which end (emulator/mm/slab.py,
+mm/slab.c of 3.5).
 
 cache_reap runs every REAPTIMEOUT_CPUC (2 s) on every CPU. Each time it
 drains that CPU's array cache; every REAPTIMEOUT_LIST3 (4 s) per cache it
@@ -6,7 +7,11 @@ also drains the shared array and destroys free slabs, unless an allocation
 took from the free slabs since the last time (free_touched). An untouched
 array gives back (limit + 4) / 5 objects, the oldest first, or half of what
 it holds (rounded up) if it holds fewer; a touched one only loses its mark.
-The free-slab reap destroys (free_limit + 5·num - 1) / (5·num) slabs.
+The free-slab reap destroys (free_limit + 5·num - 1) / (5·num) slabs, from
+the tail of slabs_free (drain_freelist). free_block puts a slab a free
+empties at the head of slabs_free, or destroys it when the node would hold
+more than free_limit free objects, and a slab it leaves partial at the tail
+of slabs_partial.
 
 Mutation testing found the amounts and the pace unguarded (docs/TESTING.md:
 the conservation tests only check that reaping frees the right objects and
@@ -14,7 +19,8 @@ eventually everything). The bugs these tests catch: another fraction of the
 limit, a different rounding of the fallback, a touched array drained or its
 mark kept, the newest objects freed instead of the oldest, the node lists
 reaped on every call or never, next_reap not moved on, free_touched ignored
-or not cleared, another number of free slabs destroyed.
+or not cleared, another number of free slabs destroyed, or from the other
+end; free_limit's boundary; a slab put at the other end of its list.
 """
 
 from __future__ import annotations
@@ -152,4 +158,63 @@ async def test_an_allocation_from_the_free_slabs_spares_them_one_reap():
     s.cache_reap(1, 3 * every)
     assert len(l3.slabs_free) == spared - 4
     s.kfree(obj, k.new_task("d", cpu=1))
+    s.check()
+
+
+def by_slab(objs: list) -> list[list]:
+    """The objects grouped by slab, in allocation order."""
+    groups: dict = {}
+    for obj in objs:
+        groups.setdefault(obj.slab, []).append(obj)
+    return list(groups.values())
+
+
+async def slabs_full_and_free_now(nr_slabs: int):
+    """kmalloc-2048 with ``nr_slabs`` full slabs and nothing cached, and ``free_now``:
+    objects freed straight to their slabs (free_block), in the order given."""
+    assert nr_slabs % 6 == 0  # whole refills of batchcount 12: the array ends empty
+    k, s, cache, objs = await slab_cache(2 * nr_slabs, free=False)
+    ac, task = cache.array[0], k.new_task("b", cpu=0)
+    assert not ac.entry and not cache.nodelist.slabs_partial
+
+    def free_now(objs: list) -> None:
+        for obj in objs:
+            s.kmem_cache_free(cache, obj, task)
+        s.drain_array(cache, ac, True)  # free_block(ac.entry), oldest first
+
+    return s, cache, by_slab(objs), free_now
+
+
+async def test_free_block_puts_an_emptied_slab_at_the_head_of_slabs_free():
+    """A slab a free leaves partial goes to the tail of slabs_partial, one it empties
+    to the head of slabs_free; drain_freelist destroys from the tail."""
+    s, cache, slabs, free_now = await slabs_full_and_free_now(24)
+    l3 = cache.nodelist
+    (a0, a1), (b0, b1), (c0, c1) = slabs[:3]
+    a, b, c = a0.slab, b0.slab, c0.slab
+    free_now([a0])
+    free_now([b0])
+    assert list(l3.slabs_partial) == [a, b]
+    free_now([a1])
+    assert list(l3.slabs_free) == [a] and list(l3.slabs_partial) == [b]
+    free_now([c0, c1])
+    free_now([b1])
+    assert list(l3.slabs_free) == [b, c, a] and not l3.slabs_partial
+    assert s.drain_freelist(cache, 2) == 2
+    assert list(l3.slabs_free) == [b] and a.list is None and c.list is None
+    assert s.drain_freelist(cache, 5) == 1 and not l3.slabs_free
+    s.check()
+
+
+async def test_free_block_keeps_free_slabs_up_to_free_limit_objects():
+    """free_limit 38: the 19th slab emptied leaves exactly 38 free objects and is kept;
+    the 20th would make 40 and is destroyed at once."""
+    s, cache, slabs, free_now = await slabs_full_and_free_now(24)
+    l3 = cache.nodelist
+    for i, pair in enumerate(slabs[:19], start=1):
+        free_now(pair)
+        assert len(l3.slabs_free) == i and l3.free_objects == 2 * i
+    free_now(slabs[19])
+    assert len(l3.slabs_free) == 19 and l3.free_objects == 38
+    assert slabs[19][0].slab.list is None  # destroyed
     s.check()
