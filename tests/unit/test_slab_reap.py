@@ -11,7 +11,9 @@ The free-slab reap destroys (free_limit + 5·num - 1) / (5·num) slabs, from
 the tail of slabs_free (drain_freelist). free_block puts a slab a free
 empties at the head of slabs_free, or destroys it when the node would hold
 more than free_limit free objects, and a slab it leaves partial at the tail
-of slabs_partial.
+of slabs_partial. A free into a full CPU array first moves its oldest
+batchcount objects to the shared array, as many as it has room for, or with
+no room back to their slabs (cache_flusharray).
 
 Mutation testing found the amounts and the pace unguarded (docs/TESTING.md:
 the conservation tests only check that reaping frees the right objects and
@@ -20,7 +22,8 @@ limit, a different rounding of the fallback, a touched array drained or its
 mark kept, the newest objects freed instead of the oldest, the node lists
 reaped on every call or never, next_reap not moved on, free_touched ignored
 or not cleared, another number of free slabs destroyed, or from the other
-end; free_limit's boundary; a slab put at the other end of its list.
+end; free_limit's boundary; a slab put at the other end of its list; a
+flush that overfills the shared array or moves the newest objects.
 """
 
 from __future__ import annotations
@@ -217,4 +220,45 @@ async def test_free_block_keeps_free_slabs_up_to_free_limit_objects():
     free_now(slabs[19])
     assert len(l3.slabs_free) == 19 and l3.free_objects == 38
     assert slabs[19][0].slab.list is None  # destroyed
+    s.check()
+
+
+async def test_a_full_array_flushes_its_oldest_batch_to_the_shared_array_while_it_has_room():
+    """cache_flusharray: a free into a full CPU array (24) first moves the oldest
+    batchcount (12) objects to the end of the shared array, or as many as it has
+    room for; with no room, back to their slabs (free_block)."""
+    k, s, cache, objs = await slab_cache(200, free=False)
+    ac, shared = cache.array[0], cache.nodelist.shared
+    s.drain_array(cache, ac, True)
+    assert not shared.entry and shared.limit == 96 and ac.limit == 24
+    task = k.new_task("b", cpu=0)
+    moved = []
+
+    def free_one(obj) -> None:
+        old_ac, old_shared = list(ac.entry), list(shared.entry)
+        s.kmem_cache_free(cache, obj, task)
+        n = len(shared.entry) - len(old_shared)
+        assert shared.entry[:len(old_shared)] == old_shared
+        if len(old_ac) < ac.limit:
+            assert n == 0 and ac.entry == [*old_ac, obj]
+            return
+        assert n == min(12, shared.limit - len(old_shared))
+        gone = 12 if n == 0 else n
+        assert shared.entry[len(old_shared):] == old_ac[:n]
+        assert ac.entry == [*old_ac[gone:], obj]
+        moved.append(n)
+        if n == 0:  # back in their slabs
+            assert all(o.slab.inuse < cache.num for o in old_ac[:12])
+
+    live = iter(objs)
+    while len(shared.entry) < shared.limit:
+        free_one(next(live))
+    assert moved == [12] * 8
+    s.drain_array(cache, shared, False)  # untouched: (96 + 4) / 5 = 20 of them
+    assert len(shared.entry) == 76
+    for obj in live:
+        free_one(obj)
+        if len(moved) == 12:
+            break
+    assert moved == [12] * 8 + [12, 8, 0, 0]
     s.check()
