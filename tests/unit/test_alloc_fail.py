@@ -1,0 +1,91 @@
+"""When the page allocator gives up, and what it counts (emulator/mm/page_alloc.py).
+
+__alloc_pages_slowpath refuses an order of MAX_ORDER or more at once (no
+kswapd, no reclaim); every NULL return is counted (``alloc_fail``, and
+``pgalloc_high_order_fail`` for order > 0) and, unless the caller passed
+__GFP_NOWARN, reported (warn_alloc_failed; here the ``alloc_fail`` debug
+event). Besides: a page taken from the reserves counts all its 2^order frames
+in nr_pfmemalloc_pages, and drain_all_pages adds what it drained to
+pcp_drained and refreshes the free and per-cpu gauges.
+
+Mutation testing found these unguarded (docs/TESTING.md): the tests catch the
+order check moved past MAX_ORDER, _nopage called without the caller's gfp or
+task, the counters set instead of added to, the NOWARN test inverted, the
+frames of a high-order reserve page counted as one, and drain_all_pages'
+totals and gauges dropped.
+"""
+
+from __future__ import annotations
+
+from slab_helpers import make_kernel
+from structlog.testing import capture_logs
+
+from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL
+from emulator.mm.mmzone import MAX_ORDER
+from emulator.mm.page import Owner
+from emulator.task import current
+
+
+def take_everything(k) -> list:
+    held = []
+    while (page := k.page_alloc.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS,
+                                                       Owner.KERNEL)) is not None:
+        held.append(page)
+    return held
+
+
+async def test_an_order_of_max_order_fails_at_once():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    task = k.new_task("a", cpu=0)
+    woken = []
+    k.vmscan.wake_all_kswapd = woken.append
+    with capture_logs() as logs:
+        assert await k.page_alloc.alloc_pages(GFP_KERNEL, MAX_ORDER, task) is None
+    assert woken == []
+    assert k.vmstat["alloc_fail"] == 1 and k.vmstat["pgalloc_high_order_fail"] == 1
+    (ev,) = [e for e in logs if e["event"] == "alloc_fail"]
+    assert (ev["order"], ev["reason"], ev["pid"]) == (MAX_ORDER, "order", task.pid)
+    page = await k.page_alloc.alloc_pages(GFP_KERNEL, MAX_ORDER - 1, task)
+    assert page is not None and page.order == MAX_ORDER - 1
+
+
+async def test_every_failure_is_counted_and_warned_unless_nowarn():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    take_everything(k)
+    task = k.new_task("a", cpu=0)
+    pa = k.page_alloc
+    with capture_logs() as logs:
+        assert await pa.alloc_pages(GFP_ATOMIC, 0, task) is None
+        assert await pa.alloc_pages(GFP_ATOMIC | GFP.NOWARN, 0, task) is None
+        assert await pa.alloc_pages(GFP_ATOMIC, 1, task) is None
+    assert k.vmstat["alloc_fail"] == 3
+    assert k.vmstat["pgalloc_high_order_fail"] == 1
+    assert [e["order"] for e in logs if e["event"] == "alloc_fail"] == [0, 1]
+
+
+async def test_a_high_order_reserve_page_counts_all_its_frames():
+    k = make_kernel("slub", cpus=2, memory_mib=64)  # every patch: 5 marks reserve pages
+    page = k.page_alloc.get_page_from_freelist(GFP_ATOMIC, 2, ALLOC_NO_WATERMARKS, Owner.KERNEL)
+    assert page.pfmemalloc and k.vmstat["nr_pfmemalloc_pages"] == 4
+    assert k.vmstat["pgalloc_pfmemalloc"] == 4
+
+
+async def test_drain_all_pages_adds_up_and_refreshes_the_gauges():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    pa, zone = k.page_alloc, k.pgdat.zone
+    drained = []
+    for _ in range(2):
+        pages = [pa.get_page_from_freelist(GFP_KERNEL, 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
+                 for _ in range(3)]
+        token = current.set(k.new_task("freer", cpu=1))
+        try:
+            for p in pages:
+                pa.free_page(p)  # onto CPU 1's list
+        finally:
+            current.reset(token)
+        drained.append(zone.nr_pcp_pages)
+        k.vmstat["nr_free_pages"] = k.vmstat["nr_pcp_pages"] = -1
+        pa.drain_all_pages()
+        assert k.vmstat["nr_free_pages"] == zone.nr_free_pages
+        assert k.vmstat["nr_pcp_pages"] == zone.nr_pcp_pages == 0
+    assert drained[0] > 0 and k.vmstat["pcp_drained"] == sum(drained)
