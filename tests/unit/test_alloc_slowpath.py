@@ -1,6 +1,9 @@
-"""When the page allocator gives up, and what it counts (emulator/mm/page_alloc.py).
+"""The page allocator's slow path: whom it wakes, where it looks first, when it
+gives up and what it counts (emulator/mm/page_alloc.py).
 
-__alloc_pages_slowpath refuses an order of MAX_ORDER or more at once (no
+__alloc_pages_slowpath wakes kswapd unless the caller passed __GFP_NO_KSWAPD,
+and its first attempt (at the min watermark) goes through the task's own
+CPU's per-cpu list. It refuses an order of MAX_ORDER or more at once (no
 kswapd, no reclaim); every NULL return is counted (``alloc_fail``, and
 ``pgalloc_high_order_fail`` for order > 0) and, unless the caller passed
 __GFP_NOWARN, reported (warn_alloc_failed; here the ``alloc_fail`` debug
@@ -8,7 +11,8 @@ event). Besides: a page taken from the reserves counts all its 2^order frames
 in nr_pfmemalloc_pages, and drain_all_pages adds what it drained to
 pcp_drained and refreshes the free and per-cpu gauges.
 
-Mutation testing found these unguarded (docs/TESTING.md): the tests catch the
+Mutation testing found these unguarded (docs/TESTING.md): the tests catch
+__GFP_NO_KSWAPD ignored or inverted, the first attempt made without the CPU, the
 order check moved past MAX_ORDER, _nopage called without the caller's gfp or
 task, the counters set instead of added to, the NOWARN test inverted, the
 frames of a high-order reserve page counted as one, and drain_all_pages'
@@ -26,12 +30,44 @@ from emulator.mm.page import Owner
 from emulator.task import current
 
 
+def free_on(k, page, cpu: int) -> None:
+    token = current.set(k.new_task("freer", cpu=cpu))
+    try:
+        k.page_alloc.free_page(page)
+    finally:
+        current.reset(token)
+
+
 def take_everything(k) -> list:
     held = []
     while (page := k.page_alloc.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS,
                                                        Owner.KERNEL)) is not None:
         held.append(page)
     return held
+
+
+async def test_kswapd_is_woken_unless_no_kswapd():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    task = k.new_task("a", cpu=0)
+    woken = []
+    k.vmscan.wake_all_kswapd = woken.append
+    pa = k.page_alloc
+    assert await pa._alloc_pages_slowpath(GFP_ATOMIC, 1, task, Owner.ANON) is not None
+    assert woken == [1]
+    assert await pa._alloc_pages_slowpath(GFP_ATOMIC | GFP.NO_KSWAPD, 0, task,
+                                          Owner.ANON) is not None
+    assert woken == [1]
+
+
+async def test_the_first_attempt_uses_the_tasks_cpu_list():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    pa = k.page_alloc
+    movable = GFP_ATOMIC | GFP.MOVABLE  # the list a freed page goes to: its pageblock's
+    parked = pa.get_page_from_freelist(movable, 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
+    free_on(k, parked, 1)
+    assert k.pgdat.zone.pageset[1].count == 1
+    page = await pa._alloc_pages_slowpath(movable, 0, k.new_task("a", cpu=1), Owner.ANON)
+    assert page is parked and k.pgdat.zone.pageset[1].count == 0
 
 
 async def test_an_order_of_max_order_fails_at_once():
