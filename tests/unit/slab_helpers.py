@@ -20,7 +20,7 @@ from emulator.mm.slab_common import create_slab_allocator
 from emulator.mm.vmstat import VMStat
 from emulator.patches import PATCHES, PatchSet
 from emulator.sched import CPU
-from emulator.task import Task
+from emulator.task import Task, current
 
 ALL = frozenset(PATCHES)
 
@@ -105,3 +105,22 @@ async def hold_below_min(k: TestKernel, task: Task) -> list:
 def release(k: TestKernel, pages: list) -> None:
     for p in pages:
         k.page_alloc.free_pages(p, 0)
+
+
+def take_every_page(k: TestKernel) -> list:
+    """Every page the buddy lists hold, taken with no watermark (owner KERNEL)."""
+    held = []
+    while (page := k.page_alloc.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS,
+                                                       Owner.KERNEL)) is not None:
+        held.append(page)
+    return held
+
+
+def free_on_cpu(k: TestKernel, page, cpu: int) -> None:
+    """free_page() as a task running on ``cpu``: onto that CPU's per-cpu list (the
+    list of the page's pageblock's migrate type)."""
+    token = current.set(k.new_task("freer", cpu=cpu))
+    try:
+        k.page_alloc.free_page(page)
+    finally:
+        current.reset(token)

@@ -12,39 +12,20 @@ page there is), and the wait called without the task.
 from __future__ import annotations
 
 import trio
-from slab_helpers import make_kernel
+from slab_helpers import free_on_cpu, make_kernel, take_every_page
 
-from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC
+from emulator.flags import GFP, GFP_ATOMIC
 from emulator.mm.page import Owner
-from emulator.task import current
 
 #: GFP_ATOMIC for a movable page: the per-cpu list a page freed here goes to
 #: (its pageblock's, MIGRATE_MOVABLE) is the one the allocation takes from.
 ATOMIC_MOVABLE = GFP_ATOMIC | GFP.MOVABLE
 
 
-def take_everything(k) -> list:
-    """Every page the buddy lists have, with no watermark."""
-    held = []
-    while (page := k.page_alloc.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS,
-                                                       Owner.KERNEL)) is not None:
-        held.append(page)
-    return held
-
-
-def free_on(k, page, cpu: int) -> None:
-    """free_page() as a task on ``cpu`` would: onto that CPU's per-cpu list."""
-    token = current.set(k.new_task("freer", cpu=cpu))
-    try:
-        k.page_alloc.free_page(page)
-    finally:
-        current.reset(token)
-
-
 async def test_no_watermark_and_the_tasks_own_cpu_list():
     k = make_kernel("slub", cpus=2, memory_mib=64)
-    held = take_everything(k)
-    free_on(k, held.pop(), 1)
+    held = take_every_page(k)
+    free_on_cpu(k, held.pop(), 1)
     pcp = k.pgdat.zone.pageset[1]
     assert pcp.count == 1 and k.pgdat.zone.nr_free_pages == 0
     task = k.new_task("kswapd", cpu=1)
@@ -55,7 +36,7 @@ async def test_no_watermark_and_the_tasks_own_cpu_list():
 
 async def test_without_nofail_no_page_is_none_at_once():
     k = make_kernel("slub", cpus=2, memory_mib=64)
-    take_everything(k)
+    take_every_page(k)
     task = k.new_task("a", cpu=0)
     assert await k.page_alloc._alloc_pages_high_priority(ATOMIC_MOVABLE, 0, task, Owner.ANON) is None
 
@@ -72,7 +53,7 @@ async def test_nofail_takes_one_page():
 
 async def test_nofail_waits_until_a_page_is_freed():
     k = make_kernel("slub", cpus=2, memory_mib=64)
-    held = take_everything(k)
+    held = take_every_page(k)
     task = k.new_task("a", cpu=0)
     got = []
 
@@ -86,5 +67,5 @@ async def test_nofail_waits_until_a_page_is_freed():
             for _ in range(20):
                 await trio.sleep(0)
             assert not got  # still trying
-            free_on(k, held[-1], 0)
+            free_on_cpu(k, held[-1], 0)
     assert got == [held[-1]] and got[0].owner == Owner.ANON

@@ -21,29 +21,12 @@ totals and gauges dropped.
 
 from __future__ import annotations
 
-from slab_helpers import make_kernel
+from slab_helpers import free_on_cpu, make_kernel, take_every_page
 from structlog.testing import capture_logs
 
 from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL
 from emulator.mm.mmzone import MAX_ORDER
 from emulator.mm.page import Owner
-from emulator.task import current
-
-
-def free_on(k, page, cpu: int) -> None:
-    token = current.set(k.new_task("freer", cpu=cpu))
-    try:
-        k.page_alloc.free_page(page)
-    finally:
-        current.reset(token)
-
-
-def take_everything(k) -> list:
-    held = []
-    while (page := k.page_alloc.get_page_from_freelist(GFP(0), 0, ALLOC_NO_WATERMARKS,
-                                                       Owner.KERNEL)) is not None:
-        held.append(page)
-    return held
 
 
 async def test_kswapd_is_woken_unless_no_kswapd():
@@ -64,7 +47,7 @@ async def test_the_first_attempt_uses_the_tasks_cpu_list():
     pa = k.page_alloc
     movable = GFP_ATOMIC | GFP.MOVABLE  # the list a freed page goes to: its pageblock's
     parked = pa.get_page_from_freelist(movable, 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
-    free_on(k, parked, 1)
+    free_on_cpu(k, parked, 1)
     assert k.pgdat.zone.pageset[1].count == 1
     page = await pa._alloc_pages_slowpath(movable, 0, k.new_task("a", cpu=1), Owner.ANON)
     assert page is parked and k.pgdat.zone.pageset[1].count == 0
@@ -87,7 +70,7 @@ async def test_an_order_of_max_order_fails_at_once():
 
 async def test_every_failure_is_counted_and_warned_unless_nowarn():
     k = make_kernel("slub", cpus=2, memory_mib=64)
-    take_everything(k)
+    take_every_page(k)
     task = k.new_task("a", cpu=0)
     pa = k.page_alloc
     with capture_logs() as logs:
@@ -113,12 +96,8 @@ async def test_drain_all_pages_adds_up_and_refreshes_the_gauges():
     for _ in range(2):
         pages = [pa.get_page_from_freelist(GFP_KERNEL, 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
                  for _ in range(3)]
-        token = current.set(k.new_task("freer", cpu=1))
-        try:
-            for p in pages:
-                pa.free_page(p)  # onto CPU 1's list
-        finally:
-            current.reset(token)
+        for p in pages:
+            free_on_cpu(k, p, 1)
         drained.append(zone.nr_pcp_pages)
         k.vmstat["nr_free_pages"] = k.vmstat["nr_pcp_pages"] = -1
         pa.drain_all_pages()
