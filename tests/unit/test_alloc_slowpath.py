@@ -3,7 +3,12 @@ gives up and what it counts (emulator/mm/page_alloc.py).
 
 __alloc_pages_slowpath wakes kswapd unless the caller passed __GFP_NO_KSWAPD,
 and its first attempt (at the min watermark) goes through the task's own
-CPU's per-cpu list. It refuses an order of MAX_ORDER or more at once (no
+CPU's per-cpu list. It gives up, without reclaiming, for a caller that
+cannot wait (atomic), is the reclaimer itself (PF_MEMALLOC) or is the OOM
+killer's victim (TIF_MEMDIE) once even the reserves are empty; after reclaim
+made no progress, for a task with a fatal signal or a costly order once the
+OOM killer found nothing, and when should_alloc_retry says so (noretry). It
+refuses an order of MAX_ORDER or more at once (no
 kswapd, no reclaim); every NULL return is counted (``alloc_fail``, and
 ``pgalloc_high_order_fail`` for order > 0) and, unless the caller passed
 __GFP_NOWARN, reported (warn_alloc_failed; here the ``alloc_fail`` debug
@@ -12,19 +17,22 @@ in nr_pfmemalloc_pages, and drain_all_pages adds what it drained to
 pcp_drained and refreshes the free and per-cpu gauges.
 
 Mutation testing found these unguarded (docs/TESTING.md): the tests catch
-__GFP_NO_KSWAPD ignored or inverted, the first attempt made without the CPU, the
-order check moved past MAX_ORDER, _nopage called without the caller's gfp or
-task, the counters set instead of added to, the NOWARN test inverted, the
-frames of a high-order reserve page counted as one, and drain_all_pages'
-totals and gauges dropped.
+__GFP_NO_KSWAPD ignored or inverted, the first attempt made without the CPU, an
+exit skipped or taken with the wrong arguments (a PF_MEMALLOC task reclaiming,
+TIF_MEMDIE's __GFP_NOFAIL test inverted), the order check moved past
+MAX_ORDER, _nopage called without the caller's gfp or task, the counters set
+instead of added to, the NOWARN test inverted, the frames of a high-order
+reserve page counted as one, and drain_all_pages' totals and gauges dropped.
 """
 
 from __future__ import annotations
 
+import pytest
+import trio
 from slab_helpers import free_on_cpu, make_kernel, take_every_page
 from structlog.testing import capture_logs
 
-from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL
+from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL, PF, gfp_name
 from emulator.mm.mmzone import MAX_ORDER
 from emulator.mm.page import Owner
 
@@ -104,3 +112,66 @@ async def test_drain_all_pages_adds_up_and_refreshes_the_gauges():
         assert k.vmstat["nr_free_pages"] == zone.nr_free_pages
         assert k.vmstat["nr_pcp_pages"] == zone.nr_pcp_pages == 0
     assert drained[0] > 0 and k.vmstat["pcp_drained"] == sum(drained)
+
+
+@pytest.mark.parametrize("why, gfp, order, task_state, reclaims, ooms", [
+    ("atomic", GFP_ATOMIC, 0, {}, 0, 0),
+    ("PF_MEMALLOC", GFP_KERNEL, 0, {"flags": PF.MEMALLOC}, 0, 0),
+    ("TIF_MEMDIE", GFP_KERNEL, 0, {"memdie": True}, 0, 0),
+    ("killed", GFP_KERNEL, 0, {"fatal_signal": True}, 1, 1),
+    ("costly", GFP_KERNEL, 4, {}, 1, 1),
+    ("noretry", GFP_KERNEL | GFP.NORETRY, 0, {}, 1, 0),
+])
+async def test_where_the_slow_path_gives_up(why, gfp, order, task_state, reclaims, ooms):
+    """No memory at all (the reserves too); reclaim never makes progress and the OOM
+    killer finds nothing: each caller gets NULL at its own exit, having reclaimed
+    (and called the OOM killer) only where the kernel does."""
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    take_every_page(k)
+    task = k.new_task("a", cpu=0)
+    for name, value in task_state.items():
+        setattr(task, name, value)
+    calls = []
+
+    async def try_to_free_pages(gfp, order, task):
+        calls.append("reclaim")
+        return 0
+
+    async def alloc_pages_may_oom(gfp, order, task, owner):
+        calls.append("oom")
+
+    k.vmscan.try_to_free_pages = try_to_free_pages
+    k.oom.alloc_pages_may_oom = alloc_pages_may_oom
+    with capture_logs() as logs, trio.fail_after(60):  # the bound stops a hang only
+        assert await k.page_alloc.alloc_pages(gfp, order, task) is None
+    assert (calls.count("reclaim"), calls.count("oom")) == (reclaims, ooms)
+    (ev,) = [e for e in logs if e["event"] == "alloc_fail"]
+    assert (ev["reason"], ev["order"], ev["pid"]) == (why, order, task.pid)
+    assert ev["gfp"] == gfp_name(gfp)
+    assert k.vmstat["alloc_fail"] == 1
+
+
+async def test_up_to_the_costly_order_the_slow_path_restarts():
+    """Order 3 (PAGE_ALLOC_COSTLY_ORDER) is not costly: with no progress and nothing
+    from the OOM killer the slow path starts again (goto restart), and a page the
+    second OOM call finds is the caller's."""
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    held = take_every_page(k)
+    calls = []
+
+    async def try_to_free_pages(gfp, order, task):
+        calls.append("reclaim")
+        return 0
+
+    async def alloc_pages_may_oom(gfp, order, task, owner):
+        calls.append("oom")
+        if calls.count("oom") == 2:
+            return held.pop()
+        return None
+
+    k.vmscan.try_to_free_pages = try_to_free_pages
+    k.oom.alloc_pages_may_oom = alloc_pages_may_oom
+    got = held[-1]
+    with trio.fail_after(60):  # the bound stops a hang only
+        page = await k.page_alloc.alloc_pages(GFP_KERNEL, 3, k.new_task("a", cpu=0))
+    assert page is got and calls == ["reclaim", "oom"] * 2
