@@ -7,8 +7,8 @@ CPU's per-cpu list. It gives up, without reclaiming, for a caller that
 cannot wait (atomic), is the reclaimer itself (PF_MEMALLOC) or is the OOM
 killer's victim (TIF_MEMDIE) once even the reserves are empty; after reclaim
 made no progress, for a task with a fatal signal or a costly order once the
-OOM killer found nothing, and when should_alloc_retry says so (noretry). It
-refuses an order of MAX_ORDER or more at once (no
+OOM killer found nothing (unless __GFP_NOFAIL), and when should_alloc_retry
+says so (noretry); otherwise it starts again. It refuses an order of MAX_ORDER or more at once (no
 kswapd, no reclaim); every NULL return is counted (``alloc_fail``, and
 ``pgalloc_high_order_fail`` for order > 0) and, unless the caller passed
 __GFP_NOWARN, reported (warn_alloc_failed; here the ``alloc_fail`` debug
@@ -19,7 +19,8 @@ pcp_drained and refreshes the free and per-cpu gauges.
 Mutation testing found these unguarded (docs/TESTING.md): the tests catch
 __GFP_NO_KSWAPD ignored or inverted, the first attempt made without the CPU, an
 exit skipped or taken with the wrong arguments (a PF_MEMALLOC task reclaiming,
-TIF_MEMDIE's __GFP_NOFAIL test inverted), the order check moved past
+__GFP_NOFAIL's tests inverted, the OOM killer or reclaim called without the
+caller's arguments), the order check moved past
 MAX_ORDER, _nopage called without the caller's gfp or task, the counters set
 instead of added to, the NOWARN test inverted, the frames of a high-order
 reserve page counted as one, and drain_all_pages' totals and gauges dropped.
@@ -151,27 +152,55 @@ async def test_where_the_slow_path_gives_up(why, gfp, order, task_state, reclaim
     assert k.vmstat["alloc_fail"] == 1
 
 
-async def test_up_to_the_costly_order_the_slow_path_restarts():
-    """Order 3 (PAGE_ALLOC_COSTLY_ORDER) is not costly: with no progress and nothing
-    from the OOM killer the slow path starts again (goto restart), and a page the
-    second OOM call finds is the caller's."""
+@pytest.mark.parametrize("gfp, order, task_state", [
+    (GFP_KERNEL, 3, {}),
+    (GFP_KERNEL | GFP.NOFAIL, 4, {}),
+    (GFP_KERNEL | GFP.NOFAIL, 0, {"fatal_signal": True}),
+], ids=["order-3", "costly-nofail", "killed-nofail"])
+async def test_where_the_slow_path_starts_again(gfp, order, task_state):
+    """Order 3 (PAGE_ALLOC_COSTLY_ORDER) is not costly, and __GFP_NOFAIL keeps a costly
+    order or a killed task going: with no progress and nothing from the OOM killer
+    the slow path starts again (goto restart), and the page the second OOM call
+    finds is the caller's. The OOM killer gets the caller's gfp, order, task and
+    owner."""
     k = make_kernel("slub", cpus=2, memory_mib=64)
     held = take_every_page(k)
+    task = k.new_task("a", cpu=0)
+    for name, value in task_state.items():
+        setattr(task, name, value)
     calls = []
 
     async def try_to_free_pages(gfp, order, task):
         calls.append("reclaim")
         return 0
 
-    async def alloc_pages_may_oom(gfp, order, task, owner):
-        calls.append("oom")
-        if calls.count("oom") == 2:
-            return held.pop()
-        return None
+    async def alloc_pages_may_oom(*args):
+        calls.append(("oom", *args))
+        return held.pop() if calls.count(calls[-1]) == 2 else None
 
     k.vmscan.try_to_free_pages = try_to_free_pages
     k.oom.alloc_pages_may_oom = alloc_pages_may_oom
     got = held[-1]
     with trio.fail_after(60):  # the bound stops a hang only
-        page = await k.page_alloc.alloc_pages(GFP_KERNEL, 3, k.new_task("a", cpu=0))
-    assert page is got and calls == ["reclaim", "oom"] * 2
+        page = await k.page_alloc.alloc_pages(gfp, order, task, Owner.ANON)
+    assert page is got
+    assert calls == ["reclaim", ("oom", gfp, order, task, Owner.ANON)] * 2
+
+
+async def test_a_page_reclaim_made_room_for_is_the_callers():
+    """Reclaim frees enough to pass the min watermark: the attempt after it succeeds,
+    and the page is allocated for the caller's owner."""
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    held = take_every_page(k)
+    calls = []
+
+    async def try_to_free_pages(gfp, order, task):
+        calls.append(order)
+        n = k.pgdat.zone.min_wmark_pages + 8
+        for _ in range(n):
+            k.page_alloc.free_pages(held.pop(), 0)  # no task: to the buddy lists
+        return n
+
+    k.vmscan.try_to_free_pages = try_to_free_pages
+    page = await k.page_alloc.alloc_pages(GFP_KERNEL, 0, k.new_task("a", cpu=0), Owner.ANON)
+    assert page is not None and page.owner == Owner.ANON and calls == [0]
