@@ -2,28 +2,28 @@
 gives up and what it counts (emulator/mm/page_alloc.py).
 
 __alloc_pages_slowpath wakes kswapd unless the caller passed __GFP_NO_KSWAPD,
-and its first attempt (at the min watermark) goes through the task's own
-CPU's per-cpu list. It gives up, without reclaiming, for a caller that
-cannot wait (atomic), is the reclaimer itself (PF_MEMALLOC) or is the OOM
-killer's victim (TIF_MEMDIE) once even the reserves are empty; after reclaim
-made no progress, for a task with a fatal signal or a costly order once the
-OOM killer found nothing (unless __GFP_NOFAIL), and when should_alloc_retry
-says so (noretry); otherwise it starts again. It refuses an order of MAX_ORDER or more at once (no
+and its first attempt (at the min watermark) goes through the task's own CPU's
+per-cpu list. It gives up, without reclaiming, for a caller that cannot wait
+(atomic), is the reclaimer itself (PF_MEMALLOC) or is the OOM killer's victim
+(TIF_MEMDIE) once even the reserves are empty; after reclaim made no progress,
+for a task with a fatal signal or a costly order once the OOM killer found
+nothing (unless __GFP_NOFAIL), and when should_alloc_retry says so (noretry);
+otherwise it starts again. It refuses an order of MAX_ORDER or more at once (no
 kswapd, no reclaim); every NULL return is counted (``alloc_fail``, and
 ``pgalloc_high_order_fail`` for order > 0) and, unless the caller passed
-__GFP_NOWARN, reported (warn_alloc_failed; here the ``alloc_fail`` debug
-event). Besides: a page taken from the reserves counts all its 2^order frames
-in nr_pfmemalloc_pages, and drain_all_pages adds what it drained to
-pcp_drained and refreshes the free and per-cpu gauges.
+__GFP_NOWARN, reported (warn_alloc_failed; here the ``alloc_fail`` debug event).
+Besides: a page taken from the reserves counts all its 2^order frames in
+nr_pfmemalloc_pages, and drain_all_pages adds what it drained to pcp_drained and
+refreshes the free and per-cpu gauges.
 
 Mutation testing found these unguarded (docs/TESTING.md): the tests catch
 __GFP_NO_KSWAPD ignored or inverted, the first attempt made without the CPU, an
 exit skipped or taken with the wrong arguments (a PF_MEMALLOC task reclaiming,
 __GFP_NOFAIL's tests inverted, the OOM killer or reclaim called without the
-caller's arguments), the order check moved past
-MAX_ORDER, _nopage called without the caller's gfp or task, the counters set
-instead of added to, the NOWARN test inverted, the frames of a high-order
-reserve page counted as one, and drain_all_pages' totals and gauges dropped.
+caller's arguments), the order check moved past MAX_ORDER, _nopage called
+without the caller's gfp or task, the counters set instead of added to, the
+NOWARN test inverted, the frames of a high-order reserve page counted as one,
+and drain_all_pages' totals and gauges dropped.
 """
 
 from __future__ import annotations
