@@ -204,3 +204,30 @@ async def test_a_page_reclaim_made_room_for_is_the_callers():
     k.vmscan.try_to_free_pages = try_to_free_pages
     page = await k.page_alloc.alloc_pages(GFP_KERNEL, 0, k.new_task("a", cpu=0), Owner.ANON)
     assert page is not None and page.owner == Owner.ANON and calls == [0]
+
+
+@pytest.mark.parametrize("gfp, why, calls_made", [
+    (GFP_KERNEL, "noretry", ["reclaim"]),
+    (GFP_KERNEL | GFP.REPEAT, "costly", ["reclaim", "reclaim", "oom"]),
+])
+async def test_repeat_retries_a_costly_order_while_reclaim_progresses(gfp, why, calls_made):
+    """Order 4: reclaim reports progress once, then none, and nothing comes free.
+    should_alloc_retry gives up on a costly order at once unless __GFP_REPEAT, which
+    retries while reclaim progresses; then the OOM path gives up on it."""
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    take_every_page(k)
+    calls = []
+
+    async def try_to_free_pages(gfp, order, task):
+        calls.append("reclaim")
+        return 1 if len(calls) == 1 else 0
+
+    async def alloc_pages_may_oom(gfp, order, task, owner):
+        calls.append("oom")
+
+    k.vmscan.try_to_free_pages = try_to_free_pages
+    k.oom.alloc_pages_may_oom = alloc_pages_may_oom
+    with capture_logs() as logs, trio.fail_after(60):  # the bound stops a hang only
+        assert await k.page_alloc.alloc_pages(gfp, 4, k.new_task("a", cpu=0)) is None
+    assert calls == calls_made
+    assert [e["reason"] for e in logs if e["event"] == "alloc_fail"] == [why]
