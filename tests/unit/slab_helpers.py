@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from emulator.flags import ALLOC_NO_WATERMARKS, GFP, PF
+from emulator.flags import ALLOC_CPUSET, ALLOC_NO_WATERMARKS, GFP, PF
 from emulator.mm.backing_dev import BackingDev
 from emulator.mm.mmzone import PgData
 from emulator.mm.page import Owner
@@ -124,3 +124,13 @@ def free_on_cpu(k: TestKernel, page, cpu: int) -> None:
         k.page_alloc.free_page(page)
     finally:
         current.reset(token)
+
+
+def at_min(k: TestKernel) -> list:
+    """Take pages until the zone is at exactly its min watermark (order 0 needs
+    free > min): returns the pages taken."""
+    zone, pa = k.pgdat.zone, k.page_alloc
+    held = []
+    while zone.nr_free_pages > zone.min_wmark_pages:
+        held.append(pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL))
+    return held

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from slab_helpers import free_on_cpu, make_kernel, take_every_page
+from slab_helpers import at_min, free_on_cpu, make_kernel, take_every_page
 from structlog.testing import capture_logs
 
 from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL, PF, gfp_name
@@ -231,3 +231,24 @@ async def test_repeat_retries_a_costly_order_while_reclaim_progresses(gfp, why, 
         assert await k.page_alloc.alloc_pages(gfp, 4, k.new_task("a", cpu=0)) is None
     assert calls == calls_made
     assert [e["reason"] for e in logs if e["event"] == "alloc_fail"] == [why]
+
+
+async def test_an_oom_victim_chosen_while_waiting_gets_the_reserves():
+    """The zone at its min watermark; reclaim reports progress but frees nothing, and
+    meanwhile the OOM killer picks this task (TIF_MEMDIE). After the wait the slow
+    path recomputes its flags: the victim may now ignore the watermarks, and the
+    next attempt gives it a reserve page instead of another round of reclaim."""
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    at_min(k)
+    task = k.new_task("a", cpu=0)
+    calls = []
+
+    async def try_to_free_pages(gfp, order, task):
+        calls.append("reclaim")
+        assert len(calls) == 1, "reclaimed again instead of using the reserves"
+        task.memdie = True  # the OOM killer chose it meanwhile
+        return 1
+
+    k.vmscan.try_to_free_pages = try_to_free_pages
+    page = await k.page_alloc.alloc_pages(GFP_KERNEL, 0, task, Owner.ANON)
+    assert page is not None and page.pfmemalloc and calls == ["reclaim"]

@@ -14,7 +14,7 @@ page_alloc mutants (``python scripts/mutation.py``) it was written to kill.
 from __future__ import annotations
 
 import pytest
-from slab_helpers import make_kernel
+from slab_helpers import at_min, make_kernel
 
 from emulator.flags import ALLOC_CPUSET, ALLOC_NO_WATERMARKS, ALLOC_WMARK_MIN, GFP, GFP_KERNEL, PF
 from emulator.mm.page import Owner
@@ -22,16 +22,6 @@ from emulator.mm.page_alloc import PageAllocator
 from emulator.task import current
 
 FLAGS = ALLOC_WMARK_MIN | ALLOC_CPUSET
-
-
-def at_min(k) -> list:
-    """Take pages until the zone is at exactly its min watermark (order 0 needs
-    free > min): returns the pages taken."""
-    zone, pa = k.pgdat.zone, k.page_alloc
-    held = []
-    while zone.nr_free_pages > zone.min_wmark_pages:
-        held.append(pa.get_page_from_freelist(GFP(0), 0, ALLOC_CPUSET, Owner.KERNEL))
-    return held
 
 
 def reclaim_by_freeing(k, pages, cpu: int, seen: list, progress: int | None = None):
