@@ -89,6 +89,8 @@ TABLE = [
     ("softirq", GFP_NOWAIT | GFP.NOMEMALLOC, 0, 0),
     # add_to_swap's radix-tree nodes: __GFP_HIGH|__GFP_NOMEMALLOC|__GFP_NOWARN
     ("kswapd", GFP.HIGH | GFP.NOMEMALLOC | GFP.NOWARN, HIGH, HIGH),
+    # __GFP_HIGH with __GFP_WAIT (GFP_KERNEL | __GFP_HIGH): HIGH added, CPUSET kept
+    ("normal", GFP_KERNEL | GFP.HIGH, MIN | CPUSET | HIGH, MIN | CPUSET | HIGH),
 ]
 
 
