@@ -233,11 +233,15 @@ async def test_repeat_retries_a_costly_order_while_reclaim_progresses(gfp, why, 
     assert [e["reason"] for e in logs if e["event"] == "alloc_fail"] == [why]
 
 
-async def test_an_oom_victim_chosen_while_waiting_gets_the_reserves():
+@pytest.mark.parametrize("gfp, reserves", [(GFP_KERNEL, True),
+                                           (GFP_KERNEL | GFP.NOMEMALLOC, False)])
+async def test_an_oom_victim_chosen_while_waiting_gets_the_reserves(gfp, reserves):
     """The zone at its min watermark; reclaim reports progress but frees nothing, and
     meanwhile the OOM killer picks this task (TIF_MEMDIE). After the wait the slow
     path recomputes its flags: the victim may now ignore the watermarks, and the
-    next attempt gives it a reserve page instead of another round of reclaim."""
+    next attempt gives it a reserve page; unless it asked for __GFP_NOMEMALLOC,
+    which keeps it out of the reserves: it gets NULL (the TIF_MEMDIE exit). Either
+    way there is no second round of reclaim."""
     k = make_kernel("slub", cpus=2, memory_mib=64)
     at_min(k)
     task = k.new_task("a", cpu=0)
@@ -245,10 +249,16 @@ async def test_an_oom_victim_chosen_while_waiting_gets_the_reserves():
 
     async def try_to_free_pages(gfp, order, task):
         calls.append("reclaim")
-        assert len(calls) == 1, "reclaimed again instead of using the reserves"
+        assert len(calls) == 1, "a second round of reclaim"
         task.memdie = True  # the OOM killer chose it meanwhile
         return 1
 
     k.vmscan.try_to_free_pages = try_to_free_pages
-    page = await k.page_alloc.alloc_pages(GFP_KERNEL, 0, task, Owner.ANON)
-    assert page is not None and page.pfmemalloc and calls == ["reclaim"]
+    with capture_logs() as logs:
+        page = await k.page_alloc.alloc_pages(gfp, 0, task, Owner.ANON)
+    assert calls == ["reclaim"]
+    if reserves:
+        assert page is not None and page.pfmemalloc
+    else:
+        assert page is None
+        assert [e["reason"] for e in logs if e["event"] == "alloc_fail"] == ["TIF_MEMDIE"]
