@@ -5,12 +5,16 @@ watermark). __free_pages takes the page's own order when none is given; an
 order-0 page freed in a task goes onto that CPU's per-cpu list, at its head
 (hot, the default: the next allocation there gets it back) or with ``cold`` at
 its tail; a page from the reserves gives back all its 2^order frames to
-nr_pfmemalloc_pages; every freed frame is left with no page flags.
+nr_pfmemalloc_pages; every freed frame is left with no page flags and nothing
+of its last owner (mapping, swap entry, contents, slab, private, young bit); a
+free to the buddy lists resets the zone's reclaim failure heuristics; pages
+freed are credited, by frame, to the freeing task's comm.
 
 Mutation testing found these unguarded (docs/TESTING.md): the tests catch the
 fast path made without the CPU, the default turned cold, the page's own order
-ignored, a high-order reserve page counted as one frame, and a flag left set
-on a freed frame.
+ignored, a high-order reserve page counted as one frame, a flag or field left
+set on a freed frame (an mm of "" makes the frame look mapped), the heuristics
+left, a high-order free credited as one frame.
 """
 
 from __future__ import annotations
@@ -68,3 +72,36 @@ async def test_a_high_order_page_is_freed_whole_by_its_own_order():
     for pfn in range(page.pfn, page.pfn + 4):
         frame = zone.mem_map[pfn]
         assert frame.owner == Owner.FREE and not frame.flags & ~PG.buddy
+
+
+async def test_a_freed_frame_keeps_nothing_of_its_owner():
+    """Whatever the frame was (a mapped, swapped, referenced page of a slab here), once
+    freed it is clean: no mapping, swap entry, contents, slab, private, young bit."""
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    pa, zone = k.page_alloc, k.pgdat.zone
+    page = pa.get_page_from_freelist(GFP_KERNEL, 1, ALLOC_NO_WATERMARKS, Owner.KERNEL)
+    frames = [zone.mem_map[pfn] for pfn in (page.pfn, page.pfn + 1)]
+    for f in frames:
+        f.mm, f.vaddr, f.swap, f.contents = object(), 7, 3, 12345
+        f.slab, f.private, f.young = object(), object(), True
+    zone.pages_scanned, zone.all_unreclaimable = 99, True
+    pa.free_pages(page, 1)  # order 1: to the buddy lists
+    for f in frames:
+        assert (f.mm, f.swap, f.contents, f.slab, f.private, f.young) == (
+            None, 0, None, None, None, False)
+        assert not f.mapped
+    # free_one_page resets the reclaim failure heuristics
+    assert zone.pages_scanned == 0 and zone.all_unreclaimable is False
+
+
+async def test_pages_freed_are_credited_to_the_freeing_task_by_frame():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    pa = k.page_alloc
+    page = pa.get_page_from_freelist(GFP_KERNEL, 2, ALLOC_NO_WATERMARKS, Owner.KERNEL)
+    token = current.set(k.new_task("kswapd0", cpu=0))
+    try:
+        pa.free_pages(page, 2)
+    finally:
+        current.reset(token)
+    pa.free_pages(pa.get_page_from_freelist(GFP_KERNEL, 0, ALLOC_NO_WATERMARKS, Owner.KERNEL))
+    assert pa.pgfree_by == {"kswapd0": 4, "-": 1}
