@@ -105,3 +105,14 @@ async def test_pages_freed_are_credited_to_the_freeing_task_by_frame():
         current.reset(token)
     pa.free_pages(pa.get_page_from_freelist(GFP_KERNEL, 0, ALLOC_NO_WATERMARKS, Owner.KERNEL))
     assert pa.pgfree_by == {"kswapd0": 4, "-": 1}
+    assert k.vmstat["pgfree"] == 5
+
+
+async def test_the_gauges_follow_a_free():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    pa, zone = k.page_alloc, k.pgdat.zone
+    page = pa.get_page_from_freelist(GFP_KERNEL, 0, ALLOC_NO_WATERMARKS, Owner.KERNEL)
+    k.vmstat["nr_free_pages"] = k.vmstat["nr_pcp_pages"] = -1
+    free_on_cpu(k, page, 1)
+    assert k.vmstat["nr_pcp_pages"] == zone.nr_pcp_pages == 1
+    assert k.vmstat["nr_free_pages"] == zone.nr_free_pages
