@@ -1,7 +1,10 @@
-"""__free_pages and the fast path of alloc_pages (emulator/mm/page_alloc.py).
+"""The fast path of alloc_pages, what get_page_from_freelist counts, and __free_pages
+(emulator/mm/page_alloc.py).
 
 alloc_pages tries the task's own CPU's per-cpu list first (at the low
-watermark). __free_pages takes the page's own order when none is given; an
+watermark). Every allocation adds its 2^order frames to pgalloc_normal, and
+to pgalloc_pfmemalloc when it ignored the watermarks or to pgalloc_below_min
+when only ALLOC_HIGH/ALLOC_HARDER let it pass. __free_pages takes the page's own order when none is given; an
 order-0 page freed in a task goes onto that CPU's per-cpu list, at its head
 (hot, the default: the next allocation there gets it back) or with ``cold`` at
 its tail; a page from the reserves gives back all its 2^order frames to
@@ -11,7 +14,8 @@ free to the buddy lists resets the zone's reclaim failure heuristics; pages
 freed are credited, by frame, to the freeing task's comm.
 
 Mutation testing found these unguarded (docs/TESTING.md): the tests catch the
-fast path made without the CPU, the default turned cold, the page's own order
+fast path made without the CPU, a counter set instead of added to or
+counting an order's frames as one, the default turned cold, the page's own order
 ignored, a high-order reserve page counted as one frame, a flag or field left
 set on a freed frame (an mm of "" makes the frame look mapped), the heuristics
 left, a high-order free credited as one frame.
@@ -19,9 +23,17 @@ left, a high-order free credited as one frame.
 
 from __future__ import annotations
 
-from slab_helpers import free_on_cpu, make_kernel
+from slab_helpers import at_min, free_on_cpu, make_kernel
 
-from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL
+from emulator.flags import (
+    ALLOC_HARDER,
+    ALLOC_HIGH,
+    ALLOC_NO_WATERMARKS,
+    ALLOC_WMARK_MIN,
+    GFP,
+    GFP_ATOMIC,
+    GFP_KERNEL,
+)
 from emulator.mm.page import PG, Owner
 from emulator.task import current
 
@@ -35,6 +47,19 @@ async def test_the_fast_path_uses_the_tasks_cpu_list():
     free_on_cpu(k, parked, 1)
     page = await pa.alloc_pages(MOVABLE, 0, k.new_task("a", cpu=1), Owner.ANON)
     assert page is parked and k.pgdat.zone.pageset[1].count == 0
+
+
+async def test_allocations_are_counted_by_frame():
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    pa, vm = k.page_alloc, k.vmstat
+    pa.get_page_from_freelist(GFP_KERNEL, 0, ALLOC_WMARK_MIN, Owner.KERNEL)
+    pa.get_page_from_freelist(GFP_KERNEL, 2, ALLOC_WMARK_MIN, Owner.KERNEL)
+    assert (vm["pgalloc_normal"], vm["pgalloc_pfmemalloc"], vm["pgalloc_below_min"]) == (5, 0, 0)
+    at_min(k)
+    normal = vm["pgalloc_normal"]
+    atomic = ALLOC_WMARK_MIN | ALLOC_HIGH | ALLOC_HARDER  # GFP_ATOMIC's
+    assert pa.get_page_from_freelist(GFP_ATOMIC, 1, atomic, Owner.KERNEL) is not None
+    assert vm["pgalloc_below_min"] == 2 and vm["pgalloc_normal"] == normal + 2
 
 
 async def test_a_page_is_freed_hot_unless_cold():
