@@ -60,6 +60,8 @@ async def test_allocations_are_counted_by_frame():
     atomic = ALLOC_WMARK_MIN | ALLOC_HIGH | ALLOC_HARDER  # GFP_ATOMIC's
     assert pa.get_page_from_freelist(GFP_ATOMIC, 1, atomic, Owner.KERNEL) is not None
     assert vm["pgalloc_below_min"] == 2 and vm["pgalloc_normal"] == normal + 2
+    zone = k.pgdat.zone
+    assert (vm["nr_free_pages"], vm["nr_pcp_pages"]) == (zone.nr_free_pages, zone.nr_pcp_pages)
 
 
 async def test_a_page_is_freed_hot_unless_cold():

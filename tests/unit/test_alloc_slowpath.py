@@ -33,7 +33,7 @@ import trio
 from slab_helpers import at_min, free_on_cpu, make_kernel, take_every_page
 from structlog.testing import capture_logs
 
-from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL, PF, gfp_name
+from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL, GFP_NOIO, PF, gfp_name
 from emulator.mm.mmzone import MAX_ORDER
 from emulator.mm.page import Owner
 
@@ -86,9 +86,12 @@ async def test_every_failure_is_counted_and_warned_unless_nowarn():
         assert await pa.alloc_pages(GFP_ATOMIC, 0, task) is None
         assert await pa.alloc_pages(GFP_ATOMIC | GFP.NOWARN, 0, task) is None
         assert await pa.alloc_pages(GFP_ATOMIC, 1, task) is None
-    assert k.vmstat["alloc_fail"] == 3
-    assert k.vmstat["pgalloc_high_order_fail"] == 1
-    assert [e["order"] for e in logs if e["event"] == "alloc_fail"] == [0, 1]
+        assert await pa.alloc_pages(GFP_ATOMIC, 2, task) is None
+    assert k.vmstat["alloc_fail"] == 4
+    assert k.vmstat["pgalloc_high_order_fail"] == 2
+    events = [e for e in logs if e["event"] == "alloc_fail"]
+    assert [e["order"] for e in events] == [0, 1, 2]
+    assert all(e["comm"] == "a" and e["free"] == k.pgdat.zone.nr_free_pages for e in events)
 
 
 async def test_a_high_order_reserve_page_counts_all_its_frames():
@@ -122,6 +125,7 @@ async def test_drain_all_pages_adds_up_and_refreshes_the_gauges():
     ("killed", GFP_KERNEL, 0, {"fatal_signal": True}, 1, 1),
     ("costly", GFP_KERNEL, 4, {}, 1, 1),
     ("noretry", GFP_KERNEL | GFP.NORETRY, 0, {}, 1, 0),
+    ("noretry", GFP_NOIO, 4, {}, 1, 0),  # no __GFP_FS: no OOM killer
 ])
 async def test_where_the_slow_path_gives_up(why, gfp, order, task_state, reclaims, ooms):
     """No memory at all (the reserves too); reclaim never makes progress and the OOM
