@@ -143,3 +143,14 @@ async def test_the_gauges_follow_a_free():
     free_on_cpu(k, page, 1)
     assert k.vmstat["nr_pcp_pages"] == zone.nr_pcp_pages == 1
     assert k.vmstat["nr_free_pages"] == zone.nr_free_pages
+
+
+async def test_the_gauges_follow_an_allocation():
+    """An order-0 allocation through a CPU refills its per-cpu list (rmqueue_bulk):
+    the per-cpu gauge moves with it."""
+    k = make_kernel("slub", cpus=2, memory_mib=64)
+    zone = k.pgdat.zone
+    k.page_alloc.get_page_from_freelist(GFP_KERNEL, 0, ALLOC_WMARK_MIN, Owner.KERNEL, 0)
+    assert zone.nr_pcp_pages > 0
+    assert (k.vmstat["nr_free_pages"], k.vmstat["nr_pcp_pages"]) == (
+        zone.nr_free_pages, zone.nr_pcp_pages)
