@@ -38,6 +38,34 @@ from emulator.mm.mmzone import MAX_ORDER
 from emulator.mm.page import Owner
 
 
+def stand_ins(k, *, progress=(), oom_pages=()) -> list:
+    """Replace try_to_free_pages and alloc_pages_may_oom with stand-ins that record
+    their calls in the list returned ("reclaim", or ("oom", gfp, order, task, owner)).
+    Reclaim returns the next of ``progress`` (0 once they run out) and frees
+    nothing; the OOM killer returns the next of ``oom_pages`` (None once they run
+    out)."""
+    calls: list = []
+    progress, oom_pages = iter(progress), iter(oom_pages)
+
+    async def try_to_free_pages(gfp, order, task):
+        calls.append("reclaim")
+        return next(progress, 0)
+
+    async def alloc_pages_may_oom(gfp, order, task, owner):
+        calls.append(("oom", gfp, order, task, owner))
+        return next(oom_pages, None)
+
+    k.vmscan.try_to_free_pages = try_to_free_pages
+    k.oom.alloc_pages_may_oom = alloc_pages_may_oom
+    return calls
+
+
+def task_with(k, state: dict):
+    task = k.new_task("a", cpu=0)
+    for name, value in state.items():
+        setattr(task, name, value)
+    return task
+
 async def test_kswapd_is_woken_unless_no_kswapd():
     k = make_kernel("slub", cpus=2, memory_mib=64)
     task = k.new_task("a", cpu=0)
@@ -133,23 +161,11 @@ async def test_where_the_slow_path_gives_up(why, gfp, order, task_state, reclaim
     (and called the OOM killer) only where the kernel does."""
     k = make_kernel("slub", cpus=2, memory_mib=64)
     take_every_page(k)
-    task = k.new_task("a", cpu=0)
-    for name, value in task_state.items():
-        setattr(task, name, value)
-    calls = []
-
-    async def try_to_free_pages(gfp, order, task):
-        calls.append("reclaim")
-        return 0
-
-    async def alloc_pages_may_oom(gfp, order, task, owner):
-        calls.append("oom")
-
-    k.vmscan.try_to_free_pages = try_to_free_pages
-    k.oom.alloc_pages_may_oom = alloc_pages_may_oom
+    task = task_with(k, task_state)
+    calls = stand_ins(k)
     with capture_logs() as logs, trio.fail_after(60):  # the bound stops a hang only
         assert await k.page_alloc.alloc_pages(gfp, order, task) is None
-    assert (calls.count("reclaim"), calls.count("oom")) == (reclaims, ooms)
+    assert calls == ["reclaim"] * reclaims + [("oom", gfp, order, task, Owner.KERNEL)] * ooms
     (ev,) = [e for e in logs if e["event"] == "alloc_fail"]
     assert (ev["reason"], ev["order"], ev["pid"]) == (why, order, task.pid)
     assert ev["gfp"] == gfp_name(gfp)
@@ -169,22 +185,9 @@ async def test_where_the_slow_path_starts_again(gfp, order, task_state):
     owner."""
     k = make_kernel("slub", cpus=2, memory_mib=64)
     held = take_every_page(k)
-    task = k.new_task("a", cpu=0)
-    for name, value in task_state.items():
-        setattr(task, name, value)
-    calls = []
-
-    async def try_to_free_pages(gfp, order, task):
-        calls.append("reclaim")
-        return 0
-
-    async def alloc_pages_may_oom(*args):
-        calls.append(("oom", *args))
-        return held.pop() if calls.count(calls[-1]) == 2 else None
-
-    k.vmscan.try_to_free_pages = try_to_free_pages
-    k.oom.alloc_pages_may_oom = alloc_pages_may_oom
-    got = held[-1]
+    task = task_with(k, task_state)
+    got = held.pop()
+    calls = stand_ins(k, oom_pages=[None, got])
     with trio.fail_after(60):  # the bound stops a hang only
         page = await k.page_alloc.alloc_pages(gfp, order, task, Owner.ANON)
     assert page is got
@@ -220,20 +223,10 @@ async def test_repeat_retries_a_costly_order_while_reclaim_progresses(gfp, why, 
     retries while reclaim progresses; then the OOM path gives up on it."""
     k = make_kernel("slub", cpus=2, memory_mib=64)
     take_every_page(k)
-    calls = []
-
-    async def try_to_free_pages(gfp, order, task):
-        calls.append("reclaim")
-        return 1 if len(calls) == 1 else 0
-
-    async def alloc_pages_may_oom(gfp, order, task, owner):
-        calls.append("oom")
-
-    k.vmscan.try_to_free_pages = try_to_free_pages
-    k.oom.alloc_pages_may_oom = alloc_pages_may_oom
+    calls = stand_ins(k, progress=[1])
     with capture_logs() as logs, trio.fail_after(60):  # the bound stops a hang only
         assert await k.page_alloc.alloc_pages(gfp, 4, k.new_task("a", cpu=0)) is None
-    assert calls == calls_made
+    assert [c if c == "reclaim" else c[0] for c in calls] == calls_made
     assert [e["reason"] for e in logs if e["event"] == "alloc_fail"] == [why]
 
 

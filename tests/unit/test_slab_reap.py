@@ -55,6 +55,16 @@ async def slab_cache(nr_objs: int, *, free: bool, size: int = 2048, cpus: int = 
     return k, s, cache, objs
 
 
+async def touched_array():
+    """kmalloc-2048 with CPU 0's array cache touched (allocated from) and holding the
+    objects of 18 frees; returns the kernel, the allocator, the cache and the array."""
+    k, s, cache, objs = await slab_cache(30, free=False)
+    task = k.new_task("b", cpu=0)
+    for obj in objs[:18]:
+        s.kmem_cache_free(cache, obj, task)
+    return k, s, cache, cache.array[0]
+
+
 @pytest.mark.parametrize("size, limit, fifth", [(2048, 24, 5), (64, 120, 24)])
 async def test_an_untouched_array_gives_back_a_fifth_of_its_limit_oldest_first(size, limit, fifth):
     """(limit + 4) / 5 rounds up: 5 of 24, and 24 (not 25) of 120."""
@@ -78,10 +88,7 @@ async def test_an_untouched_array_gives_back_a_fifth_of_its_limit_oldest_first(s
 
 
 async def test_a_forced_drain_empties_the_array_touched_or_not():
-    k, s, cache, objs = await slab_cache(30, free=False)
-    for obj in objs[:18]:
-        s.kmem_cache_free(cache, obj, k.new_task("b", cpu=0))
-    ac = cache.array[0]
+    k, s, cache, ac = await touched_array()
     assert ac.touched and ac.entry
     s.drain_array(cache, ac, True)
     assert not ac.entry
@@ -89,10 +96,7 @@ async def test_a_forced_drain_empties_the_array_touched_or_not():
 
 
 async def test_the_cpu_array_is_drained_on_every_call():
-    k, s, cache, objs = await slab_cache(30, free=False)
-    for obj in objs[:18]:
-        s.kmem_cache_free(cache, obj, k.new_task("b", cpu=0))
-    ac = cache.array[0]
+    k, s, cache, ac = await touched_array()
     nr = ac.avail
     s.cache_reap(0, 100.0)  # starts the node's clock; the array only loses its mark
     assert not ac.touched and ac.avail == nr

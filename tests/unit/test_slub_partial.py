@@ -37,6 +37,12 @@ def flush_cpus(sl, s, *cpus: int) -> None:
         sl.unfreeze_partials(s, c)
 
 
+def partial_test_cache(cpus: int = 2):
+    """A SLUB kernel (no merging) and a cache of 1024-byte objects."""
+    k = make_kernel("slub", slub_nomerge=True, cpus=cpus)
+    return k, k.slab, k.slab.kmem_cache_create("partial-test", 1024)
+
+
 async def node_partial_slabs(k, s, nr_slabs: int):
     """``nr_slabs`` slabs on the node's partial list, each with one free object;
     returns them with their allocated objects."""
@@ -58,9 +64,7 @@ async def node_partial_slabs(k, s, nr_slabs: int):
 
 @pytest.mark.parametrize("extra, discarded", [(0, False), (1, True)])
 async def test_an_emptied_partial_slab_is_freed_only_above_min_partial(extra, discarded):
-    k = make_kernel("slub", slub_nomerge=True)
-    sl = k.slab
-    s = sl.kmem_cache_create("partial-test", 1024)
+    k, sl, s = partial_test_cache()
     by_slab, free_task = await node_partial_slabs(k, s, s.min_partial + extra)
     victim, rest = next(iter(by_slab.items()))
     nr_partial = len(s.node.partial)
@@ -76,9 +80,7 @@ async def test_an_emptied_partial_slab_is_freed_only_above_min_partial(extra, di
 
 @pytest.mark.parametrize("extra, discarded", [(0, False), (1, True)])
 async def test_an_empty_cpu_slab_is_freed_only_above_min_partial(extra, discarded):
-    k = make_kernel("slub", slub_nomerge=True, cpus=3)
-    sl = k.slab
-    s = sl.kmem_cache_create("partial-test", 1024)
+    k, sl, s = partial_test_cache(3)
     task = k.new_task("cpu2", cpu=2)
     obj = await sl.kmem_cache_alloc(s, GFP_KERNEL, task)  # CPU 2's slab, before any partial
     cpu_slab = s.cpu_slab[2].page
@@ -93,9 +95,7 @@ async def test_an_empty_cpu_slab_is_freed_only_above_min_partial(extra, discarde
 
 @pytest.mark.parametrize("extra, discarded", [(0, False), (1, True)])
 async def test_an_emptied_cpu_partial_slab_is_freed_only_above_min_partial(extra, discarded):
-    k = make_kernel("slub", slub_nomerge=True, cpus=3)
-    sl = k.slab
-    s = sl.kmem_cache_create("partial-test", 1024)
+    k, sl, s = partial_test_cache(3)
     cpu2 = k.new_task("cpu2", cpu=2)
     objs = [await sl.kmem_cache_alloc(s, GFP_KERNEL, cpu2) for _ in range(s.oo[1])]
     victim = objs[0].slab
@@ -113,9 +113,7 @@ async def test_an_emptied_cpu_partial_slab_is_freed_only_above_min_partial(extra
 
 @pytest.mark.parametrize("remote_free, at_tail", [(False, False), (True, True)])
 async def test_a_deactivated_slab_goes_to_the_tail_only_after_remote_frees(remote_free, at_tail):
-    k = make_kernel("slub", slub_nomerge=True, cpus=3)
-    sl = k.slab
-    s = sl.kmem_cache_create("partial-test", 1024)
+    k, sl, s = partial_test_cache(3)
     cpu2 = k.new_task("cpu2", cpu=2)
     objs = [await sl.kmem_cache_alloc(s, GFP_KERNEL, cpu2) for _ in range(2)]
     slab = objs[0].slab
@@ -136,9 +134,7 @@ async def test_the_cpu_partial_list_drains_when_it_holds_more_than_cpu_partial_o
     frozen onto that CPU's partial list with one free object. The list grows to
     cpu_partial + 1 slabs (pushing onto cpu_partial objects does not drain); the
     next push finds more than cpu_partial and moves all of them to the node."""
-    k = make_kernel("slub", slub_nomerge=True)
-    sl = k.slab
-    s = sl.kmem_cache_create("partial-test", 1024)
+    k, sl, s = partial_test_cache()
     assert s.cpu_partial == 6
     cpu0, cpu1 = k.new_task("alloc", cpu=0), k.new_task("free", cpu=1)
     nr = s.cpu_partial + 2
