@@ -351,7 +351,7 @@ class SlabAllocatorSLUB(SlabAllocator):
                 obj.allocated = True
                 s.nr_allocated += 1
                 return obj
-            obj = self._slab_alloc(s, gfp, task, c, cpu)
+            obj = self._slab_alloc(s, gfp, task, c)
             if obj is not _NEW_SLAB:
                 if obj is not None:
                     obj.allocated = True
@@ -379,7 +379,7 @@ class SlabAllocatorSLUB(SlabAllocator):
             return self.pfmemalloc_allowed(gfp, task)
         return True
 
-    def _slab_alloc(self, s: KmemCache, gfp, task: Task, c: KmemCacheCpu, cpu: int):
+    def _slab_alloc(self, s: KmemCache, gfp, task: Task, c: KmemCacheCpu):
         """__slab_alloc() up to new_slab() (the locked part): an object, or _NEW_SLAB."""
         aware = self.pfmemalloc_aware
         page = c.page

@@ -173,6 +173,26 @@ async def test_slub_discards_empty_slabs_beyond_min_partial():
     assert not cache.node.slabs
 
 
+@pytest.mark.parametrize(("kind", "size"), [("slab", 8192), ("slub", 2048)])
+async def test_kmem_cache_shrink_returns_the_pages_it_freed(kind, size):
+    """kmem_cache_shrink() gives back every empty slab of the cache and returns how many
+    pages that was (the model's return value; shrink_all adds them up), here for slabs
+    of order 1 (SLAB's kmalloc-8192) and order 3 (SLUB's kmalloc-2048)."""
+    k = make_kernel(kind, ALL, cpus=2, memory_mib=64)
+    s = k.slab
+    cache = s.kmalloc_caches[size]
+    t = k.new_task("a", cpu=0)
+    objs = [await s.kmem_cache_alloc(cache, GFP_KERNEL, t) for _ in range(40)]
+    assert all(o.slab.order > 0 for o in objs)
+    for o in objs:
+        s.kmem_cache_free(cache, o, t)
+    before = k.vmstat["nr_slab_unreclaimable"]
+    freed = s.kmem_cache_shrink(cache)
+    assert freed > 1 << objs[0].slab.order
+    assert freed == before - k.vmstat["nr_slab_unreclaimable"]
+    s.check()
+
+
 async def test_slub_order_fallback_when_high_order_fails():
     """allocate_slab: the order-3 attempt fails (no free order-3 block), the order-0
     fallback succeeds, with the order-0 object count for that slab."""

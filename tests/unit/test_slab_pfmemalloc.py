@@ -13,6 +13,7 @@ import pytest
 from slab_helpers import ALL, hold_below_min, make_kernel, release
 
 from emulator.flags import GFP, GFP_ATOMIC, GFP_KERNEL, PF
+from emulator.mm.slab import _Tagged
 
 SOFTIRQ_MEMALLOC = GFP_ATOMIC | GFP.MEMALLOC
 
@@ -114,6 +115,7 @@ async def test_slab_tags_follow_objects_through_the_shared_array():
     held = await hold_below_min(k, t["normal"])
     objs = [await s.kmem_cache_alloc(cache, GFP_KERNEL, t["memalloc"]) for _ in range(150)]
     assert all(o.slab.pfmemalloc for o in objs)
+    assert k.vmstat["slab_alloc_pfmemalloc"] == len({o.slab for o in objs}) == 10
     for o in objs:  # overflow CPU 0's array: batches move to the shared array
         s.kmem_cache_free(cache, o, t["memalloc"])
     assert cache.nodelist.shared.entry
@@ -123,6 +125,101 @@ async def test_slab_tags_follow_objects_through_the_shared_array():
                                     k.new_task("kswapd1", PF.MEMALLOC, cpu=1)) is not None
     s.check()
     release(k, held)
+
+
+def is_tagged(entry) -> bool:
+    return entry.__class__ is _Tagged
+
+
+@pytest.mark.parametrize("socks", [0, 1, 2])
+async def test_slab_tags_only_reserve_slab_objects_while_memalloc_sockets_exist(socks):
+    """__ac_put_obj and __cache_free tag an object only while sk_memalloc_socks(), only
+    if pfmemalloc_active, and only if its own slab is pfmemalloc: on the refill path
+    (the objects a refill moves into the array) and on the free path. Catches: tagging
+    with no SOCK_MEMALLOC socket (`> 0` -> `>= 0`) or only from a second one (`> 1`),
+    and tagging every object while pfmemalloc_active (`and` -> `or`)."""
+    k = make_kernel("slab", ALL, memory_mib=64)
+    k.memalloc_socks = socks
+    t = tasks(k)
+    s = k.slab
+    cache = s.skbuff_head_cache  # 15 objects per slab: a refill moves a whole slab
+    held = await hold_below_min(k, t["normal"])
+    first = await s.kmem_cache_alloc(cache, GFP_KERNEL, t["memalloc"])
+    assert first.slab.pfmemalloc and s.pfmemalloc_active
+    cpu0 = cache.array[0].entry
+    assert len(cpu0) == cache.num - 1  # the rest of the reserve slab, put by the refill
+    assert all(is_tagged(e) for e in cpu0) == (socks > 0)
+    assert not any(is_tagged(e) for e in cpu0) == (socks == 0)
+    s.kmem_cache_free(cache, first, t["memalloc"])
+    assert is_tagged(cpu0[-1]) == (socks > 0)
+    # Memory comes back: CPU 1 grows an ordinary slab; pfmemalloc_active is still set
+    # (the reserve slab is still in the cache), yet nothing of the new slab is tagged.
+    release(k, held)
+    other = await s.kmem_cache_alloc(cache, GFP_KERNEL, t["normal1"])
+    assert not other.slab.pfmemalloc and s.pfmemalloc_active
+    assert cache.array[1].entry and not any(is_tagged(e) for e in cache.array[1].entry)
+    s.kmem_cache_free(cache, other, t["normal1"])
+    assert not is_tagged(cache.array[1].entry[-1])
+    s.check()
+
+
+async def test_slab_tags_lapse_with_the_last_memalloc_socket():
+    """Objects tagged while a SOCK_MEMALLOC socket existed reach CPU 1 through the
+    shared array after the last such socket is gone: ac_get_obj then pops without a
+    check (3.6's ac_get_obj reads sk_memalloc_socks() first), so an ordinary caller
+    gets one even while memory is short, and nothing is counted as refused. (3.6
+    hands the pointer out with its tag bit still set; the model hands out the
+    object.) Catches: the check made with no socket (`> 0` -> `>= 0`), and the tag
+    handed out instead of the object."""
+    k = make_kernel("slab", ALL, memory_mib=64)
+    k.memalloc_socks = 1
+    t = tasks(k)
+    s = k.slab
+    cache = s.skbuff_head_cache
+    held = await hold_below_min(k, t["normal"])
+    objs = [await s.kmem_cache_alloc(cache, GFP_KERNEL, t["memalloc"]) for _ in range(150)]
+    for o in objs:  # overflow CPU 0's array: batches move to the shared array, tagged
+        s.kmem_cache_free(cache, o, t["memalloc"])
+    shared = cache.nodelist.shared.entry
+    assert shared and all(is_tagged(e) for e in shared)
+    k.memalloc_socks = 0  # sk_clear_memalloc on the last socket
+    got = await s.kmem_cache_alloc(cache, GFP_ATOMIC, t["normal1"])
+    assert got in objs and got.allocated and got.slab.pfmemalloc
+    assert k.vmstat["slab_pfmemalloc_refused"] == 0
+    s.check()
+    release(k, held)
+
+
+async def test_slab_a_free_slab_untags_only_on_a_forced_refill():
+    """__ac_get_obj declares a reserve slab ordinary only when the caller was forced to
+    refill (cache_grow was tried) and slabs_free is not empty. On the first, unforced
+    look a refused caller goes to cache_grow, which fails while memory is short, and
+    gets NULL although a free slab sits on slabs_free (3.6's force_grow does not
+    look at the lists). Catches: untagging on a free slab alone (`and` -> `or`)."""
+    k = make_kernel("slab", ALL, memory_mib=64)
+    k.memalloc_socks = 1
+    t = tasks(k)
+    s = k.slab
+    cache = s.kmalloc_caches[4096]  # one object per slab
+    x = await s.kmem_cache_alloc(cache, GFP_KERNEL, t["normal1"])
+    held = await hold_below_min(k, t["normal"])
+    tobj = await s.kmem_cache_alloc(cache, GFP_KERNEL, t["memalloc"])
+    assert tobj.slab.pfmemalloc
+    s.kmem_cache_free(cache, tobj, t["memalloc"])  # CPU 0's array: [T, tagged]
+    s.kmem_cache_free(cache, x, t["normal1"])
+    s.drain_array(cache, cache.array[1], True)  # X's slab, empty, onto slabs_free
+    assert x.slab in cache.nodelist.slabs_free
+    assert await s.kmem_cache_alloc(cache, GFP_ATOMIC, t["normal"]) is None
+    assert k.vmstat["slab_pfmemalloc_refused"] == 1  # the first look; then the grow failed
+    assert tobj.slab.pfmemalloc and is_tagged(cache.array[0].entry[-1])
+    s.check()
+    # Memory comes back: the forced refill's cache_grow succeeds, and the second look
+    # finds free slabs, so T's slab is declared ordinary and T handed out.
+    release(k, held)
+    assert await s.kmem_cache_alloc(cache, GFP_ATOMIC, t["normal"]) is tobj
+    assert k.vmstat["slab_pfmemalloc_refused"] == 3
+    assert not tobj.slab.pfmemalloc and len(cache.nodelist.slabs_free) == 2
+    s.check()
 
 
 # -- SLUB -----------------------------------------------------------------------------------
