@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from slab_helpers import ALL, hold_below_min, make_kernel, release
 
-from emulator.flags import ALLOC_NO_WATERMARKS, GFP_ATOMIC, GFP_KERNEL, PF
+from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL, PF
 from emulator.mm.page import Owner
 
 SIZES = [8, 60, 200, 256, 500, 1000, 2048, 3000, 4096, 8192, 9000]
@@ -194,8 +194,11 @@ async def test_kmem_cache_shrink_returns_the_pages_it_freed(kind, size):
 
 
 async def test_slub_order_fallback_when_high_order_fails():
-    """allocate_slab: the order-3 attempt fails (no free order-3 block), the order-0
-    fallback succeeds, with the order-0 object count for that slab."""
+    """allocate_slab: the order-3 attempt (the caller's flags with __GFP_NOWARN and
+    __GFP_NORETRY, without __GFP_NOFAIL) fails, as there is no free order-3 block; the
+    order-0 fallback with the caller's own flags succeeds, with the order-0 object
+    count for that slab; order_fallback counts each fallback. Catches the first
+    attempt made with other flags."""
     k = make_kernel("slub", ALL, cpus=2, memory_mib=16)
     s = k.slab
     t = k.new_task("a", cpu=0)
@@ -210,9 +213,22 @@ async def test_slub_order_fallback_when_high_order_fails():
     for p in pages[::2]:
         k.page_alloc.free_pages(p, 0)
     assert not any(zone.free_area[o].nr_free for o in range(1, 11))
+    calls = []
+    alloc_pages = k.page_alloc.alloc_pages
+
+    async def recording(gfp, order, task, **kw):
+        calls.append((int(gfp), order))
+        return await alloc_pages(gfp, order, task, **kw)
+
+    k.page_alloc.alloc_pages = recording
     cache = s.kmalloc_caches[2048]  # prefers order 3 (16 objects), min order 0 (2)
-    o = await s.kmem_cache_alloc(cache, GFP_KERNEL, t)
-    assert o is not None and o.slab.order == 0 and o.slab.objects == 2
-    assert cache.order_fallback == 1
-    s.kfree(o, t)
+    gfp = GFP_KERNEL | GFP.NOFAIL
+    objs = [await s.kmem_cache_alloc(cache, gfp, t) for _ in range(3)]
+    assert all(o.slab.order == 0 and o.slab.objects == 2 for o in objs)
+    assert objs[0].slab is objs[1].slab is not objs[2].slab
+    first = int(GFP_KERNEL | GFP.NOWARN | GFP.NORETRY)
+    assert calls == [(first, 3), (int(gfp), 0)] * 2
+    assert cache.order_fallback == 2
+    for o in objs:
+        s.kfree(o, t)
     s.check()

@@ -246,17 +246,20 @@ async def test_slub_patch1_mismatched_cpu_slab_is_deactivated():
     # Ordinary caller on CPU 0: the slow path finds P does not match -> deactivate it,
     # skip it on the partial list, no page for a new slab -> NULL.
     assert await s.kmem_cache_alloc(cache, GFP_ATOMIC, t["normal"]) is None
-    assert k.vmstat["slab_pfmemalloc_refused"] >= 2  # the cpu slab, then the partial slab
+    assert k.vmstat["slab_pfmemalloc_refused"] == 2  # the cpu slab, then the partial slab
     assert cache.cpu_slab[0].page is None and p in cache.node.partial
     # A PF_MEMALLOC caller takes the object from P.
     got = await s.kmem_cache_alloc(cache, GFP_KERNEL, t["memalloc"])
     assert got.slab is p
     s.kmem_cache_free(cache, got, t["normal1"])
-    # Memory comes back: an ordinary GFP_KERNEL caller gets a different slab.
+    # Memory comes back: an ordinary GFP_KERNEL caller gets a different slab, after
+    # refusing P as its cpu slab and again on the partial list.
     s.check()
     release(k, held)
+    refused = k.vmstat["slab_pfmemalloc_refused"]
     got = await s.kmem_cache_alloc(cache, GFP_KERNEL, t["normal"])
     assert got.slab is not p and not got.slab.pfmemalloc
+    assert k.vmstat["slab_pfmemalloc_refused"] == refused + 2 == 4
     s.check()
 
 
@@ -296,6 +299,34 @@ async def test_slub_partial_slab_reused_by_entitled_caller_only():
     # A PF_MEMALLOC task on CPU 1 gets P from the partial list.
     got = await s.kmem_cache_alloc(cache, GFP_KERNEL, k.new_task("kswapd1", PF.MEMALLOC, cpu=1))
     assert got.slab is p and cache.cpu_slab[1].page is p
+    s.check()
+    release(k, held)
+
+
+async def test_slub_an_ordinary_caller_skips_a_reserve_partial_slab_for_the_next():
+    """get_partial_node refuses a pfmemalloc partial slab to an ordinary caller and goes
+    on down the list to an ordinary one. Catches: stopping at the refused slab
+    (`continue` -> `break`), counting a refusal twice, and refusing every slab
+    (`aware and page.pfmemalloc` -> `or`)."""
+    k = make_kernel("slub", ALL, memory_mib=64)
+    t = tasks(k)
+    s = k.slab
+    cache = s.skbuff_head_cache
+    ordinary = [await s.kmem_cache_alloc(cache, GFP_KERNEL, t["normal"]) for _ in range(16)]
+    held = await hold_below_min(k, t["normal"])
+    reserve = [await s.kmem_cache_alloc(cache, GFP_KERNEL, t["memalloc"]) for _ in range(16)]
+    o, p = ordinary[0].slab, reserve[0].slab
+    assert p.pfmemalloc and not o.pfmemalloc and o is not p
+    s.flush_slab(cache, cache.cpu_slab[0])  # both full, on no list
+    # Each slab's first free freezes it onto CPU 1's partial list; flushing CPU 1 puts
+    # them on the node's list, the reserve slab first.
+    s.kmem_cache_free(cache, ordinary.pop(), t["normal1"])
+    s.kmem_cache_free(cache, reserve.pop(), t["normal1"])
+    s.unfreeze_partials(cache, cache.cpu_slab[1])
+    assert list(cache.node.partial) == [p, o]
+    got = await s.kmem_cache_alloc(cache, GFP_ATOMIC, k.new_task("user2", cpu=1))
+    assert got.slab is o and list(cache.node.partial) == [p]
+    assert k.vmstat["slab_pfmemalloc_refused"] == 1
     s.check()
     release(k, held)
 

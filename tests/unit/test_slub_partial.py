@@ -11,13 +11,17 @@
 - put_cpu_partial's drain: a full slab's first free freezes it onto the
   freeing CPU's partial list; when that list already holds more than
   ``cpu_partial`` free objects, it is moved to the node first.
+- get_partial_node: a CPU with no slab takes the node's first partial slab as
+  its cpu slab and the next ones onto its partial list, until that list holds
+  more than ``cpu_partial / 2`` free objects (the cpu slab's count as 0).
 
 Mutation testing found nothing guarding these (docs/TESTING.md): the bugs
 these tests catch are an empty slab discarded while objects remain in it,
 kept when it should go, or discarded at min_partial instead of above it
 (__slab_free, deactivate_slab, unfreeze_partials); a deactivated slab put
 at the wrong end; the per-CPU list drained at cpu_partial objects instead of
-above, never, or without emptying it.
+above, never, or without emptying it; get_partial_node taking one slab, one
+slab too few, or stopping without handing over the first.
 """
 
 from __future__ import annotations
@@ -152,4 +156,20 @@ async def test_the_cpu_partial_list_drains_when_it_holds_more_than_cpu_partial_o
     assert c.partial == slabs[-1:] and (slabs[-1].pages, slabs[-1].pobjects) == (1, 1)
     assert list(s.node.partial) == slabs[:-1][::-1]  # popped from the head, added at the tail
     assert not any(slab.frozen for slab in slabs[:-1])
+    sl._check_cache(s)
+
+
+async def test_get_partial_node_takes_slabs_until_more_than_half_cpu_partial_objects():
+    k, sl, s = partial_test_cache()
+    half = s.cpu_partial // 2
+    assert (s.cpu_partial, half) == (6, 3)
+    by_slab, _ = await node_partial_slabs(k, s, 8)  # one free object each
+    node = list(s.node.partial)
+    got = await sl.kmem_cache_alloc(s, GFP_KERNEL, k.new_task("c", cpu=0))
+    c0 = s.cpu_slab[0]
+    assert got.slab is node[0] and c0.page is node[0]
+    # 1, 2, 3 objects are not more than 3: the fourth slab on the list makes 4.
+    assert sorted(c0.partial, key=node.index) == node[1:half + 2]
+    assert c0.partial[-1].pobjects == half + 1
+    assert list(s.node.partial) == node[half + 2:]
     sl._check_cache(s)
