@@ -367,3 +367,23 @@ async def test_softirq_gfp_memalloc_needs_patch3(kind, patches, allowed):
     assert got is (reserve if allowed else other)
     s.check()
     release(k, held)
+
+
+@pytest.mark.parametrize("kind", ["slab", "slub"])
+async def test_slab_alloc_pfmemalloc_counts_every_reserve_slab_page(kind):
+    """vmstat slab_alloc_pfmemalloc adds the pages of each slab built on reserve pages.
+    Catches the count set, or taken away, instead of added to."""
+    k = make_kernel(kind, ALL, memory_mib=64)
+    t = tasks(k)
+    s = k.slab
+    cache = s.skbuff_head_cache
+    held = await hold_below_min(k, t["normal"])
+    objs = [await s.kmem_cache_alloc(cache, GFP_KERNEL, t["memalloc"]) for _ in range(40)]
+    slabs = {o.slab for o in objs}
+    assert len(slabs) >= 3 and all(sl.pfmemalloc for sl in slabs)
+    pages = sum(1 << sl.order for sl in slabs)
+    assert k.vmstat["slab_alloc_pfmemalloc"] == pages
+    for o in objs:
+        s.kmem_cache_free(cache, o, t["memalloc"])
+    s.check()
+    release(k, held)

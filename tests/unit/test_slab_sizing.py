@@ -11,14 +11,17 @@ from __future__ import annotations
 import pytest
 from slab_helpers import make_kernel
 
+from emulator.mm.slab_common import SLAB_RECLAIM_ACCOUNT
 from emulator.mm.slub import calculate_order, order_objects
 
 
 # -- SLAB -------------------------------------------------------------------------------
 @pytest.mark.parametrize(("size", "limit", "batch", "objperslab", "order"), [
     (64, 120, 60, 59, 0),     # on-slab: (4096-48)/(64+4) = 59, mgmt 320 B + 59*64 = 4096
+    (32, 120, 60, 112, 0),    # 32-byte aligned (HWCACHE_ALIGN halves 64 while it fits twice)
     (256, 120, 60, 15, 0),    # on-slab, 64-byte aligned
     (512, 54, 27, 8, 0),      # off-slab management from 512 B (PAGE_SIZE/8)
+    (1024, 54, 27, 4, 0),     # limit 24 only above 1024 bytes
     (2048, 24, 12, 2, 0),
     (4096, 24, 12, 1, 0),
     (8192, 8, 4, 1, 1),       # > PAGE_SIZE: limit 8; needs order 1 for one object
@@ -31,6 +34,7 @@ def test_slab_array_cache_sizes(size, limit, batch, objperslab, order, cpus):
     assert all(ac.limit == limit and ac.batchcount == batch for ac in c.array)
     assert len(c.array) == cpus
     assert (c.num, c.gfporder) == (objperslab, order)
+    assert c.align == min(size, 64)  # SLAB_HWCACHE_ALIGN: a cache line, or half of one
     shared = 8 if size <= 4096 and cpus > 1 else 0
     assert c.shared == shared
     l3 = c.nodelist
@@ -40,6 +44,38 @@ def test_slab_array_cache_sizes(size, limit, batch, objperslab, order, cpus):
         assert l3.shared is None
     assert l3.free_limit == (1 + cpus) * batch + objperslab
     assert c.off_slab == (size >= 512)
+
+
+@pytest.mark.parametrize(("size", "kw", "align", "objperslab", "order", "off_slab"), [
+    (8, {}, 8, 337, 0, False),          # (4096-48)/(8+4); mgmt 1400 B + 337*8 = 4096
+    (505, {}, 8, 8, 0, True),           # 512 once word-aligned: off-slab from PAGE_SIZE/8
+    # Off-slab sized; each then has room for its management in what is left over, so
+    # it goes back on-slab.
+    (1500, {}, 8, 5, 1, False),         # order 0 wastes 1088 B (> 1/8): order 1
+    (1500, {"flags": SLAB_RECLAIM_ACCOUNT}, 8, 2, 0, False),  # reclaimable: first fit
+    (1792, {}, 8, 2, 0, False),         # order 0 wastes exactly 1/8 (512 B): kept
+    (3000, {}, 8, 2, 1, False),         # order 1 is slab_max_order: kept despite the waste
+    (200, {"align": 128}, 128, 15, 0, False),  # the caller's alignment wins
+])
+def test_slab_geometry_of_created_caches(size, kw, align, objperslab, order, off_slab):
+    """__kmem_cache_create and calculate_slab_order for caches kmem_cache_create makes
+    (no SLAB_HWCACHE_ALIGN unless asked; slab_max_order 1 on this 64 MiB machine)."""
+    k = make_kernel("slab", cpus=2, memory_mib=64)
+    c = k.slab.kmem_cache_create("geometry", size, **kw)
+    assert (c.align, c.num, c.gfporder, c.off_slab) == (align, objperslab, order, off_slab)
+    assert c.size % align == 0 and c.size - size < align
+
+
+@pytest.mark.parametrize(("memory_mib", "max_order"), [(16, 0), (32, 0), (33, 1), (64, 1)])
+def test_slab_max_order_is_1_above_32_mib(memory_mib, max_order):
+    """kmem_cache_init: slab_max_order = SLAB_MAX_ORDER_HI (1) when the machine has more
+    than 32 MiB, else 0; a 3000-byte cache then takes 2 objects on order 1, or 1 on
+    order 0."""
+    k = make_kernel("slab", cpus=2, memory_mib=memory_mib)
+    s = k.slab
+    assert s.slab_max_order == max_order
+    c = s.kmem_cache_create("big", 3000)
+    assert (c.num, c.gfporder) == ((2, 1) if max_order else (1, 0))
 
 
 def test_slab_standard_caches():
