@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from slab_helpers import make_kernel
 
-from emulator.mm.slab_common import SLAB_RECLAIM_ACCOUNT
+from emulator.mm.slab_common import SLAB_HWCACHE_ALIGN, SLAB_RECLAIM_ACCOUNT
 from emulator.mm.slub import calculate_order, order_objects
 
 
@@ -141,3 +141,13 @@ def test_slub_calculate_order_matches_formula():
     assert calculate_order(2048, 0, 64) == 3
     assert order_objects(3, 2048, 0) == 16
     assert calculate_order(96, 0, 2) == 0
+
+
+@pytest.mark.parametrize(("size", "align"), [(8, 8), (16, 16), (24, 32), (32, 32), (40, 64),
+                                             (100, 64), (1000, 64)])
+def test_slub_hwcache_align_halves_the_line_while_the_object_fits_twice(size, align):
+    """calculate_alignment(): with SLAB_HWCACHE_ALIGN a cache line (64 B), halved while
+    the object fits in half of it twice over; at least ARCH_SLAB_MINALIGN."""
+    k = make_kernel("slub", slub_nomerge=True, cpus=2, memory_mib=32)
+    c = k.slab.kmem_cache_create("aligned", size, flags=SLAB_HWCACHE_ALIGN)
+    assert c.align == align and c.size % align == 0
