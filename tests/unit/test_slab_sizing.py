@@ -46,23 +46,26 @@ def test_slab_array_cache_sizes(size, limit, batch, objperslab, order, cpus):
     assert c.off_slab == (size >= 512)
 
 
-@pytest.mark.parametrize(("size", "kw", "align", "objperslab", "order", "off_slab"), [
-    (8, {}, 8, 337, 0, False),          # (4096-48)/(8+4); mgmt 1400 B + 337*8 = 4096
-    (505, {}, 8, 8, 0, True),           # 512 once word-aligned: off-slab from PAGE_SIZE/8
-    # Off-slab sized; each then has room for its management in what is left over, so
-    # it goes back on-slab.
-    (1500, {}, 8, 5, 1, False),         # order 0 wastes 1088 B (> 1/8): order 1
-    (1500, {"flags": SLAB_RECLAIM_ACCOUNT}, 8, 2, 0, False),  # reclaimable: first fit
-    (1792, {}, 8, 2, 0, False),         # order 0 wastes exactly 1/8 (512 B): kept
-    (3000, {}, 8, 2, 1, False),         # order 1 is slab_max_order: kept despite the waste
-    (200, {"align": 128}, 128, 15, 0, False),  # the caller's alignment wins
+@pytest.mark.parametrize(("size", "kw", "align", "objperslab", "order", "off_slab", "slab_size"), [
+    (8, {}, 8, 337, 0, False, 1400),    # (4096-48)/(8+4); mgmt 1400 B + 337*8 = 4096
+    (505, {}, 8, 8, 0, True, 80),       # 512 once word-aligned: off-slab from PAGE_SIZE/8
+    # Off-slab sized; each then has room for its management (slab_size) in what is left
+    # over, so it goes back on-slab.
+    (1008, {}, 8, 4, 0, False, 64),     # 64 B left over, exactly the 64 B needed
+    (1500, {}, 8, 5, 1, False, 72),     # order 0 wastes 1088 B (> 1/8): order 1
+    (1500, {"flags": SLAB_RECLAIM_ACCOUNT}, 8, 2, 0, False, 56),  # reclaimable: first fit
+    (1792, {}, 8, 2, 0, False, 56),     # order 0 wastes exactly 1/8 (512 B): kept
+    (3000, {}, 8, 2, 1, False, 56),     # order 1 is slab_max_order: kept despite the waste
+    (200, {"align": 128}, 128, 15, 0, False, 128),  # the caller's alignment wins
 ])
-def test_slab_geometry_of_created_caches(size, kw, align, objperslab, order, off_slab):
+def test_slab_geometry_of_created_caches(size, kw, align, objperslab, order, off_slab,
+                                        slab_size):
     """__kmem_cache_create and calculate_slab_order for caches kmem_cache_create makes
     (no SLAB_HWCACHE_ALIGN unless asked; slab_max_order 1 on this 64 MiB machine)."""
     k = make_kernel("slab", cpus=2, memory_mib=64)
     c = k.slab.kmem_cache_create("geometry", size, **kw)
     assert (c.align, c.num, c.gfporder, c.off_slab) == (align, objperslab, order, off_slab)
+    assert c.slab_size == slab_size  # struct slab + a kmem_bufctl_t per object, aligned on-slab
     assert c.size % align == 0 and c.size - size < align
 
 
@@ -141,6 +144,25 @@ def test_slub_calculate_order_matches_formula():
     assert calculate_order(2048, 0, 64) == 3
     assert order_objects(3, 2048, 0) == 16
     assert calculate_order(96, 0, 2) == 0
+
+
+@pytest.mark.parametrize(("size", "order"), [
+    # min_objects 12 capped at the 10 an order-3 slab holds: order 3 wastes 2768 B,
+    # more than 1/16 of it, so the waste allowed goes to 1/8, and order 3 is kept.
+    (3000, 3),
+    # 2 fit in order 3 but waste 9768 B, more than 1/4: no layout with 2 objects; a
+    # single object goes in the smallest order that holds it, 2.
+    (11500, 2),
+    # Only one fits in order 3: the single-object layout, order 3.
+    (20000, 3),
+    # Not even one fits in order 3 (slub_max_order): the smallest order that holds
+    # one, up to MAX_ORDER.
+    (40000, 4),
+])
+def test_slub_calculate_order_backs_off_waste_then_objects(size, order):
+    """calculate_order() for 2 CPUs beyond the first layout it tries (hand-computed from
+    3.6's calculate_order and slab_order)."""
+    assert calculate_order(size, 0, 2) == order
 
 
 @pytest.mark.parametrize(("size", "align"), [(8, 8), (16, 16), (24, 32), (32, 32), (40, 64),
