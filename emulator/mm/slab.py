@@ -40,8 +40,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-import trio
-
 from emulator.flags import GFP, GFP_CONSTRAINT_MASK, GFP_RECLAIM_MASK
 from emulator.mm.mmzone import MAX_ORDER
 from emulator.mm.page import PAGE_SIZE, Owner, Page
@@ -539,13 +537,11 @@ class SlabAllocatorSLAB(SlabAllocator):
             nr_freed += 1
         return nr_freed
 
-    def cache_reap(self, cpu_id: int, now: float | None = None) -> None:
+    def cache_reap(self, cpu_id: int, now: float) -> None:
         """cache_reap() for one CPU: drain its untouched arrays; every 4 s per cache,
         drain the shared array and free 1/5 of free_limit's worth of free slabs unless
         the free list was touched. actors/slab_reaper.py calls it every
         ``reap_interval`` (REAPTIMEOUT_CPUC, 2·HZ) for every CPU."""
-        if now is None:
-            now = trio.current_time()
         list3_timeout = self.k.hz(REAPTIMEOUT_LIST3)
         with self.lock:
             for cachep in self.caches:

@@ -221,7 +221,7 @@ class SlabAllocator:
     #: REAPTIMEOUT_CPUC); None: the allocator has no periodic reaping (SLUB).
     reap_interval: float | None = None
 
-    def cache_reap(self, cpu_id: int, now: float | None = None) -> None:
+    def cache_reap(self, cpu_id: int, now: float) -> None:
         """Periodic per-CPU reaping (SLAB's cache_reap); SLUB has none."""
 
     async def kmalloc(self, size: int, gfp: GFP, task: Task):

@@ -107,11 +107,12 @@ async def test_the_cpu_array_is_drained_on_every_call():
     s.check()
 
 
-@pytest.mark.parametrize("cpus, per_reap", [(2, 4), (3, 5)])
-async def test_the_free_slabs_are_reaped_every_4_seconds_unless_touched(cpus, per_reap):
-    """(free_limit + 5·num - 1) / (5·num) rounds up: 4 slabs for free_limit 38, and
-    5 (not 6) for 50."""
-    k, s, cache, _ = await slab_cache(200, free=True, cpus=cpus)
+@pytest.mark.parametrize("size, cpus, per_reap", [(2048, 2, 4), (2048, 3, 5), (4096, 4, 13)])
+async def test_the_free_slabs_are_reaped_every_4_seconds_unless_touched(size, cpus, per_reap):
+    """(free_limit + 5·num - 1) / (5·num) rounds up: 4 slabs for free_limit 38, 5 (not
+    6) for 50 (kmalloc-2048, 2 per slab), and 13 (not 12) for 61 (kmalloc-4096, one per
+    slab, 4 CPUs)."""
+    k, s, cache, _ = await slab_cache(200, free=True, size=size, cpus=cpus)
     l3 = cache.nodelist
     s.drain_array(cache, l3.shared, True)  # so that only the free slabs change
     nr_free = len(l3.slabs_free)
