@@ -605,16 +605,16 @@ class SlabAllocatorSLUB(SlabAllocator):
 
     def kmem_cache_shrink(self, s: KmemCache) -> int:
         """kmem_cache_shrink(): flush_all, then discard every empty partial slab (even
-        below min_partial). Returns the pages given back."""
+        below min_partial). Returns the pages given back, those of the empty slabs
+        flush_all discarded above min_partial included (3.6 returns 0)."""
         with self.lock:
-            self.flush_all(s)
             n = s.node
-            freed = 0
+            pages_before = sum(1 << page.order for page in n.slabs)
+            self.flush_all(s)
             for page in [p for p in n.partial if p.inuse == 0]:
                 del n.partial[page]
-                freed += 1 << page.order
                 self.discard_slab(s, page)
-            return freed
+            return pages_before - sum(1 << page.order for page in n.slabs)
 
     # -- observability and checks ----------------------------------------------------------
     def _slabinfo(self, s: KmemCache) -> dict:

@@ -193,6 +193,36 @@ async def test_kmem_cache_shrink_returns_the_pages_it_freed(kind, size):
     s.check()
 
 
+
+@pytest.mark.parametrize("kind", ["slab", "slub"])
+async def test_kmem_cache_shrink_counts_only_the_slabs_it_gave_back(kind):
+    """Slabs still in use, one full and one with a single object left, stay; the pages
+    returned are those of the empty slabs only. Catches SLAB's count of the cache's
+    slabs with the partial ones subtracted (before or after the drains), or the slabs
+    still in use added to the pages given back. One CPU, so SLAB has no shared array:
+    the frees that overflow the CPU's array go back to the slabs, and some are partial
+    before the drains too."""
+    k = make_kernel(kind, ALL, cpus=1, memory_mib=64)
+    s = k.slab
+    cache = s.kmalloc_caches[1024]
+    t = k.new_task("a", cpu=0)
+    objs = [await s.kmem_cache_alloc(cache, GFP_KERNEL, t) for _ in range(80)]
+    by_slab: dict = {}
+    for o in objs:
+        by_slab.setdefault(o.slab, []).append(o)
+    full, partial = list(by_slab)[:2]
+    kept = by_slab[full] + by_slab[partial][:1]
+    for o in objs:
+        if o not in kept:
+            s.kmem_cache_free(cache, o, t)
+    before = k.vmstat["nr_slab_unreclaimable"]
+    freed = s.kmem_cache_shrink(cache)
+    assert freed > 0
+    assert freed == before - k.vmstat["nr_slab_unreclaimable"]
+    assert all(o.allocated for o in kept)
+    assert full.inuse == len(by_slab[full]) and partial.inuse == 1
+    s.check()
+
 async def test_slub_order_fallback_when_high_order_fails():
     """allocate_slab: the order-3 attempt (the caller's flags with __GFP_NOWARN and
     __GFP_NORETRY, without __GFP_NOFAIL) fails, as there is no free order-3 block; the

@@ -27,6 +27,7 @@ slab too few, or stopping without handing over the first.
 from __future__ import annotations
 
 import pytest
+import trio
 from slab_helpers import make_kernel
 
 from emulator.flags import GFP_KERNEL
@@ -172,4 +173,39 @@ async def test_get_partial_node_takes_slabs_until_more_than_half_cpu_partial_obj
     assert sorted(c0.partial, key=node.index) == node[1:half + 2]
     assert c0.partial[-1].pobjects == half + 1
     assert list(s.node.partial) == node[half + 2:]
+    sl._check_cache(s)
+
+
+async def test_a_cpu_slab_installed_while_new_slab_slept_goes_to_the_node():
+    """new_slab_objects(): the page allocator may sleep, and another task on the same
+    CPU may install a cpu slab meanwhile; the task that wakes with its new slab
+    flushes that one to the node's partial list (flush_slab) and installs its own.
+    Catches the flush given another cache or another CPU structure (a crash), or
+    skipped (the other slab, with free objects, on no list: lost)."""
+    k, sl, s = partial_test_cache(1)
+    a, b = k.new_task("a", cpu=0), k.new_task("b", cpu=0)
+    real_alloc_pages = k.page_alloc.alloc_pages
+    asleep, wake = trio.Event(), trio.Event()
+
+    async def sleepy_alloc_pages(*args, **kwargs):
+        if not asleep.is_set():  # the first call, a's: sleep until b is done
+            asleep.set()
+            await wake.wait()
+        return await real_alloc_pages(*args, **kwargs)
+
+    k.page_alloc.alloc_pages = sleepy_alloc_pages
+    got = {}
+
+    async def alloc(task):
+        got[task] = await sl.kmem_cache_alloc(s, GFP_KERNEL, task)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(alloc, a)
+        await asleep.wait()
+        await alloc(b)  # b's slab becomes CPU 0's while a sleeps in new_slab
+        b_slab = s.cpu_slab[0].page
+        assert b_slab is got[b].slab
+        wake.set()
+    assert s.cpu_slab[0].page is got[a].slab is not b_slab
+    assert list(s.node.partial) == [b_slab] and not b_slab.frozen
     sl._check_cache(s)
