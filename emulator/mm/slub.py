@@ -4,7 +4,7 @@ Models mm/slub.c (3.6, CONFIG_NUMA off, no slub_debug):
   * struct kmem_cache_cpu: ``freelist`` (the lockless per-CPU freelist of the
     cpu slab), ``page`` (the frozen cpu slab), ``partial`` (frozen per-CPU
     partial slabs; each carries ``pages`` / ``pobjects`` as counted when it was
-    pushed), ``tid``.
+    pushed); no ``tid``.
   * struct kmem_cache_node: the partial list (nr_partial); every slab is also in
     ``slabs`` (the SLUB_DEBUG nr_slabs count) so full slabs stay accounted.
   * The slab fields of struct page: freelist, inuse, objects, frozen.
@@ -44,10 +44,10 @@ Models mm/slub.c (3.6, CONFIG_NUMA off, no slub_debug):
     HWCACHE_ALIGN) is kmalloc-192; radix_tree_node (ctor) and blkdev_requests
     (352: no 352..359-byte cache) stay separate.
 
-Simplified: no cmpxchg_double (the machine lock serialises every section, so
-``tid`` is bookkeeping only); no full list (debug only in the kernel); slabs
-are never sorted by kmem_cache_shrink beyond discarding the empty ones; no
-slub_debug, so kmem_cache_flags() adds nothing before merging.
+Simplified: no cmpxchg_double and no transaction id (``tid``): the machine lock
+serialises every section, so there is no race for them to detect; no full list
+(debug only in the kernel); slabs are never sorted by kmem_cache_shrink beyond
+discarding the empty ones; no slub_debug, so kmem_cache_flags() adds nothing before merging.
 unfreeze_partials is 3.6's (it takes the node's list_lock before judging a
 slab): 3.5's discarded an empty per-CPU partial slab regardless of
 min_partial when no slab before it in the same call had been kept.
@@ -139,13 +139,12 @@ class SlubPage:
 class KmemCacheCpu:
     """struct kmem_cache_cpu."""
 
-    __slots__ = ("freelist", "page", "partial", "tid")
+    __slots__ = ("freelist", "page", "partial")
 
-    def __init__(self, cpu: int) -> None:
+    def __init__(self) -> None:
         self.freelist: list[SlabObj] = []  # [] is NULL
         self.page: SlubPage | None = None
         self.partial: list[SlubPage] = []  # last element = c->partial (the head)
-        self.tid = cpu
 
 
 class KmemCacheNode:
@@ -173,7 +172,7 @@ class KmemCache(KmemCacheBase):
         self.min = (0, 0)
         self.min_partial = MIN_PARTIAL
         self.cpu_partial = 0
-        self.cpu_slab = [KmemCacheCpu(i) for i in range(nr_cpus)]
+        self.cpu_slab = [KmemCacheCpu() for _ in range(nr_cpus)]
         self.node = KmemCacheNode()
         self.order_fallback = 0  #: ORDER_FALLBACK stat
 
@@ -347,7 +346,6 @@ class SlabAllocatorSLUB(SlabAllocator):
             if fl and not (self.fastpath_check and c.page.pfmemalloc
                            and not self.pfmemalloc_allowed(gfp, task)):
                 obj = fl.pop()
-                c.tid += 1
                 obj.allocated = True
                 s.nr_allocated += 1
                 return obj
@@ -401,7 +399,6 @@ class SlabAllocatorSLUB(SlabAllocator):
                     if page is not None:  # load_freelist:
                         obj = freelist.pop()
                         c.freelist = freelist
-                        c.tid += 1
                         return obj
             # new_slab:
             if c.partial:
@@ -420,7 +417,6 @@ class SlabAllocatorSLUB(SlabAllocator):
         obj = freelist.pop()
         if not self.pfmemalloc_aware or self.pfmemalloc_match(page, gfp, task):
             c.freelist = freelist
-            c.tid += 1
             return obj
         self.deactivate_slab(s, page, freelist)
         c.page = None
@@ -548,7 +544,6 @@ class SlabAllocatorSLUB(SlabAllocator):
     def flush_slab(self, s: KmemCache, c: KmemCacheCpu) -> None:
         """flush_slab(): deactivate the cpu slab."""
         self.deactivate_slab(s, c.page, c.freelist)
-        c.tid += 1
         c.page = None
         c.freelist = []
 
@@ -572,7 +567,6 @@ class SlabAllocatorSLUB(SlabAllocator):
             page = obj.slab
             if page is c.page:
                 c.freelist.append(obj)
-                c.tid += 1
                 return
             self.__slab_free(s, page, obj, c)
 

@@ -331,6 +331,35 @@ async def test_slub_an_ordinary_caller_skips_a_reserve_partial_slab_for_the_next
     release(k, held)
 
 
+
+async def test_slub_a_fresh_reserve_slab_gives_a_caller_not_entitled_one_object():
+    """__slab_alloc's tail (patch 1): a fresh slab that fails pfmemalloc_match gives the
+    caller one object and is deactivated at once, its other objects left on the node's
+    partial list. The model's page allocator hands a reserve page only to a caller the
+    slab would let in too (3.6 keeps the branch as a defence), so a stand-in marks the
+    page. Catches: the slab loaded as the cpu slab anyway (`not aware or` -> `aware
+    or`), or deactivated with another cache, page or freelist."""
+    k = make_kernel("slub", ALL, slub_nomerge=True, memory_mib=64)
+    s = k.slab
+    cache = s.kmem_cache_create("reserve-test", 1024)
+    task = k.new_task("user", cpu=0)
+    real_alloc_pages = k.page_alloc.alloc_pages
+
+    async def reserve_page(*args, **kwargs):
+        page = await real_alloc_pages(*args, **kwargs)
+        page.pfmemalloc = True
+        return page
+
+    k.page_alloc.alloc_pages = reserve_page
+    obj = await s.kmem_cache_alloc(cache, GFP_KERNEL, task)
+    k.page_alloc.alloc_pages = real_alloc_pages
+    slab = obj.slab
+    assert slab.pfmemalloc and obj.allocated
+    assert cache.cpu_slab[0].page is None and not cache.cpu_slab[0].freelist
+    assert list(cache.node.partial) == [slab] and not slab.frozen
+    assert len(slab.freelist) == slab.objects - 1
+    s.check()
+
 # -- both allocators --------------------------------------------------------------------------
 async def reserve_setup(kind, patches):
     """Either allocator's setting as (k, t, cache, reserve, other, held): ``reserve`` is
