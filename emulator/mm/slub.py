@@ -167,7 +167,6 @@ class KmemCache(KmemCacheBase):
     def __init__(self, name, object_size, align, flags, ctor, nr_cpus: int) -> None:
         super().__init__(name, object_size, align, flags, ctor)
         self.inuse = 0
-        self.offset = 0
         self.oo = (0, 0)  # (order, objects)
         self.min = (0, 0)
         self.min_partial = MIN_PARTIAL
@@ -278,8 +277,7 @@ class SlabAllocatorSLUB(SlabAllocator):
         return bool(self.slub_nomerge or s.flags & SLUB_NEVER_MERGE or s.ctor
                     or s.refcount < 0)
 
-    def find_mergeable(self, size: int, align: int, flags: int, name: str,
-                       ctor: bool) -> KmemCache | None:
+    def find_mergeable(self, size: int, align: int, flags: int, ctor: bool) -> KmemCache | None:
         """find_mergeable(): an existing cache that can serve this kmem_cache_create().
         slab_caches is a list_add()ed list, so the newest cache is tried first."""
         if self.slub_nomerge or flags & SLUB_NEVER_MERGE:
@@ -306,7 +304,7 @@ class SlabAllocatorSLUB(SlabAllocator):
     def _kmem_cache_alias(self, name, size, align, flags, ctor) -> KmemCache | None:
         """The merging half of 3.6's __kmem_cache_create: refcount++, grow object_size
         and inuse to cover the new user's objects, record the alias name."""
-        s = self.find_mergeable(size, align, flags, name, ctor)
+        s = self.find_mergeable(size, align, flags, ctor)
         if s is None:
             return None
         s.refcount += 1
@@ -322,8 +320,7 @@ class SlabAllocatorSLUB(SlabAllocator):
         sz = ALIGN(size, BYTES_PER_WORD)
         s.inuse = sz
         if flags & SLAB_DESTROY_BY_RCU or ctor:
-            s.offset = sz  # free pointer after the object
-            sz += BYTES_PER_WORD
+            sz += BYTES_PER_WORD  # the free pointer after the object (s->offset)
         s.align = calculate_alignment(flags, align, size)
         sz = ALIGN(sz, s.align)
         s.size = sz
