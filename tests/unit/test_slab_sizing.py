@@ -150,6 +150,19 @@ def test_slub_calculate_order_matches_formula():
     # min_objects 12 capped at the 10 an order-3 slab holds: order 3 wastes 2768 B,
     # more than 1/16 of it, so the waste allowed goes to 1/8, and order 3 is kept.
     (3000, 3),
+    # Order 0 holds 13 and wastes 248 B, within 1/16 of it (256 B): the first try fits.
+    (296, 0),
+    # 12 fit in order 0 and waste 256 B, exactly 1/16: kept.
+    (320, 0),
+    # 12 need order 1, which wastes 608 B, more than 1/16; order 2 wastes 584 B.
+    (632, 2),
+    # 6 fit in order 3 and waste 4640 B: more than 1/8, within 1/4, so order 3 is
+    # kept on the last waste step rather than with fewer objects.
+    (4688, 3),
+    # 3 fit in order 3 and waste 8168 B, within 1/4 (8192 B) only.
+    (8200, 3),
+    # 2 fit in order 3 and waste 8192 B, exactly 1/4: kept, with 2 objects.
+    (12288, 3),
     # 2 fit in order 3 but waste 9768 B, more than 1/4: no layout with 2 objects; a
     # single object goes in the smallest order that holds it, 2.
     (11500, 2),
@@ -161,7 +174,10 @@ def test_slub_calculate_order_matches_formula():
 ])
 def test_slub_calculate_order_backs_off_waste_then_objects(size, order):
     """calculate_order() for 2 CPUs beyond the first layout it tries (hand-computed from
-    3.6's calculate_order and slab_order)."""
+    3.6's calculate_order and slab_order). Catches the waste steps started at 1/17,
+    divided by 3, or stopped before 1/4; the object count's loop stopped before
+    trying 2 objects; slab_order's waste bound made strict, or its orders tried two
+    at a time."""
     assert calculate_order(size, 0, 2) == order
 
 
