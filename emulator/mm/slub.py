@@ -47,10 +47,11 @@ Models mm/slub.c (3.6, CONFIG_NUMA off, no slub_debug):
 Simplified: no cmpxchg_double and no transaction id (``tid``): the machine lock
 serialises every section, so there is no race for them to detect; no full list
 (debug only in the kernel); slabs are never sorted by kmem_cache_shrink beyond
-discarding the empty ones; no slub_debug, so kmem_cache_flags() adds nothing before merging.
-unfreeze_partials is 3.6's (it takes the node's list_lock before judging a
-slab): 3.5's discarded an empty per-CPU partial slab regardless of
-min_partial when no slab before it in the same call had been kept.
+discarding the empty ones; no slub_debug, so kmem_cache_flags() adds nothing
+before merging. unfreeze_partials is 3.6's (it takes the node's list_lock
+before judging a slab): 3.5's discarded an empty per-CPU partial slab
+regardless of min_partial when no slab before it in the same call had been
+kept.
 """
 
 from __future__ import annotations
