@@ -83,6 +83,14 @@ def make_kernel(kind: str = "slub", patches=ALL, **kw) -> TestKernel:
     return TestKernel(kind, patches, **kw)
 
 
+
+def objects_by_slab(objs: list) -> dict:
+    """slab -> its objects among ``objs``, slabs and objects in allocation order."""
+    groups: dict = {}
+    for obj in objs:
+        groups.setdefault(obj.slab, []).append(obj)
+    return groups
+
 async def hold_below_min(k: TestKernel, task: Task) -> list:
     """Allocate order-0 pages (owner KERNEL) with GFP_ATOMIC-like masks until the free
     count is below the min watermark (ALLOC_HIGH|ALLOC_HARDER stop at 3/8 min, then

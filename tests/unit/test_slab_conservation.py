@@ -15,7 +15,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from slab_helpers import ALL, hold_below_min, make_kernel, release
+from slab_helpers import ALL, hold_below_min, make_kernel, objects_by_slab, release
 
 from emulator.flags import ALLOC_NO_WATERMARKS, GFP, GFP_ATOMIC, GFP_KERNEL, PF
 from emulator.mm.page import Owner
@@ -193,7 +193,6 @@ async def test_kmem_cache_shrink_returns_the_pages_it_freed(kind, size):
     s.check()
 
 
-
 @pytest.mark.parametrize("kind", ["slab", "slub"])
 async def test_kmem_cache_shrink_counts_only_the_slabs_it_gave_back(kind):
     """Slabs still in use, one full and one with a single object left, stay; the pages
@@ -207,9 +206,7 @@ async def test_kmem_cache_shrink_counts_only_the_slabs_it_gave_back(kind):
     cache = s.kmalloc_caches[1024]
     t = k.new_task("a", cpu=0)
     objs = [await s.kmem_cache_alloc(cache, GFP_KERNEL, t) for _ in range(80)]
-    by_slab: dict = {}
-    for o in objs:
-        by_slab.setdefault(o.slab, []).append(o)
+    by_slab = objects_by_slab(objs)
     full, partial = list(by_slab)[:2]
     kept = by_slab[full] + by_slab[partial][:1]
     for o in objs:
@@ -222,6 +219,7 @@ async def test_kmem_cache_shrink_counts_only_the_slabs_it_gave_back(kind):
     assert all(o.allocated for o in kept)
     assert full.inuse == len(by_slab[full]) and partial.inuse == 1
     s.check()
+
 
 async def test_slub_order_fallback_when_high_order_fails():
     """allocate_slab: the order-3 attempt (the caller's flags with __GFP_NOWARN and

@@ -29,7 +29,7 @@ flush that overfills the shared array or moves the newest objects.
 from __future__ import annotations
 
 import pytest
-from slab_helpers import ALL, make_kernel
+from slab_helpers import ALL, make_kernel, objects_by_slab
 
 from emulator.flags import GFP_KERNEL
 from emulator.mm.slab import REAPTIMEOUT_LIST3
@@ -169,14 +169,6 @@ async def test_an_allocation_from_the_free_slabs_spares_them_one_reap():
     s.check()
 
 
-def by_slab(objs: list) -> list[list]:
-    """The objects grouped by slab, in allocation order."""
-    groups: dict = {}
-    for obj in objs:
-        groups.setdefault(obj.slab, []).append(obj)
-    return list(groups.values())
-
-
 async def slabs_full_and_free_now(nr_slabs: int):
     """kmalloc-2048 with ``nr_slabs`` full slabs and nothing cached, and ``free_now``:
     objects freed straight to their slabs (free_block), in the order given."""
@@ -190,7 +182,7 @@ async def slabs_full_and_free_now(nr_slabs: int):
             s.kmem_cache_free(cache, obj, task)
         s.drain_array(cache, ac, True)  # free_block(ac.entry), oldest first
 
-    return s, cache, by_slab(objs), free_now
+    return s, cache, list(objects_by_slab(objs).values()), free_now
 
 
 async def test_free_block_puts_an_emptied_slab_at_the_head_of_slabs_free():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from slab_helpers import make_kernel
+from slab_helpers import make_kernel, objects_by_slab
 
 from emulator.flags import GFP_KERNEL
 
@@ -55,9 +55,7 @@ async def node_partial_slabs(k, s, nr_slabs: int):
     alloc_task, free_task = k.new_task("alloc", cpu=0), k.new_task("free", cpu=1)
     objs = [await sl.kmem_cache_alloc(s, GFP_KERNEL, alloc_task) for _ in range(nr_slabs * s.oo[1])]
     flush_cpus(sl, s, 0)  # the last slab leaves CPU 0: every slab is full and on no list
-    by_slab: dict = {}
-    for obj in objs:
-        by_slab.setdefault(obj.slab, []).append(obj)
+    by_slab = objects_by_slab(objs)
     assert len(by_slab) == nr_slabs
     for slab_objs in by_slab.values():
         sl.kmem_cache_free(s, slab_objs.pop(), free_task)  # frozen onto CPU 1's partial list
